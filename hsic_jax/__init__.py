@@ -1,3 +1,45 @@
-"""HSIC-JAX: channel pruning of CNNs by HSIC Lasso and normalised HSIC, in JAX."""
+"""HSIC-JAX: channel pruning of CNNs by HSIC Lasso (APIB) and normalised HSIC (ITPruner), in JAX.
+
+The public API is re-exported here; each module does one thing:
+
+- :mod:`hsic_jax.kernels`: Gaussian / linear / delta Gram matrices, centering, HSIC, CKA, the layer HSIC matrix.
+- :mod:`hsic_jax.problem`: the HSIC Lasso quadratic form (Q, q) built blockwise from Grams or features.
+- :mod:`hsic_jax.solver`: FISTA with restart for the nonnegative (or signed) HSIC Lasso, with duality gaps.
+- :mod:`hsic_jax.selection`: ``lasso_select`` and friends (paths, batches, keep exactly k).
+- :mod:`hsic_jax.groups`: channel groups (parameter slices that share channels).
+"""
 
 from hsic_jax.groups import ChannelGroup, ChannelSlice
+from hsic_jax.kernels import (
+    Bandwidth,
+    center,
+    channel_grams,
+    cka,
+    delta_gram,
+    frobenius_normalize,
+    gaussian_cka,
+    gaussian_gram,
+    hsic,
+    hsic_matrix,
+    linear_cka,
+    linear_gram,
+)
+from hsic_jax.problem import (
+    LassoProblem,
+    combine_problems,
+    output_gram,
+    problem_from_features,
+    problem_from_grams,
+    stack_problems,
+)
+from hsic_jax.selection import (
+    KSelection,
+    lambda_grid,
+    lasso_path,
+    lasso_select,
+    lasso_select_features,
+    select_k,
+)
+from hsic_jax.solver import LassoResult, lambda_max, objective, solve
+
+__version__ = "0.1.0"

@@ -12,7 +12,10 @@ Paths are key tuples of the pure state dict (``nnx.to_pure_dict(nnx.state(model)
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
 
 Path = tuple[str | int, ...]
 
@@ -50,6 +53,7 @@ class ChannelGroup:
     prunable: whether a pruning method may remove channels of this group.
     width_indices: entries of the model's width list that equal this group's size, so that the new widths of a
       pruned model follow from the groups' kept counts.
+    note: free text, e.g. why a derived group is not prunable ("network output", "grouped convolution").
   """
 
   name: str
@@ -57,3 +61,42 @@ class ChannelGroup:
   members: tuple[ChannelSlice, ...]
   prunable: bool = True
   width_indices: tuple[int, ...] = ()
+  note: str = ""
+
+
+def keypath_to_path(keypath: Sequence[Any]) -> Path:
+  """Converts a JAX key path (``DictKey``, ``SequenceKey``, ``GetAttrKey`` entries) to a plain ``Path``.
+
+  The trailing ``.value`` that an ``nnx.State`` adds for each ``Variable`` is dropped, so the paths of an
+  ``nnx.State`` and of its pure dict (``nnx.to_pure_dict``) agree.
+
+  >>> import jax
+  >>> keypath_to_path((jax.tree_util.DictKey("conv1"), jax.tree_util.DictKey("kernel")))
+  ('conv1', 'kernel')
+  """
+  path: list[str | int] = []
+  for key in keypath:
+    if isinstance(key, jax.tree_util.DictKey):
+      path.append(key.key)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      path.append(key.idx)
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      path.append(key.name)
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      path.append(key.key)
+    else:
+      path.append(str(key))
+  if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
+    path.pop()
+  return tuple(path)
+
+
+def flatten_state(state: Any) -> dict[Path, Any]:
+  """Returns ``{path: leaf}`` for every leaf of a state pytree (a pure dict or an ``nnx.State``), in tree order."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+  return {keypath_to_path(keypath): leaf for keypath, leaf in leaves}
+
+
+def path_str(path: Path) -> str:
+  """Joins a path with ``/`` for messages and names: ``("stage1", 0, "conv1")`` -> ``"stage1/0/conv1"``."""
+  return "/".join(str(key) for key in path)

@@ -1,0 +1,126 @@
+"""CNN architectures in Flax NNX (NHWC, float32) with explicit width lists and declared channel groups.
+
+>>> from flax import nnx
+>>> import models
+>>> m = models.get_model("resnet20", rngs=nnx.Rngs(0))
+>>> len(m.widths), m.widths[:3]
+(19, [16, 16, 16])
+
+Every model built by :func:`get_model` has
+
+- ``.widths``: its width list (layout per architecture, see each module's docstring and :func:`default_widths`);
+  a pruned model is the same class built with new widths;
+- ``.channel_groups()``: the :class:`hsic_jax.ChannelGroup` of every internal set of coupled channels, the
+  prunable ones marked ``prunable=True`` with the width-list entries they set in ``width_indices``;
+- ``.decisions()``: the names of its APIB pruning decisions (consumer layers, algorithms.md 1.3) in forward order;
+- ``model(x, capture=True) -> (logits, taps)``: ``taps[decision]`` is a :class:`Tap` with the consumer's input
+  ``(n, h, w, c)`` and its pre-BN output (ResNet-50 also records ``taps["fc"]``, the pooled feature);
+- ``.eval()`` / ``.train()`` to switch BatchNorm between running and batch statistics.
+
+Parameter paths read like the architecture, e.g. ``("stage1", "block0", "conv1", "kernel")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from flax import nnx
+
+from models import googlenet, mobilenetv2, resnet50, resnet_cifar, vgg
+from models._common import Tap, Taps
+from models.googlenet import GoogLeNet
+from models.mobilenetv2 import MobileNetV2
+from models.resnet50 import ResNet50
+from models.resnet_cifar import ResNetCifar
+from models.vgg import VGG16
+
+
+def _resnet_cifar(depth: int) -> Callable[..., nnx.Module]:
+  def build(widths: Sequence[int] | None, num_classes: int | None, rngs: nnx.Rngs) -> nnx.Module:
+    return ResNetCifar(depth, widths, num_classes=10 if num_classes is None else num_classes, rngs=rngs)
+  return build
+
+
+def _build_vgg(widths: Sequence[int] | None, num_classes: int | None, rngs: nnx.Rngs) -> nnx.Module:
+  return VGG16(widths, num_classes=10 if num_classes is None else num_classes, rngs=rngs)
+
+
+def _build_resnet50(widths: Sequence[int] | None, num_classes: int | None, rngs: nnx.Rngs) -> nnx.Module:
+  return ResNet50(widths, num_classes=1000 if num_classes is None else num_classes, rngs=rngs)
+
+
+def _build_googlenet(widths: Sequence[int] | None, num_classes: int | None, rngs: nnx.Rngs) -> nnx.Module:
+  return GoogLeNet(widths, num_classes=10 if num_classes is None else num_classes, rngs=rngs)
+
+
+def _build_mbv2(imagenet: bool) -> Callable[..., nnx.Module]:
+  def build(widths: Sequence[int] | None, num_classes: int | None, rngs: nnx.Rngs) -> nnx.Module:
+    return MobileNetV2(widths, num_classes=num_classes, imagenet=imagenet, rngs=rngs)
+  return build
+
+
+# name -> (builder, default-width function, input size (h, w)).
+MODELS: dict[str, tuple[Callable[..., nnx.Module], Callable[[], list[int]], tuple[int, int]]] = {
+    **{f"resnet{d}": (_resnet_cifar(d), (lambda d=d: resnet_cifar.default_widths(d)), (32, 32))
+       for d in resnet_cifar.DEPTHS},
+    "vgg16": (_build_vgg, vgg.default_widths, (32, 32)),
+    "resnet50": (_build_resnet50, resnet50.default_widths, (224, 224)),
+    "googlenet": (_build_googlenet, googlenet.default_widths, (32, 32)),
+    "mobilenetv2": (_build_mbv2(False), mobilenetv2.default_widths, (32, 32)),
+    "mobilenetv2_imagenet": (_build_mbv2(True), mobilenetv2.default_widths, (224, 224)),
+}
+
+
+def _check_name(name: str) -> None:
+  if name not in MODELS:
+    raise ValueError(f"unknown model name {name!r}; expected one of {sorted(MODELS)}")
+
+
+def get_model(name: str, widths: Sequence[int] | None = None, *, num_classes: int | None = None,
+              rngs: nnx.Rngs) -> nnx.Module:
+  """Builds model ``name`` with the given width list (default: the dense widths).
+
+  Args:
+    name: one of :data:`MODELS` (``resnet20/32/44/56/110``, ``vgg16``, ``resnet50``, ``googlenet``,
+      ``mobilenetv2``, ``mobilenetv2_imagenet``).
+    widths: the width list (see :func:`default_widths` for its length and layout); ``None`` for the dense model.
+    num_classes: classifier outputs; default 10 for CIFAR models, 1000 for ImageNet ones.
+    rngs: parameter initialisation keys.
+
+  Raises:
+    ValueError: unknown name, or widths of the wrong length, with entries < 1, or unequal residual widths within a
+      stage.
+  """
+  _check_name(name)
+  return MODELS[name][0](widths, num_classes, rngs)
+
+
+def default_widths(name: str) -> list[int]:
+  """The dense width list of model ``name``."""
+  _check_name(name)
+  return MODELS[name][1]()
+
+
+def input_size(name: str) -> tuple[int, int]:
+  """The spatial input size ``(h, w)`` at which MACs are counted (32x32 for CIFAR, 224x224 for ImageNet)."""
+  _check_name(name)
+  return MODELS[name][2]
+
+
+def model_name(model: nnx.Module) -> str:
+  """The registry name of a model instance (inverse of :func:`get_model`)."""
+  if isinstance(model, ResNetCifar):
+    return f"resnet{model.depth}"
+  if isinstance(model, VGG16):
+    return "vgg16"
+  if isinstance(model, ResNet50):
+    return "resnet50"
+  if isinstance(model, GoogLeNet):
+    return "googlenet"
+  if isinstance(model, MobileNetV2):
+    return "mobilenetv2_imagenet" if model.imagenet else "mobilenetv2"
+  raise ValueError(f"model of type {type(model).__name__} is not one of the registry's architectures")
+
+
+__all__ = ["MODELS", "get_model", "default_widths", "input_size", "model_name", "Tap", "Taps", "ResNetCifar",
+           "VGG16", "ResNet50", "GoogLeNet", "MobileNetV2"]

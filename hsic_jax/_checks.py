@@ -1,0 +1,86 @@
+"""Validation at the public boundary: shapes, finiteness, ranges and dtypes, with errors that name the argument."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x: Any) -> bool:
+  """True when ``x`` holds values (not a tracer inside ``jit``/``vmap``), so it can be inspected on the host."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+  """Returns the floating dtype to compute in, refusing float64 when JAX has 64-bit types disabled."""
+  dt = jnp.dtype(dtype)
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"dtype must be a floating type such as float32 or float64, got {dt}.")
+  if dt == jnp.float64 and not jax.config.read("jax_enable_x64"):
+    raise ValueError(
+        "dtype=float64 needs 64-bit types enabled in JAX: wrap the call in `with jax.enable_x64(True):` or set "
+        "JAX_ENABLE_X64=1 before importing jax.")
+  return dt
+
+
+def as_float_array(name: str, x: Any, dtype: jnp.dtype, *, ndim: int | tuple[int, ...]) -> jax.Array:
+  """Converts ``x`` to a float array of the given rank, checking rank and (when concrete) finiteness."""
+  if x is None:
+    raise ValueError(f"{name} is required, got None.")
+  if isinstance(x, jax.Array):
+    arr = x
+  else:
+    try:
+      arr = np.asarray(x)
+    except Exception as err:  # noqa: BLE001 - anything that is not array-like
+      raise ValueError(f"{name} must be an array, got {type(x).__name__}.") from err
+    if arr.dtype == object:
+      raise ValueError(f"{name} must be a numeric array, got an object array.")
+  ndims = (ndim,) if isinstance(ndim, int) else ndim
+  if arr.ndim not in ndims:
+    want = " or ".join(str(d) for d in ndims)
+    raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(arr.shape)}.")
+  if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
+          or jnp.issubdtype(arr.dtype, jnp.bool_)):
+    raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}.")
+  check_finite(name, arr)
+  return jnp.asarray(arr, dtype=dtype)
+
+
+def check_finite(name: str, x: Any) -> None:
+  """Raises ValueError if a concrete array holds NaN or Inf; tracers pass (they cannot be inspected)."""
+  if not is_concrete(x):
+    return
+  host = np.asarray(x)
+  if not jnp.issubdtype(host.dtype, jnp.floating):
+    return
+  bad = ~np.isfinite(host)
+  if bad.any():
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"{name} contains {int(bad.sum())} NaN or Inf value(s) out of {host.size} (first at index {idx}). "
+        "Check the features for overflow or a diverged model; non-finite values would make every kernel NaN.")
+
+
+def check_samples(name: str, n: int) -> None:
+  if n < 2:
+    raise ValueError(f"{name} must hold at least 2 samples (HSIC needs pairs of samples), got n={n}.")
+
+
+def check_square(name: str, shape: tuple[int, ...]) -> None:
+  if shape[-1] != shape[-2]:
+    raise ValueError(f"{name} must hold square (n, n) Gram matrices, got shape {tuple(shape)}.")
+
+
+def check_nonnegative_scalar(name: str, value: Any) -> None:
+  """Raises ValueError for a negative or non-finite concrete scalar (or any negative entry of an array)."""
+  if not is_concrete(value):
+    return
+  host = np.asarray(value)
+  if not np.all(np.isfinite(host)):
+    raise ValueError(f"{name} must be finite, got {host}.")
+  if np.any(host < 0):
+    raise ValueError(f"{name} must be >= 0, got {host}.")

@@ -1,0 +1,937 @@
+"""Channel groups derived automatically from the jaxpr of a model's forward pass.
+
+A CNN's coupled channels follow from its dataflow: a conv's input feature axis reads the channels its producer's
+output axis writes; BatchNorm vectors and biases broadcast along a channel axis index those channels; a residual
+add ties the channels of its operands together; a concatenation places several channel sets side by side; a
+channels-last flatten spreads each channel over ``h * w`` rows of the next Dense kernel. :func:`derive_groups`
+traces ``apply_fn(params, *args)`` with :func:`jax.make_jaxpr` and follows these relations through every equation
+(inlining ``jit``/``custom_jvp``/``custom_vjp``/``closed_call``/``remat`` sub-jaxprs), so that any Flax CNN can
+be pruned without writing its groups by hand. :func:`check_groups` compares hand-declared groups with derived ones.
+
+How it works. Every axis of every activation carries a *layout*: the axis is ``repeat`` copies (the spatial
+positions of a channels-last flatten) of a row of *segments*, each either a channel set (a node of a union-find)
+of some size or constant padding. Operations map layouts from inputs to outputs:
+
+- ``conv_general_dilated``: the kernel's input-feature axis becomes an ``"in"`` member of the lhs feature
+  channel sets; the output feature axis is a new channel set whose ``"out"`` member is the kernel's output axis.
+  A depthwise conv (``feature_group_count`` equal to the input channels, multiplier 1) passes its input channel
+  sets through, with its kernel's output axis as an ``"out"`` member of them.
+- ``dot_general``: a contraction of an activation axis with a parameter axis makes the parameter axis an ``"in"``
+  member (with ``spatial`` from a flatten); the parameter's free axis is a new channel set.
+- elementwise ops: operands' layouts on equal-sized axes are united (residual add); a parameter vector broadcast
+  along a channel axis becomes an ``"out"`` member (BatchNorm scale/bias/mean/var, conv and Dense biases).
+- ``concatenate``, ``pad`` and ``slice`` on an axis join, extend with constant segments, or cut the segment row;
+  ``reshape`` follows merges (``(n, h, w, c) -> (n, h*w*c)`` gives ``repeat = h*w``) and splits.
+- reductions and pooling keep the axes they do not reduce.
+
+Anything that cannot be followed exactly marks the channel sets it touches as not prunable and says why (in
+``ChannelGroup.note``, and as a :class:`GroupDerivationWarning` for primitives that are not understood at all):
+grouped convolutions, channel shuffles, reductions over a channel axis (LayerNorm, softmax), a channel set added
+to a sub-range of another (the zero-padded "option A" shortcut of CIFAR ResNets), a flatten whose channel axis is
+not last. The channel sets of the network input and of the outputs are not prunable either.
+
+A derived group's members are the slices of every parameter leaf indexed by the set's channels; a set without
+any parameter member (batch and spatial axes, for instance) is not reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jcore
+import numpy as np
+from flax import nnx
+
+from hsic_jax.groups import ChannelGroup, ChannelSlice, Path, flatten_state, keypath_to_path, path_str
+
+
+class GroupDerivationWarning(UserWarning):
+  """A primitive or parameter use that channel-group derivation could not follow (its groups are fixed)."""
+
+
+Source = tuple[Path, int]  # (parameter path, axis of that leaf)
+
+# Reasons recorded on channel sets; any reason makes the set's group not prunable.
+_INPUT = "network input"
+_OUTPUT = "network output"
+_SPATIAL = "spatial axis"
+
+_ELEMENTWISE = frozenset({
+    "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil", "clamp",
+    "convert_element_type", "copy", "copy_p", "cos", "cosh", "digamma", "div", "eq", "erf", "erf_inv", "erfc",
+    "exp", "exp2", "expm1", "floor", "ge", "gt", "igamma", "igammac", "imag", "integer_pow", "is_finite", "le",
+    "lgamma", "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg", "nextafter", "not", "or",
+    "polygamma", "population_count", "pow", "real", "reduce_precision", "rem", "round", "rsqrt", "select_n",
+    "shift_left", "shift_right_arithmetic", "shift_right_logical", "sign", "sin", "sinh", "sqrt", "square", "sub",
+    "tan", "tanh", "xor", "zeta", "sharding_constraint", "mesh_cast", "reshard", "pvary", "stop_gradient",
+})
+_REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
+                     "reduce_xor", "argmax", "argmin"})
+_REDUCE_WINDOW = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"})
+_CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
+_SUBJAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+_NO_INPUT_OK = frozenset({"iota", "full", "rng_uniform", "random_seed"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Abstract values: how each axis of a jaxpr variable relates to channel sets or parameter axes.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seg:
+  node: int | None  # channel set, or None for constant padding
+  size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """An axis of length ``repeat * sum(seg sizes)``: index ``p * width + offset_k + c`` is channel c of segment k."""
+
+  repeat: int
+  segs: tuple[_Seg, ...]
+
+  @property
+  def width(self) -> int:
+    return sum(s.size for s in self.segs)
+
+  @property
+  def size(self) -> int:
+    return self.repeat * self.width
+
+  def nodes(self) -> list[int]:
+    return [s.node for s in self.segs if s.node is not None]
+
+  def bounds(self) -> list[int]:
+    out, pos = [0], 0
+    for s in self.segs:
+      pos += s.size
+      out.append(pos)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Act:
+  """A value that depends on the network input: one layout per axis."""
+
+  layouts: tuple[_Layout, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Par:
+  """A value computed from parameters and constants only: per axis, the parameter axes it is indexed by."""
+
+  sources: tuple[frozenset[Source], ...]
+
+
+_Info = _Act | _Par
+
+
+def _shape(v: Any) -> tuple[int, ...]:
+  return tuple(getattr(v.aval, "shape", ()))
+
+
+class _Analysis:
+  """Union-find over channel sets plus the abstract interpretation of a jaxpr."""
+
+  def __init__(self) -> None:
+    self.parent: list[int] = []
+    self.size: list[int] = []
+    self.reasons: list[dict[str, None]] = []
+    self.members: list[dict[ChannelSlice, int]] = []  # member -> sequence number (for a stable order)
+    self.owner: dict[ChannelSlice, int] = {}
+    self.lost: dict[Path, str] = {}  # parameters whose channel axes could not be followed, and why
+    self.warned: dict[str, None] = {}
+    self.seq = 0
+
+  # -- union-find ------------------------------------------------------------------------------------------------
+
+  def new_node(self, size: int, reason: str | None = None) -> int:
+    self.parent.append(len(self.parent))
+    self.size.append(size)
+    self.reasons.append({reason: None} if reason else {})
+    self.members.append({})
+    return len(self.parent) - 1
+
+  def find(self, n: int) -> int:
+    root = n
+    while self.parent[root] != root:
+      root = self.parent[root]
+    while self.parent[n] != root:
+      self.parent[n], n = root, self.parent[n]
+    return root
+
+  def union(self, a: int, b: int) -> int:
+    a, b = self.find(a), self.find(b)
+    if a == b:
+      return a
+    if self.size[a] != self.size[b]:  # cannot happen for well-typed programs; stay safe rather than merge
+      self.flag(a, f"coupled to a channel set of different size {self.size[b]}")
+      self.flag(b, f"coupled to a channel set of different size {self.size[a]}")
+      return a
+    if b < a:
+      a, b = b, a
+    self.parent[b] = a
+    self.reasons[a].update(self.reasons[b])
+    self.members[a].update(self.members[b])
+    self.reasons[b], self.members[b] = {}, {}
+    return a
+
+  def flag(self, n: int | None, reason: str) -> None:
+    if n is not None:
+      self.reasons[self.find(n)][reason] = None
+
+  def flag_layout(self, layout: _Layout, reason: str) -> None:
+    for n in layout.nodes():
+      self.flag(n, reason)
+
+  def flag_info(self, info: _Info, reason: str) -> None:
+    if isinstance(info, _Act):
+      for layout in info.layouts:
+        self.flag_layout(layout, reason)
+    else:
+      for srcs in info.sources:
+        for path, _ in srcs:
+          self.lose(path, reason)
+
+  def lose(self, path: Path, reason: str) -> None:
+    self.lost.setdefault(path, reason)
+
+  def warn(self, message: str) -> None:
+    if message not in self.warned:
+      self.warned[message] = None
+
+  def fresh(self, size: int, reason: str | None = None) -> _Layout:
+    return _Layout(1, (_Seg(self.new_node(size, reason), size),))
+
+  # -- members ---------------------------------------------------------------------------------------------------
+
+  def add_member(self, node: int, member: ChannelSlice) -> None:
+    node = self.find(node)
+    if member in self.owner:
+      other = self.find(self.owner[member])
+      if self.size[other] == self.size[node]:
+        self.union(other, node)  # a shared parameter (e.g. one layer applied twice) ties its channel sets
+      else:
+        self.flag(other, f"{path_str(member.path)} is indexed by channel sets of different sizes")
+        self.flag(node, f"{path_str(member.path)} is indexed by channel sets of different sizes")
+      return
+    self.owner[member] = node
+    self.members[node][member] = self.seq
+    self.seq += 1
+
+  def attach(self, layout: _Layout, sources: Iterable[Source], role: str) -> None:
+    """Makes every parameter axis in ``sources`` a member of each channel set of ``layout``."""
+    for path, axis in sorted(sources, key=lambda s: (path_str(s[0]), s[1])):
+      offset = 0
+      for seg in layout.segs:
+        if seg.node is not None:
+          self.add_member(seg.node, ChannelSlice(path, axis, role, offset=offset, spatial=layout.repeat))
+        offset += seg.size
+
+  # -- layouts ---------------------------------------------------------------------------------------------------
+
+  def unify(self, a: _Layout, b: _Layout) -> _Layout:
+    """Ties two layouts of one axis (operands of an elementwise op); returns the result's layout."""
+    if a == b:
+      return a
+    if a.repeat == b.repeat and [s.size for s in a.segs] == [s.size for s in b.segs]:
+      segs = []
+      for sa, sb in zip(a.segs, b.segs):
+        if sa.node is None:
+          segs.append(sb)
+        elif sb.node is None:
+          segs.append(sa)
+        else:
+          segs.append(_Seg(self.union(sa.node, sb.node), sa.size))
+      return _Layout(a.repeat, tuple(segs))
+    reason = "coupled to a sub-range of another channel set (e.g. a zero-padded shortcut)"
+    if a.repeat == b.repeat:
+      ba, bb = set(a.bounds()), set(b.bounds())
+      if ba <= bb or bb <= ba:
+        coarse, fine = (a, b) if ba <= bb else (b, a)
+        fine_pos = fine.bounds()
+        for k, seg in enumerate(coarse.segs):
+          lo, hi = coarse.bounds()[k], coarse.bounds()[k + 1]
+          inner = [fine.segs[i] for i in range(len(fine.segs)) if lo <= fine_pos[i] and fine_pos[i + 1] <= hi]
+          if len(inner) == 1:
+            if seg.node is not None and inner[0].node is not None:
+              self.union(seg.node, inner[0].node)
+          else:
+            real = [s.node for s in inner if s.node is not None]
+            if real:
+              self.flag(seg.node, reason)
+              for n in real:
+                self.flag(n, reason)
+        return coarse
+    self.flag_layout(a, reason)
+    self.flag_layout(b, reason)
+    return a
+
+  def unify_all(self, layouts: Sequence[_Layout]) -> _Layout:
+    out = layouts[0]
+    for other in layouts[1:]:
+      out = self.unify(out, other)
+    return out
+
+  # -- interpretation --------------------------------------------------------------------------------------------
+
+  def run(self, jaxpr: jcore.Jaxpr, const_infos: Sequence[_Info], in_infos: Sequence[_Info]) -> list[_Info]:
+    env: dict[Any, _Info] = {}
+    for v, info in zip(jaxpr.constvars, const_infos):
+      env[v] = info
+    for v, info in zip(jaxpr.invars, in_infos):
+      env[v] = info
+
+    def read(v: Any) -> _Info:
+      if isinstance(v, jcore.Literal) or v not in env:
+        return _Par((frozenset(),) * len(_shape(v)))
+      return env[v]
+
+    for eqn in jaxpr.eqns:
+      ins = [read(v) for v in eqn.invars]
+      outs = self.eqn(eqn, ins)
+      for v, info in zip(eqn.outvars, outs):
+        if not isinstance(v, jcore.DropVar):
+          env[v] = info
+    return [read(v) for v in jaxpr.outvars]
+
+  def eqn(self, eqn: jcore.JaxprEqn, ins: list[_Info]) -> list[_Info]:
+    name = eqn.primitive.name
+    in_shapes = [_shape(v) for v in eqn.invars]
+    out_shapes = [_shape(v) for v in eqn.outvars]
+    if not any(isinstance(i, _Act) for i in ins):
+      return self.param_eqn(eqn, ins, in_shapes, out_shapes)
+    sub = self.subjaxpr(eqn)
+    if sub is not None:
+      jaxpr, consts = sub
+      return self.run(jaxpr, [_Par((frozenset(),) * np.ndim(c)) for c in consts], ins)
+    if name in _ELEMENTWISE:
+      return [self.elementwise(ins, in_shapes, out_shapes[0], name)]
+    if name == "optimization_barrier":
+      return list(ins)
+    if name == "conv_general_dilated":
+      return [self.conv(eqn, ins, in_shapes, out_shapes[0])]
+    if name == "dot_general":
+      return [self.dot(eqn, ins, in_shapes, out_shapes[0])]
+    if name == "reshape":
+      return [self.reshape(ins[0], in_shapes[0], out_shapes[0], eqn.params.get("dimensions"))]
+    if name == "transpose":
+      perm = tuple(eqn.params["permutation"])
+      return [self.remap(ins[0], in_shapes[0], out_shapes[0], list(perm), [], None)]
+    if name == "broadcast_in_dim":
+      mapping: list[int | None] = [None] * len(out_shapes[0])
+      for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+        mapping[d] = i
+      return [self.remap(ins[0], in_shapes[0], out_shapes[0], mapping, [], None)]
+    if name == "squeeze":
+      dims = {d % len(in_shapes[0]) for d in eqn.params["dimensions"]}
+      keep = [i for i in range(len(in_shapes[0])) if i not in dims]
+      return [self.remap(ins[0], in_shapes[0], out_shapes[0], keep, sorted(dims), None)]
+    if name in _REDUCE:
+      axes = sorted(eqn.params["axes"])
+      keep = [i for i in range(len(in_shapes[0])) if i not in axes]
+      return [self.remap(ins[0], in_shapes[0], out_shapes[0], keep, axes, "reduced over (e.g. a channel "
+                         "mean or softmax), so removing channels is not the same as zeroing them")]
+    if name in _REDUCE_WINDOW:
+      return self.reduce_window(eqn, ins, in_shapes, out_shapes)
+    if name in _CUMULATIVE:
+      return [self.per_axis(ins[0], in_shapes[0], out_shapes[0], {eqn.params["axis"]}, f"{name} along it")]
+    if name == "rev":
+      return [self.per_axis(ins[0], in_shapes[0], out_shapes[0], set(eqn.params["dimensions"]), "reversed")]
+    if name == "concatenate":
+      return [self.concatenate(ins, in_shapes, out_shapes[0], eqn.params["dimension"])]
+    if name == "pad":
+      return [self.pad(ins[0], in_shapes[0], out_shapes[0], eqn.params["padding_config"])]
+    if name == "slice":
+      strides = eqn.params.get("strides") or (1,) * len(in_shapes[0])
+      return [self.slice(ins[0], in_shapes[0], out_shapes[0], eqn.params["start_indices"], strides)]
+    if name == "split":
+      axis, outs, start = eqn.params["axis"], [], 0
+      for shape in out_shapes:
+        starts = [0] * len(shape)
+        starts[axis] = start
+        outs.append(self.slice(ins[0], in_shapes[0], shape, starts, (1,) * len(shape)))
+        start += shape[axis]
+      return outs
+    if name == "dynamic_slice":
+      changed = {d for d in range(len(in_shapes[0])) if in_shapes[0][d] != out_shapes[0][d]}
+      return [self.per_axis(ins[0], in_shapes[0], out_shapes[0], changed, "dynamically sliced")]
+    return self.opaque(name, ins, out_shapes)
+
+  def subjaxpr(self, eqn: jcore.JaxprEqn) -> tuple[jcore.Jaxpr, Sequence[Any]] | None:
+    for key in _SUBJAXPR_PARAMS:
+      sub = eqn.params.get(key)
+      if isinstance(sub, jcore.ClosedJaxpr):
+        jaxpr, consts = sub.jaxpr, sub.consts
+      elif isinstance(sub, jcore.Jaxpr):
+        jaxpr, consts = sub, ()
+      else:
+        continue
+      if len(jaxpr.invars) == len(eqn.invars) and len(jaxpr.outvars) == len(eqn.outvars):
+        return jaxpr, consts
+    return None
+
+  def opaque(self, name: str, ins: list[_Info], out_shapes: list[tuple[int, ...]]) -> list[_Info]:
+    reason = f"passes through primitive {name!r}, which channel-group derivation does not understand"
+    self.warn(f"primitive {name!r} is not understood; the channel groups it touches are marked not prunable")
+    for info in ins:
+      self.flag_info(info, reason)
+    return [_Act(tuple(self.fresh(s, reason) for s in shape)) for shape in out_shapes]
+
+  def param_eqn(self, eqn: jcore.JaxprEqn, ins: list[_Info], in_shapes: list[tuple[int, ...]],
+                out_shapes: list[tuple[int, ...]]) -> list[_Info]:
+    """An equation on parameters and constants only: tracks which parameter axes index each result axis."""
+    name = eqn.primitive.name
+    empty = [_Par((frozenset(),) * len(s)) for s in out_shapes]
+    if not ins:
+      return empty
+    sub = self.subjaxpr(eqn)
+    if sub is not None:
+      jaxpr, consts = sub
+      return self.run(jaxpr, [_Par((frozenset(),) * np.ndim(c)) for c in consts], ins)
+    pars: list[_Par] = [i for i in ins if isinstance(i, _Par)]
+    if name in _ELEMENTWISE:
+      out = out_shapes[0]
+      srcs = []
+      for d in range(len(out)):
+        acc: set[Source] = set()
+        for p, s in zip(pars, in_shapes):
+          if len(s) == len(out) and s[d] == out[d]:
+            acc |= p.sources[d]
+        srcs.append(frozenset(acc))
+      return [_Par(tuple(srcs))]
+    if name in ("reshape", "transpose", "broadcast_in_dim", "squeeze") or name in _REDUCE:
+      return [self.eqn_remap_param(eqn, ins[0], in_shapes[0], out_shapes[0])]
+    if name == "optimization_barrier":
+      return list(ins)
+    if name == "dot_general":
+      (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+      lhs, rhs = ins[0], ins[1]
+      assert isinstance(lhs, _Par) and isinstance(rhs, _Par)
+      lfree = [i for i in range(len(in_shapes[0])) if i not in lc and i not in lb]
+      rfree = [i for i in range(len(in_shapes[1])) if i not in rc and i not in rb]
+      srcs = [lhs.sources[i] | rhs.sources[j] for i, j in zip(lb, rb)]
+      srcs += [lhs.sources[i] for i in lfree] + [rhs.sources[j] for j in rfree]
+      return [_Par(tuple(srcs))]
+    reason = f"used by primitive {name!r}"
+    for info in ins:
+      self.flag_info(info, reason)
+    return empty
+
+  def eqn_remap_param(self, eqn: jcore.JaxprEqn, info: _Info, in_shape: tuple[int, ...],
+                      out_shape: tuple[int, ...]) -> _Info:
+    name = eqn.primitive.name
+    if name == "reshape":
+      return self.reshape(info, in_shape, out_shape, eqn.params.get("dimensions"))
+    if name == "transpose":
+      return self.remap(info, in_shape, out_shape, list(eqn.params["permutation"]), [], None)
+    if name == "broadcast_in_dim":
+      mapping: list[int | None] = [None] * len(out_shape)
+      for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+        mapping[d] = i
+      return self.remap(info, in_shape, out_shape, mapping, [], None)
+    if name == "squeeze":
+      dims = {d % len(in_shape) for d in eqn.params["dimensions"]}
+      return self.remap(info, in_shape, out_shape, [i for i in range(len(in_shape)) if i not in dims], sorted(dims),
+                        None)
+    axes = sorted(eqn.params["axes"])
+    return self.remap(info, in_shape, out_shape, [i for i in range(len(in_shape)) if i not in axes], axes,
+                      f"reduced over by {name!r}")
+
+  # -- rules -----------------------------------------------------------------------------------------------------
+
+  def remap(self, info: _Info, in_shape: tuple[int, ...], out_shape: tuple[int, ...], mapping: Sequence[int | None],
+            dropped: Sequence[int], reason: str | None) -> _Info:
+    """Output axis ``d`` is input axis ``mapping[d]`` (or new); ``dropped`` input axes vanish (flagged if reason)."""
+    if isinstance(info, _Act):
+      layouts = []
+      for d, m in enumerate(mapping):
+        if m is not None and in_shape[m] == out_shape[d]:
+          layouts.append(info.layouts[m])
+        else:
+          layouts.append(self.fresh(out_shape[d]))
+      if reason:
+        for m in dropped:
+          if in_shape[m] > 1:
+            self.flag_layout(info.layouts[m], reason)
+      return _Act(tuple(layouts))
+    srcs = [info.sources[m] if m is not None and in_shape[m] == out_shape[d] else frozenset()
+            for d, m in enumerate(mapping)]
+    if reason:
+      for m in dropped:
+        if in_shape[m] > 1:
+          for path, _ in info.sources[m]:
+            self.lose(path, reason)
+    return _Par(tuple(srcs))
+
+  def per_axis(self, info: _Info, in_shape: tuple[int, ...], out_shape: tuple[int, ...], changed: set[int],
+               reason: str) -> _Info:
+    """Axes in ``changed`` lose their channel identity (flagged); the others pass through."""
+    changed = {d % len(in_shape) for d in changed} if in_shape else set()
+    if isinstance(info, _Act):
+      layouts = []
+      for d in range(len(out_shape)):
+        if d in changed:
+          self.flag_layout(info.layouts[d], reason)
+          layouts.append(self.fresh(out_shape[d], reason))
+        else:
+          layouts.append(info.layouts[d])
+      return _Act(tuple(layouts))
+    for d in changed:
+      for path, _ in info.sources[d]:
+        self.lose(path, reason)
+    return _Par(tuple(frozenset() if d in changed else info.sources[d] for d in range(len(out_shape))))
+
+  def elementwise(self, ins: list[_Info], in_shapes: list[tuple[int, ...]], out: tuple[int, ...],
+                  name: str) -> _Info:
+    rank = len(out)
+    if any(len(s) not in (0, rank) for s in in_shapes):
+      return self.opaque(name, ins, [out])[0]
+    layouts = []
+    for d in range(rank):
+      acts = [i.layouts[d] for i, s in zip(ins, in_shapes) if isinstance(i, _Act) and len(s) == rank
+              and s[d] == out[d]]
+      layout = self.unify_all(acts) if acts else self.fresh(out[d])
+      for i, s in zip(ins, in_shapes):
+        if isinstance(i, _Par) and len(s) == rank and s[d] == out[d] and i.sources[d]:
+          self.attach(layout, i.sources[d], "out")
+      layouts.append(layout)
+    return _Act(tuple(layouts))
+
+  def conv(self, eqn: jcore.JaxprEqn, ins: list[_Info], in_shapes: list[tuple[int, ...]],
+           out_shape: tuple[int, ...]) -> _Info:
+    lhs, rhs = ins
+    dn = eqn.params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    groups = eqn.params["feature_group_count"]
+    if not isinstance(lhs, _Act) or not isinstance(rhs, _Par) or eqn.params["batch_group_count"] != 1:
+      return self.opaque("conv_general_dilated (with an activation as kernel or batch groups)", ins, [out_shape])[0]
+    feat = lhs.layouts[lhs_spec[1]]
+    c_in = feat.size
+    rhs_in, rhs_out = rhs.sources[rhs_spec[1]], rhs.sources[rhs_spec[0]]
+    n_out = out_shape[out_spec[1]]
+    for d in lhs_spec[2:]:
+      self.flag_layout(lhs.layouts[d], _SPATIAL)
+    layouts: list[_Layout | None] = [None] * len(out_shape)
+    layouts[out_spec[0]] = lhs.layouts[lhs_spec[0]]
+    for d in out_spec[2:]:
+      layouts[d] = self.fresh(out_shape[d], _SPATIAL)
+    if groups == 1:
+      if feat.repeat != 1:
+        self.flag_layout(feat, "read by a convolution after a flatten")
+        for path, _ in rhs_in:
+          self.lose(path, "a convolution kernel reading a flattened axis")
+      else:
+        self.attach(feat, rhs_in, "in")
+      out_feat = self.fresh(n_out)
+      self.attach(out_feat, rhs_out, "out")
+    elif groups == c_in and in_shapes[1][rhs_spec[1]] == 1 and n_out == c_in and feat.repeat == 1:
+      out_feat = feat  # depthwise: output channel i is input channel i
+      self.attach(out_feat, rhs_out, "out")
+    else:
+      kind = "depthwise convolution with a channel multiplier" if groups == c_in else "grouped convolution"
+      reason = f"{kind} (feature_group_count={groups})"
+      self.flag_layout(feat, reason)
+      out_feat = self.fresh(n_out, reason)
+      self.attach(out_feat, rhs_out, "out")
+    layouts[out_spec[1]] = out_feat
+    return _Act(tuple(l for l in layouts if l is not None))
+
+  def dot(self, eqn: jcore.JaxprEqn, ins: list[_Info], in_shapes: list[tuple[int, ...]],
+          out_shape: tuple[int, ...]) -> _Info:
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = ins
+    lfree = [i for i in range(len(in_shapes[0])) if i not in lc and i not in lb]
+    rfree = [i for i in range(len(in_shapes[1])) if i not in rc and i not in rb]
+
+    def axis_layout(info: _Info, axis: int, size: int) -> _Layout:
+      if isinstance(info, _Act):
+        return info.layouts[axis]
+      layout = self.fresh(size)
+      self.attach(layout, info.sources[axis], "out")
+      return layout
+
+    for i, j in zip(lc, rc):
+      if isinstance(lhs, _Act) and isinstance(rhs, _Act):
+        self.unify(lhs.layouts[i], rhs.layouts[j])
+      elif isinstance(lhs, _Act):
+        assert isinstance(rhs, _Par)
+        self.attach(lhs.layouts[i], rhs.sources[j], "in")
+      else:
+        assert isinstance(rhs, _Act) and isinstance(lhs, _Par)
+        self.attach(rhs.layouts[j], lhs.sources[i], "in")
+    layouts = []
+    for i, j in zip(lb, rb):
+      if isinstance(lhs, _Act) and isinstance(rhs, _Act):
+        layouts.append(self.unify(lhs.layouts[i], rhs.layouts[j]))
+      else:
+        act, par, ai, pj = (lhs, rhs, i, j) if isinstance(lhs, _Act) else (rhs, lhs, j, i)
+        assert isinstance(act, _Act) and isinstance(par, _Par)
+        self.attach(act.layouts[ai], par.sources[pj], "out")
+        layouts.append(act.layouts[ai])
+    layouts += [axis_layout(lhs, i, in_shapes[0][i]) for i in lfree]
+    layouts += [axis_layout(rhs, j, in_shapes[1][j]) for j in rfree]
+    return _Act(tuple(layouts))
+
+  def reshape(self, info: _Info, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+              dimensions: Sequence[int] | None) -> _Info:
+    if dimensions is not None:
+      perm = list(dimensions)
+      info = self.remap(info, in_shape, tuple(in_shape[p] for p in perm), perm, [], None)
+      in_shape = tuple(in_shape[p] for p in perm)
+    ins = [i for i, s in enumerate(in_shape) if s != 1]
+    outs = [o for o, s in enumerate(out_shape) if s != 1]
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(ins) and j < len(outs):
+      bi, bo = [ins[i]], [outs[j]]
+      pi, po = in_shape[ins[i]], out_shape[outs[j]]
+      i, j = i + 1, j + 1
+      while pi != po:
+        if pi < po:
+          bi.append(ins[i])
+          pi *= in_shape[ins[i]]
+          i += 1
+        else:
+          bo.append(outs[j])
+          po *= out_shape[outs[j]]
+          j += 1
+      blocks.append((bi, bo))
+    merged = "merged into a later axis by a reshape (e.g. a flatten with channels not last)"
+    split = "split by a reshape (e.g. a channel shuffle)"
+    if isinstance(info, _Par):
+      srcs: list[frozenset[Source]] = [frozenset()] * len(out_shape)
+      for bi, bo in blocks:
+        if len(bi) == 1 and len(bo) == 1:
+          srcs[bo[0]] = info.sources[bi[0]]
+        else:
+          for a in bi:
+            for path, _ in info.sources[a]:
+              self.lose(path, "reshaped across axes")
+      return _Par(tuple(srcs))
+    layouts: list[_Layout | None] = [None] * len(out_shape)
+    for a, s in enumerate(in_shape):
+      if s == 1:
+        self.flag_layout(info.layouts[a], "reshaped away")
+    for bi, bo in blocks:
+      if len(bi) == 1 and len(bo) == 1:
+        layouts[bo[0]] = info.layouts[bi[0]]
+      elif len(bo) == 1:
+        last = info.layouts[bi[-1]]
+        for a in bi[:-1]:
+          self.flag_layout(info.layouts[a], merged)
+        factor = int(np.prod([in_shape[a] for a in bi[:-1]]))
+        layouts[bo[0]] = _Layout(factor * last.repeat, last.segs)
+      elif len(bi) == 1:
+        src = info.layouts[bi[0]]
+        last = out_shape[bo[-1]]
+        if last % src.width == 0 and src.repeat % (last // src.width) == 0:
+          layouts[bo[-1]] = _Layout(last // src.width, src.segs)
+          for o in bo[:-1]:
+            layouts[o] = self.fresh(out_shape[o], split)
+        else:
+          self.flag_layout(src, split)
+          for o in bo:
+            layouts[o] = self.fresh(out_shape[o], split)
+      else:
+        for a in bi:
+          self.flag_layout(info.layouts[a], split)
+        for o in bo:
+          layouts[o] = self.fresh(out_shape[o], split)
+    return _Act(tuple(l if l is not None else self.fresh(out_shape[d]) for d, l in enumerate(layouts)))
+
+  def reduce_window(self, eqn: jcore.JaxprEqn, ins: list[_Info], in_shapes: list[tuple[int, ...]],
+                    out_shapes: list[tuple[int, ...]]) -> list[_Info]:
+    p = eqn.params
+    n_ops = len(out_shapes)
+    rank = len(in_shapes[0])
+    ones = (1,) * rank
+    window, strides = p["window_dimensions"], p["window_strides"]
+    padding = p.get("padding", ((0, 0),) * rank)
+    base, wdil = p.get("base_dilation", ones), p.get("window_dilation", ones)
+    changed = {d for d in range(rank) if (window[d], strides[d], tuple(padding[d]), base[d], wdil[d])
+               != (1, 1, (0, 0), 1, 1)}
+    outs = []
+    for info, shape in zip(ins[:n_ops], out_shapes):
+      outs.append(self.per_axis(info, in_shapes[0], shape, changed, "pooled over"))
+    return outs
+
+  def concatenate(self, ins: list[_Info], in_shapes: list[tuple[int, ...]], out: tuple[int, ...],
+                  dim: int) -> _Info:
+    layouts = []
+    for d in range(len(out)):
+      if d == dim:
+        segs: list[_Seg] = []
+        for info, s in zip(ins, in_shapes):
+          if isinstance(info, _Act):
+            lay = info.layouts[d]
+            if lay.repeat != 1:
+              self.flag_layout(lay, "concatenated after a flatten")
+              segs.append(_Seg(None, s[d]))
+            else:
+              segs.extend(lay.segs)
+          else:
+            for path, _ in info.sources[d]:
+              self.lose(path, "concatenated with activations")
+            segs.append(_Seg(None, s[d]))
+        layouts.append(_Layout(1, tuple(segs)))
+      else:
+        acts = [i.layouts[d] for i in ins if isinstance(i, _Act)]
+        layout = self.unify_all(acts)
+        for i in ins:
+          if isinstance(i, _Par) and i.sources[d]:
+            self.attach(layout, i.sources[d], "out")
+        layouts.append(layout)
+    return _Act(tuple(layouts))
+
+  def pad(self, info: _Info, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+          config: Sequence[tuple[int, int, int]]) -> _Info:
+    if isinstance(info, _Par):
+      changed = {d for d, c in enumerate(config) if tuple(c) != (0, 0, 0)}
+      return self.per_axis(info, in_shape, out_shape, changed, "padded")
+    layouts = []
+    for d, (lo, hi, interior) in enumerate(config):
+      lay = info.layouts[d]
+      if (lo, hi, interior) == (0, 0, 0):
+        layouts.append(lay)
+      elif interior == 0 and lo >= 0 and hi >= 0 and lay.repeat == 1:
+        segs = ((_Seg(None, lo),) if lo else ()) + lay.segs + ((_Seg(None, hi),) if hi else ())
+        layouts.append(_Layout(1, segs))
+      else:
+        self.flag_layout(lay, "padded with interior or negative padding")
+        layouts.append(self.fresh(out_shape[d], "padded with interior or negative padding"))
+    return _Act(tuple(layouts))
+
+  def slice(self, info: _Info, in_shape: tuple[int, ...], out_shape: Sequence[int], starts: Sequence[int],
+            strides: Sequence[int | None]) -> _Info:
+    reason = "sliced into a partial channel range"
+    if isinstance(info, _Par):
+      changed = {d for d in range(len(in_shape)) if out_shape[d] != in_shape[d]}
+      return self.per_axis(info, in_shape, tuple(out_shape), changed, "sliced")
+    layouts = []
+    for d in range(len(in_shape)):
+      lay, start, stop = info.layouts[d], starts[d], starts[d] + out_shape[d]
+      stride = strides[d] or 1
+      if out_shape[d] == in_shape[d]:
+        layouts.append(lay)
+        continue
+      bounds = lay.bounds()
+      if stride == 1 and lay.repeat == 1 and start in bounds and stop in bounds:
+        k0, k1 = bounds.index(start), bounds.index(stop)
+        layouts.append(_Layout(1, lay.segs[k0:k1]))
+        continue
+      self.flag_layout(lay, reason)
+      layouts.append(self.fresh(out_shape[d], reason))
+    return _Act(tuple(layouts))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def _emit_warnings(messages: Iterable[str]) -> None:
+  for message in messages:
+    warnings.warn(message, GroupDerivationWarning, stacklevel=3)
+
+
+def derive_groups(apply_fn: Callable[..., Any], params: Any, *example_args: Any) -> list[ChannelGroup]:
+  """Derives the channel groups of a forward pass ``apply_fn(params, *example_args)`` from its jaxpr.
+
+  Every axis of every intermediate value is mapped to channel sets (see the module docstring); each channel set
+  that indexes at least one parameter slice becomes a :class:`ChannelGroup` whose members are those slices, named
+  after its first producing layer (``"stage1/block0/conv1"``) and marked not prunable, with the reason in
+  ``note``, when its channels touch the network input or output or pass through an operation that removing
+  channels would not commute with. ``width_indices`` is left empty (a model's width list is its own convention).
+
+  Trace in evaluation mode (BatchNorm reading its running statistics), or the statistics get no members.
+  For an NNX model use :func:`derive_model_groups`, which does this.
+
+  Args:
+    apply_fn: pure forward function ``apply_fn(params, *args) -> outputs``; it must read the parameters from its
+      first argument (not from a closure).
+    params: the parameter pytree (a pure dict from ``nnx.to_pure_dict`` or an ``nnx.State``); member paths are its
+      key paths.
+    *example_args: example inputs (only their shapes and dtypes matter; use a batch of 2 or more).
+
+  Returns:
+    The groups in forward order. Members use non-negative axes.
+
+  Warns:
+    GroupDerivationWarning: for primitives it cannot interpret and parameters whose channel axes it cannot
+      follow; the groups concerned are marked not prunable.
+
+  >>> import jax.numpy as jnp
+  >>> params = {"conv": {"kernel": jnp.ones((3, 3, 3, 8))}, "fc": {"kernel": jnp.ones((8, 2))}}
+  >>> def fwd(p, x):
+  ...   h = jax.lax.conv_general_dilated(x, p["conv"]["kernel"], (1, 1), "SAME",
+  ...                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ...   return jnp.mean(jax.nn.relu(h), axis=(1, 2)) @ p["fc"]["kernel"]
+  >>> [(g.name, g.size, g.prunable) for g in derive_groups(fwd, params, jnp.ones((2, 8, 8, 3)))]
+  [('input', 3, False), ('conv', 8, True), ('fc', 2, False)]
+  """
+  closed = jax.make_jaxpr(apply_fn)(params, *example_args)
+  param_leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  param_paths = [keypath_to_path(kp) for kp, _ in param_leaves]
+  arg_leaves = jax.tree_util.tree_leaves(example_args)
+  jaxpr = closed.jaxpr
+  if len(jaxpr.invars) != len(param_paths) + len(arg_leaves):
+    raise ValueError(f"the traced function has {len(jaxpr.invars)} inputs but params and example_args have "
+                     f"{len(param_paths)} + {len(arg_leaves)} leaves; expected apply_fn(params, *example_args)")
+  an = _Analysis()
+  in_infos: list[_Info] = []
+  for v, path in zip(jaxpr.invars, param_paths):
+    in_infos.append(_Par(tuple(frozenset({(path, d)}) for d in range(len(_shape(v))))))
+  for v in jaxpr.invars[len(param_paths):]:
+    in_infos.append(_Act(tuple(an.fresh(s, _INPUT) for s in _shape(v))))
+  const_infos = [_Par((frozenset(),) * np.ndim(c)) for c in closed.consts]
+  outs = an.run(jaxpr, const_infos, in_infos)
+  for info in outs:
+    if isinstance(info, _Act):
+      for layout in info.layouts:
+        an.flag_layout(layout, _OUTPUT)
+
+  roots: dict[int, None] = {}
+  for n in range(len(an.parent)):
+    r = an.find(n)
+    if an.members[r]:
+      roots.setdefault(r, None)
+  if not roots:
+    an.warn("no parameter is indexed by any channel set; does apply_fn read its parameters from its first "
+            "argument?")
+  groups: list[ChannelGroup] = []
+  names: dict[str, int] = {}
+  lost_used: dict[str, None] = {}
+  for r in sorted(roots):
+    members = sorted(an.members[r], key=lambda m: an.members[r][m])
+    reasons = dict(an.reasons[r])
+    for m in members:
+      if m.path in an.lost:
+        reasons[f"parameter {path_str(m.path)} is {an.lost[m.path]}, so its channel axes cannot be followed"] = None
+        lost_used[f"parameter {path_str(m.path)} is {an.lost[m.path]}; its channel groups are marked not "
+                  f"prunable"] = None
+    producers = [m for m in members if m.role == "out"]
+    if producers:
+      name = path_str(producers[0].path[:-1]) or path_str(producers[0].path)
+    elif _INPUT in reasons:
+      name = "input"
+    else:
+      name = path_str(members[0].path[:-1]) + "/in"
+    count = names.get(name, 0)
+    names[name] = count + 1
+    if count:
+      name = f"{name}#{count + 1}"
+    groups.append(ChannelGroup(name, an.size[r], tuple(members), prunable=not reasons,
+                               note="; ".join(reasons)))
+  _emit_warnings(list(an.warned) + list(lost_used))
+  return groups
+
+
+def derive_model_groups(model: nnx.Module, *example_args: Any, eval_mode: bool = True) -> list[ChannelGroup]:
+  """Derives the channel groups of an NNX model's forward pass ``model(*example_args)``.
+
+  Equivalent to ``derive_groups(lambda s, *a: nnx.merge(graphdef, s)(*a), nnx.to_pure_dict(state), *args)`` with
+  ``graphdef, state = nnx.split(model)``, on a copy switched to evaluation mode (the model itself is not changed).
+  Member paths are those of ``nnx.to_pure_dict(nnx.state(model))``.
+
+  Args:
+    model: the NNX model.
+    *example_args: example inputs, e.g. ``jnp.zeros((2, 32, 32, 3))``.
+    eval_mode: call ``.eval()`` on the copy first (BatchNorm then reads its running statistics, which thereby
+      become group members).
+  """
+  graphdef, state = nnx.split(model)
+  copy = nnx.merge(graphdef, state)
+  if eval_mode:
+    copy.eval()
+  graphdef, state = nnx.split(copy)
+  pure = nnx.to_pure_dict(state)
+
+  def apply(p: Any, *args: Any) -> Any:
+    return nnx.merge(graphdef, p)(*args)
+
+  return derive_groups(apply, pure, *example_args)
+
+
+def _member_key(m: ChannelSlice, ranks: dict[Path, int] | None) -> tuple[Path, int, str, int, int]:
+  axis = m.axis
+  if axis < 0 and ranks is not None and m.path in ranks:
+    axis += ranks[m.path]
+  return (tuple(m.path), axis, m.role, m.offset, m.spatial)
+
+
+def _fmt_member(key: tuple[Path, int, str, int, int]) -> str:
+  path, axis, role, offset, spatial = key
+  extra = (f" offset={offset}" if offset else "") + (f" spatial={spatial}" if spatial != 1 else "")
+  return f"{path_str(path)}[axis {axis}, {role}{extra}]"
+
+
+def check_groups(declared: Sequence[ChannelGroup], derived: Sequence[ChannelGroup], *, state: Any = None,
+                 ignore_boundary: bool = True) -> list[str]:
+  """Compares hand-declared channel groups with derived ones; returns readable differences (empty: they agree).
+
+  Groups are compared as sets of members ``(path, axis, role, offset, spatial)`` with their size, ignoring names,
+  ``width_indices`` and ``note``. A declared group that is prunable while its derived twin is not is a difference
+  (the reason is quoted); a declared non-prunable group whose twin is prunable is a policy choice and is fine.
+
+  Args:
+    declared: the groups a model declares (e.g. ``model.channel_groups()``).
+    derived: the groups from :func:`derive_groups` or :func:`derive_model_groups`.
+    state: optional state pytree, used to turn negative axes into non-negative ones before comparing.
+    ignore_boundary: do not report derived, non-prunable groups without a declared twin whose members all have
+      one role: the network input's channels (read by the stem, ``"in"`` only) and the outputs (``"out"`` only),
+      which models do not usually declare.
+
+  Returns:
+    One line per difference.
+  """
+  ranks = None
+  if state is not None:
+    ranks = {p: np.ndim(leaf) for p, leaf in flatten_state(state).items()}
+
+  def keyset(g: ChannelGroup) -> frozenset[tuple[Path, int, str, int, int]]:
+    return frozenset(_member_key(m, ranks) for m in g.members)
+
+  dec = [(g, keyset(g)) for g in declared]
+  der = [(g, keyset(g)) for g in derived]
+  problems: list[str] = []
+  matched: set[int] = set()
+  for g, ks in dec:
+    twin = next((k for k, (h, hs) in enumerate(der) if hs == ks), None)
+    if twin is not None:
+      matched.add(twin)
+      h = der[twin][0]
+      if h.size != g.size:
+        problems.append(f"declared group {g.name!r} has size {g.size} but its channels number {h.size} in the "
+                        f"forward pass (derived group {h.name!r})")
+      if g.prunable and not h.prunable:
+        problems.append(f"declared group {g.name!r} is prunable but the forward pass shows it is not: {h.note}")
+      continue
+    overlaps = sorted(((len(ks & hs), k) for k, (_, hs) in enumerate(der) if ks & hs), reverse=True)
+    if not overlaps:
+      problems.append(f"declared group {g.name!r} (size {g.size}) shares no member with any derived group: "
+                      f"{', '.join(_fmt_member(k) for k in sorted(ks, key=str))}")
+      continue
+    h, hs = der[overlaps[0][1]]
+    missing = sorted(hs - ks, key=str)
+    extra = sorted(ks - hs, key=str)
+    msg = f"declared group {g.name!r} (size {g.size}) differs from derived group {h.name!r} (size {h.size})"
+    if missing:
+      msg += f"; not declared: {', '.join(_fmt_member(k) for k in missing)}"
+    if extra:
+      msg += f"; declared but not in that group: {', '.join(_fmt_member(k) for k in extra)}"
+    problems.append(msg)
+  for k, (h, hs) in enumerate(der):
+    if k in matched:
+      continue
+    if any(hs & ks for _, ks in dec):
+      continue  # already reported as a difference of an overlapping declared group
+    roles = {m.role for m in h.members}
+    if ignore_boundary and not h.prunable and len(roles) == 1:
+      continue
+    problems.append(f"derived group {h.name!r} (size {h.size}, {'prunable' if h.prunable else 'fixed'}) is not "
+                    f"declared: {', '.join(_fmt_member(m) for m in sorted(hs, key=str))}")
+  return problems

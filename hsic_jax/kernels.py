@@ -1,0 +1,369 @@
+"""Gram matrices and HSIC statistics: Gaussian, linear and delta kernels, centering, HSIC and CKA.
+
+Conventions. ``n`` is the number of samples. ``H = I - 11^T / n`` is the centering matrix and ``K̄ = H K H`` a
+centered Gram matrix; it is computed by subtracting row, column and grand means, never by forming ``H``. Squared
+distances use ``||a||^2 + ||b||^2 - 2<a, b>`` (a matrix product, fast on accelerators) and are clamped at 0, so
+rounding can never push a Gaussian kernel entry above 1.
+
+Bandwidths of the Gaussian kernel ``K_ij = exp(-gamma ||x_i - x_j||^2)`` for a sample of dimension ``d``:
+
+- ``"apib"``: ``gamma = 1/d`` on the raw features (APIB's choice, scikit-learn's ``rbf_kernel`` default);
+- ``"pyhsiclasso"``: divide the features by their global standard deviation (over all ``n*d`` entries, no mean
+  removal), then ``sigma = sqrt(d)``, i.e. ``gamma = 1 / (2 d std^2)`` (pyHSICLasso's convention);
+- ``"median"``: ``sigma`` = median pairwise distance, ``gamma = 1 / (2 sigma^2)``;
+- a positive float: ``gamma`` itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from hsic_jax import _checks
+
+Bandwidth = Union[Literal["apib", "pyhsiclasso", "median"], float]
+BANDWIDTHS = ("apib", "pyhsiclasso", "median")
+# Full float32 precision for products whose results are differenced (distances, Gram inner products): the default
+# on TPU (bfloat16 passes) and TF32 on GPUs would lose the small differences that HSIC measures.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def validate_bandwidth(bandwidth: Bandwidth, name: str = "bandwidth") -> Bandwidth:
+  """Checks a bandwidth rule name or an explicit positive gamma."""
+  if isinstance(bandwidth, str):
+    if bandwidth not in BANDWIDTHS:
+      raise ValueError(f"{name} must be one of {BANDWIDTHS} or a positive float gamma, got {bandwidth!r}.")
+    return bandwidth
+  try:
+    gamma = float(bandwidth)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"{name} must be one of {BANDWIDTHS} or a positive float gamma, got {bandwidth!r}.") from err
+  if not gamma > 0 or gamma == float("inf"):
+    raise ValueError(f"{name} as an explicit gamma must be a positive finite float, got {bandwidth!r}.")
+  return gamma
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks (traceable; no validation).
+
+
+def sq_distances(x: Float[Array, "n d"], z: Float[Array, "m d"] | None = None) -> Float[Array, "n m"]:
+  """Squared Euclidean distances ``||x_i - z_j||^2`` by one matrix product, clamped at 0."""
+  sx = jnp.sum(x * x, axis=-1)
+  if z is None:
+    d2 = sx[:, None] + sx[None, :] - 2.0 * jnp.matmul(x, x.T, precision=_HIGHEST)
+    # The diagonal is exactly zero; rounding of the expansion would otherwise leave noise there.
+    d2 = jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, d2)
+  else:
+    sz = jnp.sum(z * z, axis=-1)
+    d2 = sx[:, None] + sz[None, :] - 2.0 * jnp.matmul(x, z.T, precision=_HIGHEST)
+  return jnp.maximum(d2, 0.0)
+
+
+def gamma_of(x: Float[Array, "n d"], bandwidth: Bandwidth, d2: Float[Array, "n n"] | None = None) -> jax.Array:
+  """The Gaussian ``gamma`` that a bandwidth rule gives for one feature matrix (see the module docstring)."""
+  n, d = x.shape
+  if not isinstance(bandwidth, str):
+    return jnp.asarray(bandwidth, x.dtype)
+  if bandwidth == "apib":
+    return jnp.asarray(1.0 / d, x.dtype)
+  if bandwidth == "pyhsiclasso":
+    var = jnp.mean(x * x) - jnp.mean(x) ** 2
+    # A constant feature has a constant kernel whatever gamma is; any finite value will do.
+    return jnp.where(var > 0, 1.0 / (2.0 * d * jnp.where(var > 0, var, 1.0)), 1.0)
+  # Median heuristic over the n(n-1)/2 distinct pairs.
+  if d2 is None:
+    d2 = sq_distances(x)
+  iu = jnp.triu_indices(n, k=1)
+  med = jnp.median(d2[iu])
+  mean = jnp.mean(d2[iu])
+  scale = jnp.where(med > 0, med, jnp.where(mean > 0, mean, 1.0))
+  return 1.0 / (2.0 * scale)
+
+
+def gaussian_from_features(x: Float[Array, "n d"], bandwidth: Bandwidth) -> Float[Array, "n n"]:
+  d2 = sq_distances(x)
+  return jnp.exp(-gamma_of(x, bandwidth, d2) * d2)
+
+
+def center(k: Float[Array, "... n m"]) -> Float[Array, "... n m"]:
+  """Double centering ``K̄ = H K H`` by subtracting row, column and grand means (no ``H`` is formed)."""
+  row = jnp.mean(k, axis=-1, keepdims=True)
+  col = jnp.mean(k, axis=-2, keepdims=True)
+  grand = jnp.mean(row, axis=-2, keepdims=True)
+  return k - row - col + grand
+
+
+def frobenius_normalize(k: Float[Array, "... n n"]) -> Float[Array, "... n n"]:
+  """``K / ||K||_F``; an all-zero matrix stays zero (never NaN)."""
+  norm = jnp.sqrt(jnp.sum(k * k, axis=(-2, -1), keepdims=True))
+  return jnp.where(norm > 0, k / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def delta_from_labels(labels: Int[Array, " n"]) -> Float[Array, "n n"]:
+  same = labels[:, None] == labels[None, :]
+  counts = jnp.sum(same, axis=1, keepdims=True)
+  return same / counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public Gram matrices.
+
+
+@functools.partial(jax.jit, static_argnames=("bandwidth", "centered", "normalized"))
+def _gaussian_gram(x, bandwidth, centered, normalized):
+  k = gaussian_from_features(x, bandwidth)
+  if centered:
+    k = center(k)
+  if normalized:
+    k = frobenius_normalize(k)
+  return k
+
+
+def gaussian_gram(
+    x: Float[ArrayLike, "n d"] | Float[ArrayLike, " n"],
+    *,
+    bandwidth: Bandwidth = "apib",
+    centered: bool = False,
+    normalized: bool = False,
+    dtype=jnp.float32,
+) -> Float[Array, "n n"]:
+  """Gaussian Gram matrix ``K_ij = exp(-gamma ||x_i - x_j||^2)`` of ``n`` samples.
+
+  Args:
+    x: features, shape ``(n, d)``; a 1-D array is taken as ``(n, 1)``.
+    bandwidth: ``"apib"``, ``"pyhsiclasso"``, ``"median"`` or an explicit ``gamma`` (see module docstring).
+    centered: return ``K̄ = H K H``.
+    normalized: divide by the Frobenius norm (after centering, if both).
+    dtype: float32 (default) or float64 (needs ``jax.enable_x64``).
+
+  Returns:
+    The ``(n, n)`` Gram matrix.
+
+  >>> import numpy as np
+  >>> k = gaussian_gram(np.array([[0.0], [1.0]]), bandwidth=1.0)
+  >>> round(float(k[0, 1]), 4)  # exp(-1)
+  0.3679
+  """
+  dtype = _checks.resolve_dtype(dtype)
+  x = _checks.as_float_array("x", x, dtype, ndim=(1, 2))
+  if x.ndim == 1:
+    x = x[:, None]
+  _checks.check_samples("x", x.shape[0])
+  return _gaussian_gram(x, validate_bandwidth(bandwidth), centered, normalized)
+
+
+@functools.partial(jax.jit, static_argnames=("bandwidth", "centered", "normalized", "batch_size"))
+def _channel_grams(x, bandwidth, centered, normalized, batch_size):
+  def one(xc):
+    return _gaussian_gram(xc, bandwidth, centered, normalized)
+  # lax.map with a batch size vmaps over `batch_size` channels at a time, bounding the live (n, n) intermediates.
+  return jax.lax.map(one, jnp.swapaxes(x, 0, 1), batch_size=batch_size)
+
+
+def channel_grams(
+    x: Float[ArrayLike, "n c d"],
+    *,
+    bandwidth: Bandwidth = "apib",
+    centered: bool = False,
+    normalized: bool = False,
+    batch_size: int | None = None,
+    dtype=jnp.float32,
+) -> Float[Array, "c n n"]:
+  """Per-channel Gaussian Gram matrices: ``(n, c, d)`` features -> ``(c, n, n)``, in one vmapped call.
+
+  Channel ``k`` gets ``K_k[i, j] = exp(-gamma_k ||x[i, k] - x[j, k]||^2)``, with ``gamma_k`` from the bandwidth rule
+  applied to that channel's ``(n, d)`` slice. For APIB, ``x`` is a conv layer's input reshaped to
+  ``(n, channels, height*width)``.
+
+  Args:
+    x: features, shape ``(n, c, d)``.
+    bandwidth: rule or explicit gamma, as in :func:`gaussian_gram`.
+    centered: return centered Grams ``H K_k H``.
+    normalized: Frobenius-normalise each Gram (a constant channel stays all-zero).
+    batch_size: channels computed at once (bounds memory); ``None`` does all channels in one vmap.
+    dtype: float32 (default) or float64.
+
+  Returns:
+    Array of shape ``(c, n, n)``.
+  """
+  dtype = _checks.resolve_dtype(dtype)
+  x = _checks.as_float_array("x", x, dtype, ndim=3)
+  _checks.check_samples("x", x.shape[0])
+  if x.shape[1] < 1:
+    raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}.")
+  return _channel_grams(x, validate_bandwidth(bandwidth), centered, normalized, batch_size)
+
+
+def linear_gram(x: Float[ArrayLike, "n d"], *, centered: bool = False, dtype=jnp.float32) -> Float[Array, "n n"]:
+  """Linear-kernel Gram ``K = X X^T`` (``x`` of any rank is flattened to ``(n, -1)``)."""
+  dtype = _checks.resolve_dtype(dtype)
+  x = _checks.as_float_array("x", x, dtype, ndim=tuple(range(1, 9)))
+  x = x.reshape(x.shape[0], -1)
+  _checks.check_samples("x", x.shape[0])
+  k = x @ x.T
+  return center(k) if centered else k
+
+
+def delta_gram(labels: Int[ArrayLike, " n"], *, centered: bool = False, dtype=jnp.float32) -> Float[Array, "n n"]:
+  """Delta kernel for class labels (pyHSICLasso's classification kernel).
+
+  ``L_ij = 1/n_c`` when samples ``i`` and ``j`` both have class ``c`` (with ``n_c`` samples), else 0.
+
+  >>> delta_gram([0, 0, 1]).tolist()
+  [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]
+  """
+  dtype = _checks.resolve_dtype(dtype)
+  labels = jnp.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"labels must be a 1-D array of class ids, got shape {tuple(labels.shape)}.")
+  if not (jnp.issubdtype(labels.dtype, jnp.integer) or jnp.issubdtype(labels.dtype, jnp.bool_)):
+    raise ValueError(f"labels must hold integer class ids, got dtype {labels.dtype}.")
+  _checks.check_samples("labels", labels.shape[0])
+  k = delta_from_labels(labels).astype(dtype)
+  return center(k) if centered else k
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HSIC and CKA from Gram matrices.
+
+
+def _check_pair(k, l, dtype):
+  k = _checks.as_float_array("k", k, dtype, ndim=2)
+  l = _checks.as_float_array("l", l, dtype, ndim=2)
+  _checks.check_square("k", k.shape)
+  _checks.check_square("l", l.shape)
+  if k.shape != l.shape:
+    raise ValueError(f"k and l must have the same shape (n, n), got {tuple(k.shape)} and {tuple(l.shape)}.")
+  _checks.check_samples("k", k.shape[0])
+  return k, l
+
+
+@jax.jit
+def _hsic_biased(k, l):
+  n = k.shape[0]
+  return jnp.sum(center(k) * center(l)) / (n - 1) ** 2
+
+
+@jax.jit
+def _hsic_unbiased(k, l):
+  n = k.shape[0]
+  off = 1.0 - jnp.eye(n, dtype=k.dtype)
+  kt, lt = k * off, l * off
+  term1 = jnp.sum(kt * lt.T)
+  term2 = jnp.sum(kt) * jnp.sum(lt) / ((n - 1) * (n - 2))
+  term3 = 2.0 / (n - 2) * jnp.sum(kt.sum(0) * lt.sum(1))
+  return (term1 + term2 - term3) / (n * (n - 3))
+
+
+def hsic(
+    k: Float[ArrayLike, "n n"], l: Float[ArrayLike, "n n"], *, unbiased: bool = False, dtype=jnp.float32
+) -> Float[Array, ""]:
+  """Hilbert-Schmidt independence criterion of two raw (uncentered) Gram matrices.
+
+  Biased (default, Gretton et al. 2005): ``HSIC(K, L) = tr(K̄ L̄) / (n-1)^2`` with ``K̄ = H K H``.
+  Unbiased (Song et al. 2012), with ``K~, L~`` the Grams with zeroed diagonals, ``n >= 4``::
+
+    HSIC_u = [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n (n-3))
+
+  >>> k = [[1.0, 0.0], [0.0, 1.0]]
+  >>> float(hsic(k, k))  # K̄ = [[.5, -.5], [-.5, .5]], tr(K̄K̄) = 1, (n-1)^2 = 1
+  1.0
+  """
+  dtype = _checks.resolve_dtype(dtype)
+  k, l = _check_pair(k, l, dtype)
+  if unbiased:
+    if k.shape[0] < 4:
+      raise ValueError(f"the unbiased HSIC estimator needs n >= 4 samples, got n={k.shape[0]}.")
+    return _hsic_unbiased(k, l)
+  return _hsic_biased(k, l)
+
+
+@jax.jit
+def _cka(k, l):
+  kc, lc = center(k), center(l)
+  num = jnp.sum(kc * lc)
+  den = jnp.sqrt(jnp.sum(kc * kc) * jnp.sum(lc * lc))
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def cka(k: Float[ArrayLike, "n n"], l: Float[ArrayLike, "n n"], *, dtype=jnp.float32) -> Float[Array, ""]:
+  """Normalised HSIC (centered kernel alignment) of two raw Gram matrices.
+
+  ``CKA(K, L) = <K̄, L̄>_F / (||K̄||_F ||L̄||_F)``; 0 when either centered Gram is all zero (a constant feature).
+  """
+  dtype = _checks.resolve_dtype(dtype)
+  k, l = _check_pair(k, l, dtype)
+  return _cka(k, l)
+
+
+def linear_cka(x: ArrayLike, y: ArrayLike, *, dtype=jnp.float32) -> Float[Array, ""]:
+  """Linear CKA of two feature arrays with the same first (sample) axis; other axes are flattened."""
+  return cka(linear_gram(x, dtype=dtype), linear_gram(y, dtype=dtype), dtype=dtype)
+
+
+def gaussian_cka(x: ArrayLike, y: ArrayLike, *, bandwidth: Bandwidth = "median", dtype=jnp.float32) -> Float[Array, ""]:
+  """Gaussian-kernel CKA of two feature arrays (other axes flattened), bandwidth per feature set."""
+  def flat(a, name):
+    a = _checks.as_float_array(name, a, _checks.resolve_dtype(dtype), ndim=tuple(range(1, 9)))
+    return a.reshape(a.shape[0], -1)
+  return cka(gaussian_gram(flat(x, "x"), bandwidth=bandwidth, dtype=dtype),
+             gaussian_gram(flat(y, "y"), bandwidth=bandwidth, dtype=dtype), dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "bandwidth", "normalized"))
+def _layer_gram(x, kernel, bandwidth, normalized):
+  x = x.reshape(x.shape[0], -1)
+  k = x @ x.T if kernel == "linear" else gaussian_from_features(x, bandwidth)
+  k = center(k)
+  return frobenius_normalize(k) if normalized else k
+
+
+def hsic_matrix(
+    features: Sequence[ArrayLike],
+    *,
+    kernel: Literal["linear", "gaussian"] = "linear",
+    bandwidth: Bandwidth = "median",
+    normalized: bool = True,
+    dtype=jnp.float32,
+) -> Float[Array, "l l"]:
+  """HSIC between every pair of layers' activations (what ITPruner needs).
+
+  With ``normalized=True`` (default) entry ``(i, j)`` is ``CKA(K_i, K_j)``, so the diagonal is 1 (0 for a constant
+  layer); otherwise it is the biased ``HSIC(K_i, K_j) = tr(K̄_i K̄_j) / (n-1)^2``. Each layer's activations are
+  flattened to ``(n, -1)``; layers may have different sizes. One centered Gram per layer is kept (``l`` of
+  ``(n, n)``), then the matrix is one contraction.
+
+  Args:
+    features: ``l`` arrays, each with the ``n`` samples on axis 0.
+    kernel: ``"linear"`` (``K = F F^T``, ITPruner's choice) or ``"gaussian"``.
+    bandwidth: Gaussian bandwidth rule (ignored for linear).
+    normalized: CKA (True) or raw biased HSIC (False).
+    dtype: float32 or float64.
+
+  Returns:
+    Symmetric ``(l, l)`` matrix.
+  """
+  dtype = _checks.resolve_dtype(dtype)
+  if kernel not in ("linear", "gaussian"):
+    raise ValueError(f"kernel must be 'linear' or 'gaussian', got {kernel!r}.")
+  bandwidth = validate_bandwidth(bandwidth)
+  if len(features) < 1:
+    raise ValueError("features must hold at least one layer's activations, got an empty sequence.")
+  grams = []
+  n = None
+  for i, f in enumerate(features):
+    f = _checks.as_float_array(f"features[{i}]", f, dtype, ndim=tuple(range(1, 9)))
+    if n is None:
+      n = f.shape[0]
+      _checks.check_samples("features[0]", n)
+    elif f.shape[0] != n:
+      raise ValueError(f"features[{i}] has {f.shape[0]} samples on axis 0, but features[0] has {n}.")
+    grams.append(_layer_gram(f, kernel, bandwidth, normalized))
+  g = jnp.stack(grams)
+  s = jnp.einsum("inm,jnm->ij", g, g)
+  return s if normalized else s / (n - 1) ** 2

@@ -1,0 +1,329 @@
+"""The nonnegative HSIC Lasso problem in its c x c quadratic form, built blockwise from Grams or features.
+
+For one layer with ``c`` input channels, centered Gram matrices ``K̄_k`` (one per channel) and a centered output Gram
+``L̄``, HSIC Lasso solves::
+
+  minimise_beta  1/2 || vec(L̄) - sum_k beta_k vec(K̄_k) ||^2 + lam * sum_k beta_k    subject to beta >= 0.
+
+Expanding the square gives ``1/2 beta' Q beta - q' beta + 1/2 ||L̄||^2 + lam 1' beta`` with
+
+  ``Q_ij = <K̄_i, K̄_j>_F``,   ``q_i = <K̄_i, L̄>_F``,   ``const = ||L̄||_F^2``,
+
+so the solver only ever sees ``c x c`` numbers, never the ``n^2 x c`` design. :class:`LassoProblem` holds
+``(Q, q, const)``, the Lipschitz constant of the gradient (largest eigenvalue of ``Q``) and the number of design rows.
+Problems from several calibration batches add up (:func:`combine_problems`): the sum is block HSIC Lasso with one
+block per batch. Problems of different widths stack, zero-padded, into one batch (:func:`stack_problems`).
+
+Memory: the builders never hold more than ``max_block_bytes`` of Gram rows at once. ``Q`` is accumulated over blocks
+of rows ``I`` of every channel's centered Gram, ``Q += K̄[:, I, :] K̄[:, I, :]^T``; when the per-channel Grams do not
+fit in the budget they are streamed from the features in two passes (row means, then the centered rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from hsic_jax import _checks
+from hsic_jax import kernels
+from hsic_jax.kernels import Bandwidth
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+DEFAULT_BLOCK_BYTES = 256 * 2**20
+
+
+class LassoProblem(NamedTuple):
+  """One (or a batch of) HSIC Lasso problems in quadratic form; leading axes are batch axes.
+
+  Attributes:
+    quad: ``Q``, shape ``(..., c, c)``, ``Q_ij = <K̄_i, K̄_j>``.
+    lin: ``q``, shape ``(..., c)``, ``q_i = <K̄_i, L̄>``.
+    const: ``||L̄||_F^2``, shape ``(...)``.
+    lipschitz: largest eigenvalue of ``Q`` (the gradient's Lipschitz constant), shape ``(...)``.
+    rows: number of rows of the equivalent ``n^2 x c`` design (``n^2`` per batch), shape ``(...)``.
+      scikit-learn's ``Lasso(alpha)`` on that design solves this problem with ``lam = alpha * rows``.
+  """
+
+  quad: Float[Array, "*b c c"]
+  lin: Float[Array, "*b c"]
+  const: Float[Array, "*b"]
+  lipschitz: Float[Array, "*b"]
+  rows: Float[Array, "*b"]
+
+  @property
+  def num_channels(self) -> int:
+    return self.lin.shape[-1]
+
+
+def _largest_eigenvalue(quad):
+  top = jnp.linalg.eigvalsh(quad)[..., -1]
+  # An all-zero Q (every channel constant) would give a zero step denominator.
+  return jnp.maximum(top, jnp.finfo(quad.dtype).tiny)
+
+
+def make_problem(quad, lin, const, rows) -> LassoProblem:
+  """Assembles a :class:`LassoProblem` from ``Q``, ``q``, ``||L̄||^2`` and the design row count."""
+  quad = jnp.asarray(quad)
+  return LassoProblem(quad, jnp.asarray(lin), jnp.asarray(const), _largest_eigenvalue(quad),
+                      jnp.asarray(rows, quad.dtype))
+
+
+def _normalize(quad, lin, const):
+  """Frobenius-normalises every ``K̄_k`` and ``L̄`` in Q-space: ``||K̄_k||^2 = Q_kk`` and ``||L̄||^2 = const``."""
+  diag = jnp.diagonal(quad, axis1=-2, axis2=-1)
+  inv = jnp.where(diag > 0, jax.lax.rsqrt(jnp.where(diag > 0, diag, 1.0)), 0.0)
+  inv_l = jnp.where(const > 0, jax.lax.rsqrt(jnp.where(const > 0, const, 1.0)), 0.0)
+  quad = quad * inv[..., :, None] * inv[..., None, :]
+  lin = lin * inv * inv_l[..., None]
+  return quad, lin, jnp.where(const > 0, 1.0, 0.0).astype(quad.dtype)
+
+
+def _rows_per_block(c: int, n: int, itemsize: int, max_block_bytes: int) -> int:
+  # Three live (c, m, n) arrays per block: distances, kernel rows, centered rows.
+  return int(max(1, min(n, max_block_bytes // max(1, 3 * c * n * itemsize))))
+
+
+def _accumulate(kbar_rows, lbar, *, c: int, n: int, m: int):
+  """Sums ``Q`` and ``q`` over row blocks; ``kbar_rows(start)`` gives centered rows ``[start, start+m)`` (c, m, n)."""
+  nblocks = math.ceil(n / m)
+  lbar_p = jnp.pad(lbar, ((0, nblocks * m - n), (0, 0)))
+
+  def body(carry, start):
+    quad, lin = carry
+    kr = kbar_rows(start)
+    lr = jax.lax.dynamic_slice_in_dim(lbar_p, start, m, axis=0)
+    quad = quad + jnp.einsum("cmn,dmn->cd", kr, kr, precision=_HIGHEST)
+    lin = lin + jnp.einsum("cmn,mn->c", kr, lr, precision=_HIGHEST)
+    return (quad, lin), None
+
+  init = (jnp.zeros((c, c), lbar.dtype), jnp.zeros((c,), lbar.dtype))
+  (quad, lin), _ = jax.lax.scan(body, init, jnp.arange(nblocks) * m)
+  return quad, lin
+
+
+def _row_mask(start, m, n, dtype):
+  return ((start + jnp.arange(m)) < n).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "normalized"))
+def _from_grams(gram_x, gram_y, m, normalized):
+  c, n, _ = gram_x.shape
+  nblocks = math.ceil(n / m)
+  pad = nblocks * m - n
+  row_mean = jnp.mean(gram_x, axis=2)  # (c, n)
+  col_mean = jnp.mean(gram_x, axis=1)  # (c, n)
+  grand = jnp.mean(row_mean, axis=1)  # (c,)
+  gx = jnp.pad(gram_x, ((0, 0), (0, pad), (0, 0)))
+  row_mean_p = jnp.pad(row_mean, ((0, 0), (0, pad)))
+
+  def kbar_rows(start):
+    rows = jax.lax.dynamic_slice_in_dim(gx, start, m, axis=1)
+    rm = jax.lax.dynamic_slice_in_dim(row_mean_p, start, m, axis=1)
+    kr = rows - rm[:, :, None] - col_mean[:, None, :] + grand[:, None, None]
+    return kr * _row_mask(start, m, n, kr.dtype)[None, :, None]
+
+  lbar = kernels.center(gram_y)
+  quad, lin = _accumulate(kbar_rows, lbar, c=c, n=n, m=m)
+  const = jnp.sum(lbar * lbar)
+  if normalized:
+    quad, lin, const = _normalize(quad, lin, const)
+  return make_problem(quad, lin, const, float(n * n))
+
+
+def problem_from_grams(
+    gram_x: Float[ArrayLike, "c n n"],
+    gram_y: Float[ArrayLike, "n n"],
+    *,
+    normalized: bool = False,
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    dtype=jnp.float32,
+) -> LassoProblem:
+  """Builds the quadratic form from raw (uncentered) per-channel Grams and an output Gram.
+
+  Centering is done here, row block by row block, so no centered copy of ``gram_x`` is ever formed. Already
+  centered Grams may be passed too: centering is idempotent.
+
+  Args:
+    gram_x: ``(c, n, n)`` Gram matrices, one per input channel.
+    gram_y: ``(n, n)`` Gram matrix of the output.
+    normalized: Frobenius-normalise every centered Gram first (pyHSICLasso's convention); APIB does not.
+    max_block_bytes: memory budget for the centered rows processed at once.
+    dtype: float32 (default) or float64.
+
+  Returns:
+    A :class:`LassoProblem`.
+  """
+  dtype = _checks.resolve_dtype(dtype)
+  gram_x = _checks.as_float_array("gram_x", gram_x, dtype, ndim=3)
+  gram_y = _checks.as_float_array("gram_y", gram_y, dtype, ndim=2)
+  _checks.check_square("gram_x", gram_x.shape)
+  _checks.check_square("gram_y", gram_y.shape)
+  if gram_x.shape[0] < 1:
+    raise ValueError(f"gram_x must hold at least one channel's Gram matrix, got shape {tuple(gram_x.shape)}.")
+  if gram_x.shape[1] != gram_y.shape[0]:
+    raise ValueError(f"gram_x and gram_y must have the same number of samples n: gram_x has shape "
+                     f"{tuple(gram_x.shape)} (c, n, n), gram_y has {tuple(gram_y.shape)} (n, n).")
+  c, n, _ = gram_x.shape
+  _checks.check_samples("gram_y", n)
+  m = _rows_per_block(c, n, dtype.itemsize, max_block_bytes)
+  return _from_grams(gram_x, gram_y, m, normalized)
+
+
+def _channel_gammas(x, bandwidth):
+  """Per-channel gamma for ``x`` of shape (n, c, d); the median rule needs each channel's distances in turn."""
+  if isinstance(bandwidth, str) and bandwidth == "median":
+    return jax.lax.map(lambda xc: kernels.gamma_of(xc, "median"), jnp.swapaxes(x, 0, 1))
+  return jax.vmap(lambda xc: kernels.gamma_of(xc, bandwidth), in_axes=1)(x)
+
+
+@functools.partial(jax.jit, static_argnames=("bandwidth", "m", "normalized"))
+def _from_features_streaming(x, lbar, bandwidth, m, normalized):
+  n, c, _ = x.shape
+  nblocks = math.ceil(n / m)
+  pad = nblocks * m - n
+  gammas = _channel_gammas(x, bandwidth)  # (c,)
+  sq = jnp.einsum("ncd,ncd->cn", x, x)  # (c, n)
+  xp = jnp.pad(x, ((0, pad), (0, 0), (0, 0)))
+  sqp = jnp.pad(sq, ((0, 0), (0, pad)))
+
+  def k_rows(start):
+    xr = jax.lax.dynamic_slice_in_dim(xp, start, m, axis=0)  # (m, c, d)
+    sr = jax.lax.dynamic_slice_in_dim(sqp, start, m, axis=1)  # (c, m)
+    d2 = sr[:, :, None] + sq[:, None, :] - 2.0 * jnp.einsum("mcd,ncd->cmn", xr, x, precision=_HIGHEST)
+    diag = (start + jnp.arange(m))[:, None] == jnp.arange(n)[None, :]
+    d2 = jnp.where(diag[None], 0.0, jnp.maximum(d2, 0.0))
+    return jnp.exp(-gammas[:, None, None] * d2) * _row_mask(start, m, n, x.dtype)[None, :, None]
+
+  # Pass 1: row means (a Gaussian Gram is symmetric, so they are the column means too).
+  _, means = jax.lax.scan(lambda _, s: (None, jnp.mean(k_rows(s), axis=2)), None, jnp.arange(nblocks) * m)
+  row_mean_p = jnp.moveaxis(means, 0, 1).reshape(c, nblocks * m)
+  row_mean = row_mean_p[:, :n]
+  grand = jnp.mean(row_mean, axis=1)
+
+  # Pass 2: centered rows, accumulated into Q and q.
+  def kbar_rows(start):
+    rm = jax.lax.dynamic_slice_in_dim(row_mean_p, start, m, axis=1)
+    kr = k_rows(start) - rm[:, :, None] - row_mean[:, None, :] + grand[:, None, None]
+    return kr * _row_mask(start, m, n, x.dtype)[None, :, None]
+
+  quad, lin = _accumulate(kbar_rows, lbar, c=c, n=n, m=m)
+  const = jnp.sum(lbar * lbar)
+  if normalized:
+    quad, lin, const = _normalize(quad, lin, const)
+  return make_problem(quad, lin, const, float(n * n))
+
+
+@functools.partial(jax.jit, static_argnames=("bandwidth",))
+def _output_gram(y, bandwidth):
+  return kernels.center(kernels.gaussian_from_features(y.reshape(y.shape[0], -1), bandwidth))
+
+
+def output_gram(
+    y: ArrayLike,
+    *,
+    kernel: str = "gaussian",
+    bandwidth: Bandwidth = "apib",
+    dtype=jnp.float32,
+) -> Float[Array, "n n"]:
+  """Centered Gram ``L̄`` of a layer's output: ``(n, ...)`` features (flattened) or ``(n,)`` class labels.
+
+  Args:
+    y: the output features (any trailing shape, flattened per sample) or integer labels for ``kernel="delta"``.
+    kernel: ``"gaussian"`` or ``"delta"`` (class labels, pyHSICLasso's classification kernel).
+    bandwidth: rule for the Gaussian kernel; ``"apib"`` gives ``gamma = 1 / (number of output values)``.
+    dtype: float32 or float64.
+  """
+  dtype = _checks.resolve_dtype(dtype)
+  if kernel == "delta":
+    return kernels.delta_gram(y, centered=True, dtype=dtype)
+  if kernel != "gaussian":
+    raise ValueError(f"kernel must be 'gaussian' or 'delta', got {kernel!r}.")
+  y = _checks.as_float_array("y", y, dtype, ndim=tuple(range(1, 9)))
+  _checks.check_samples("y", y.shape[0])
+  return _output_gram(y, kernels.validate_bandwidth(bandwidth))
+
+
+def problem_from_features(
+    x: Float[ArrayLike, "n c d"],
+    y: ArrayLike,
+    *,
+    bandwidth: Bandwidth = "apib",
+    y_kernel: str = "gaussian",
+    y_bandwidth: Bandwidth | None = None,
+    normalized: bool = False,
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    dtype=jnp.float32,
+) -> LassoProblem:
+  """Builds the quadratic form straight from a layer's features, never holding more than a block of Gram rows.
+
+  Args:
+    x: per-channel inputs, ``(n, c, d)`` (for a conv: its input as ``(n, channels, height*width)``).
+    y: the target: output features ``(n, ...)`` (flattened) or class labels ``(n,)`` with ``y_kernel="delta"``.
+    bandwidth: Gaussian bandwidth rule for every channel of ``x``.
+    y_kernel: ``"gaussian"`` or ``"delta"``.
+    y_bandwidth: bandwidth rule for ``y`` (defaults to ``bandwidth``).
+    normalized: Frobenius-normalise every centered Gram (pyHSICLasso) or not (APIB).
+    max_block_bytes: memory budget for Gram rows held at once. When all ``c`` Grams fit, they are built in one
+      vmapped call; otherwise they are streamed from ``x`` in row blocks (kernels computed twice).
+    dtype: float32 (default) or float64.
+
+  Returns:
+    A :class:`LassoProblem`.
+  """
+  dtype = _checks.resolve_dtype(dtype)
+  bandwidth = kernels.validate_bandwidth(bandwidth)
+  y_bandwidth = kernels.validate_bandwidth(bandwidth if y_bandwidth is None else y_bandwidth, "y_bandwidth")
+  x = _checks.as_float_array("x", x, dtype, ndim=3)
+  n, c, _ = x.shape
+  _checks.check_samples("x", n)
+  if c < 1:
+    raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)} (n, c, d).")
+  y_n = jnp.shape(y)[0] if jnp.ndim(y) > 0 else None
+  if y_n != n:
+    raise ValueError(f"x and y must have the same number of samples n on axis 0: x has shape {tuple(x.shape)}, "
+                     f"y has shape {tuple(jnp.shape(y))}.")
+  lbar = output_gram(y, kernel=y_kernel, bandwidth=y_bandwidth, dtype=dtype)
+  if c * n * n * dtype.itemsize <= max_block_bytes:
+    grams = kernels._channel_grams(x, bandwidth, False, False, None)  # pylint: disable=protected-access
+    return _from_grams(grams, lbar, _rows_per_block(c, n, dtype.itemsize, max_block_bytes), normalized)
+  m = _rows_per_block(c, n, dtype.itemsize, max_block_bytes)
+  return _from_features_streaming(x, lbar, bandwidth, m, normalized)
+
+
+def combine_problems(problems: Sequence[LassoProblem]) -> LassoProblem:
+  """Sums problems built on different calibration batches of the same layer (block HSIC Lasso, one block a batch).
+
+  ``Q``, ``q``, ``||L̄||^2`` and the row counts add; the Lipschitz constant is recomputed.
+  """
+  if not problems:
+    raise ValueError("problems must hold at least one LassoProblem, got an empty sequence.")
+  c = problems[0].num_channels
+  for i, p in enumerate(problems):
+    if p.quad.shape != (c, c):
+      raise ValueError(f"problems[{i}] has Q of shape {tuple(p.quad.shape)}, expected ({c}, {c}) like problems[0].")
+  total = jax.tree.map(lambda *a: sum(a[1:], a[0]), *problems)
+  return make_problem(total.quad, total.lin, total.const, total.rows)
+
+
+def stack_problems(problems: Sequence[LassoProblem]) -> tuple[LassoProblem, Int[Array, " b"]]:
+  """Stacks problems of different widths into one batch, zero-padded to the widest.
+
+  A padded channel has ``Q`` row/column and ``q`` entry 0, so its coefficient stays 0 for any ``lam >= 0`` and it is
+  never selected. Returns the batched problem and the true width of each.
+  """
+  if not problems:
+    raise ValueError("problems must hold at least one LassoProblem, got an empty sequence.")
+  widths = [p.num_channels for p in problems]
+  cmax = max(widths)
+
+  def pad(p, c):
+    d = cmax - c
+    return p._replace(quad=jnp.pad(p.quad, ((0, d), (0, d))), lin=jnp.pad(p.lin, (0, d)))
+
+  padded = [pad(p, c) for p, c in zip(problems, widths)]
+  return jax.tree.map(lambda *a: jnp.stack(a), *padded), jnp.asarray(widths)

@@ -1,0 +1,166 @@
+"""Kernels, centering, HSIC and CKA against hand-derived values and independent formulas."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+import hsic_jax as hj
+from hsic_jax import kernels
+
+
+def _h(n):
+  return np.eye(n) - np.ones((n, n)) / n
+
+
+def test_gaussian_gram_explicit_gamma_by_hand():
+  k = np.asarray(hj.gaussian_gram(np.array([[0.0], [1.0], [3.0]]), bandwidth=0.5))
+  want = np.exp(-0.5 * np.array([[0, 1, 9], [1, 0, 4], [9, 4, 0]], float))
+  np.testing.assert_allclose(k, want, rtol=1e-6)
+
+
+def test_apib_bandwidth_is_one_over_dim():
+  x = np.array([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+  k = np.asarray(hj.gaussian_gram(x, bandwidth="apib"))
+  assert k[0, 1] == pytest.approx(np.exp(-2.0 / 4.0), rel=1e-6)
+
+
+def test_median_bandwidth_by_hand():
+  # Squared distances 1, 9, 4 -> median 4 -> gamma = 1 / (2 * 4).
+  k = np.asarray(hj.gaussian_gram(np.array([0.0, 1.0, 3.0]), bandwidth="median"))
+  assert k[0, 1] == pytest.approx(np.exp(-1.0 / 8.0), rel=1e-6)
+  assert k[0, 2] == pytest.approx(np.exp(-9.0 / 8.0), rel=1e-6)
+
+
+def test_pyhsiclasso_convention_matches_its_compute_kernel():
+  compute_kernel = pytest.importorskip("pyHSICLasso.hsic_lasso").compute_kernel
+  rng = np.random.default_rng(0)
+  n, d = 30, 5
+  x = (rng.normal(size=(n, d)) * 3.0 + 1.0).astype(np.float32)
+  theirs = compute_kernel(x.T, "Gaussian", B=n, M=1, discarded=0).reshape(n, n)
+  ours = np.asarray(hj.gaussian_gram(x, bandwidth="pyhsiclasso", centered=True, normalized=True))
+  # compute_kernel returns rows and columns in the order of the permutation drawn under seed 0.
+  np.random.seed(0)
+  p = np.random.permutation(np.arange(n))
+  np.testing.assert_allclose(ours[p][:, p], theirs, atol=2e-6)
+
+
+def test_distances_clamped_and_diagonal_exact():
+  x = np.full((4, 64), 1e3, np.float32) + np.arange(4, dtype=np.float32)[:, None] * 1e-4
+  k = np.asarray(hj.gaussian_gram(x, bandwidth=1e-3))
+  assert np.all(k <= 1.0) and np.all(np.diag(k) == 1.0)
+
+
+def test_center_equals_hkh():
+  rng = np.random.default_rng(1)
+  k = rng.normal(size=(7, 7))
+  with jax.enable_x64(True):
+    np.testing.assert_allclose(np.asarray(hj.center(k)), _h(7) @ k @ _h(7), atol=1e-12)
+
+
+def test_channel_grams_equal_per_channel_loop_and_batching():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(12, 5, 3)).astype(np.float32)
+  g = np.asarray(hj.channel_grams(x, bandwidth="median"))
+  g2 = np.asarray(hj.channel_grams(x, bandwidth="median", batch_size=2))
+  for c in range(5):
+    np.testing.assert_allclose(g[c], np.asarray(hj.gaussian_gram(x[:, c], bandwidth="median")), rtol=1e-5)
+  np.testing.assert_allclose(g, g2, rtol=1e-6)
+  gc = np.asarray(hj.channel_grams(x, centered=True, normalized=True))
+  np.testing.assert_allclose(np.sqrt((gc ** 2).sum((1, 2))), 1.0, rtol=1e-5)
+
+
+def test_delta_kernel():
+  np.testing.assert_allclose(np.asarray(hj.delta_gram([2, 0, 2, 2])),
+                             [[1 / 3, 0, 1 / 3, 1 / 3], [0, 1, 0, 0], [1 / 3, 0, 1 / 3, 1 / 3],
+                              [1 / 3, 0, 1 / 3, 1 / 3]], rtol=1e-6)
+
+
+def test_hsic_biased_by_hand():
+  # K = L = I_2: K̄ = [[.5,-.5],[-.5,.5]], tr(K̄ K̄) = 1, (n-1)^2 = 1.
+  assert float(hj.hsic(np.eye(2), np.eye(2))) == pytest.approx(1.0)
+  # K = 11' (constant) is independent of anything: HSIC 0.
+  assert float(hj.hsic(np.ones((3, 3)), np.eye(3))) == pytest.approx(0.0, abs=1e-7)
+  # A 3-sample case: K̄ = H K H with K = diag(1, 0, 0) + 0 ...
+  k = np.diag([1.0, 0.0, 0.0])
+  l = np.eye(3)
+  # tr(H K H H L H) = tr(K H) = K_00 * H_00 = 2/3, over (n-1)^2 = 4.
+  assert float(hj.hsic(k, l)) == pytest.approx((2 / 3) / 4, rel=1e-6)
+
+
+def _hsic_u_statistic(k, l):
+  """Unbiased HSIC as the U-statistic over distinct 4-tuples (Song et al. 2012, Theorem 2)."""
+  n = k.shape[0]
+  total = 0.0
+  count = 0
+  for i, j, q, r in itertools.permutations(range(n), 4):
+    h = 0.0
+    for t, u, v, w in itertools.permutations((i, j, q, r)):
+      h += k[t, u] * l[t, u] + k[t, u] * l[v, w] - 2 * k[t, u] * l[t, v]
+    total += h / 24
+    count += 1
+  return total / count
+
+
+def test_unbiased_hsic_equals_u_statistic():
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(6, 2))
+  b = a[:, :1] ** 2 + rng.normal(size=(6, 1))
+  with jax.enable_x64(True):
+    k = np.asarray(hj.gaussian_gram(a, bandwidth=0.5, dtype=np.float64))
+    l = np.asarray(hj.gaussian_gram(b, bandwidth=0.5, dtype=np.float64))
+    got = float(hj.hsic(k, l, unbiased=True, dtype=np.float64))
+  assert got == pytest.approx(_hsic_u_statistic(k, l), rel=1e-9)
+
+
+def test_linear_cka_matches_feature_space_formula():
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(20, 6))
+  y = x @ rng.normal(size=(6, 4)) + 0.5 * rng.normal(size=(20, 4))
+  xc, yc = x - x.mean(0), y - y.mean(0)
+  want = np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+  with jax.enable_x64(True):
+    assert float(hj.linear_cka(x, y, dtype=np.float64)) == pytest.approx(want, rel=1e-10)
+
+
+def test_hsic_matrix_is_pairwise_cka():
+  rng = np.random.default_rng(5)
+  feats = [rng.normal(size=(16, 4, 4, 3)), rng.normal(size=(16, 10)), rng.normal(size=(16, 2, 5))]
+  feats.append(feats[1] * 2.0 + 1.0)  # a rescaled, shifted copy: linear CKA 1 with layer 1
+  s = np.asarray(hj.hsic_matrix(feats))
+  np.testing.assert_allclose(s, s.T, atol=1e-6)
+  np.testing.assert_allclose(np.diag(s), 1.0, rtol=1e-5)
+  assert s[1, 3] == pytest.approx(1.0, rel=1e-5)
+  for i in range(4):
+    for j in range(4):
+      assert s[i, j] == pytest.approx(float(hj.linear_cka(feats[i], feats[j])), abs=1e-5)
+  raw = np.asarray(hj.hsic_matrix(feats[:2], normalized=False))
+  k0 = feats[0].reshape(16, -1) @ feats[0].reshape(16, -1).T
+  k1 = feats[1] @ feats[1].T
+  assert raw[0, 1] == pytest.approx(float(hj.hsic(k0, k1)), rel=1e-4)
+
+
+def test_constant_feature_gives_zero_not_nan():
+  const = np.ones((8, 3))
+  other = np.random.default_rng(6).normal(size=(8, 3))
+  for bw in ("apib", "pyhsiclasso", "median"):
+    assert float(hj.gaussian_cka(const, other, bandwidth=bw)) == 0.0
+  assert np.all(np.isfinite(np.asarray(hj.hsic_matrix([const, other], kernel="gaussian"))))
+
+
+def test_float64_requires_x64():
+  with jax.enable_x64(False):
+    with pytest.raises(ValueError, match="jax.enable_x64"):
+      hj.gaussian_gram(np.ones((3, 2)), dtype=np.float64)
+
+
+@pytest.mark.parametrize("bad", ["gaussian", -1.0, 0.0, float("inf")])
+def test_bad_bandwidth(bad):
+  with pytest.raises(ValueError, match="bandwidth"):
+    hj.gaussian_gram(np.ones((3, 2)), bandwidth=bad)
+
+
+def test_sq_distances_nonnegative_under_cancellation():
+  x = np.full((5, 300), 1e4, np.float32)
+  assert float(np.min(np.asarray(kernels.sq_distances(x)))) >= 0.0

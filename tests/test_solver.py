@@ -1,0 +1,212 @@
+"""The HSIC Lasso solver against scikit-learn's Lasso on the explicit n^2-row design."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import Lasso
+
+import hsic_jax as hj
+from hsic_jax import solver
+
+
+def _design(gram_x, gram_y, normalized=False):
+  """The explicit design A (n^2 x c) and target b, centered with H K H (numpy, float64)."""
+  n = gram_y.shape[0]
+  h = np.eye(n) - np.ones((n, n)) / n
+  cols = [h @ g @ h for g in np.asarray(gram_x, np.float64)]
+  lbar = h @ np.asarray(gram_y, np.float64) @ h
+  if normalized:
+    cols = [c / np.linalg.norm(c) if np.linalg.norm(c) > 0 else c for c in cols]
+    lbar = lbar / np.linalg.norm(lbar)
+  return np.stack([c.ravel() for c in cols], 1), lbar.ravel()
+
+
+def _sklearn(a, b, lam, positive):
+  model = Lasso(alpha=lam / a.shape[0], positive=positive, fit_intercept=False, tol=1e-12, max_iter=200_000)
+  model.fit(a, b)
+  w = model.coef_
+  return w, 0.5 * np.sum((b - a @ w) ** 2) + lam * np.sum(np.abs(w))
+
+
+def _random_problem(seed, n=40, c=12, d=4):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, c, d))
+  y = np.tanh(x[:, 0] @ rng.normal(size=(d, 3))) + x[:, 3] ** 2 @ rng.normal(size=(d, 3)) * 0.3
+  y = y + 0.1 * rng.normal(size=y.shape)
+  return x, y
+
+
+def _digits_problem(n=60):
+  data = load_digits()
+  x = data.data[:n].reshape(n, 8, 8) / 16.0  # channels = image rows, 8 pixels each
+  y = np.eye(10)[data.target[:n]]
+  return x, y
+
+
+@pytest.mark.parametrize("positive", [True, False])
+@pytest.mark.parametrize("source", ["random", "digits"])
+def test_matches_sklearn_lasso(positive, source):
+  x, y = _random_problem(0) if source == "random" else _digits_problem()
+  with jax.enable_x64(True):
+    gx = hj.channel_grams(x, bandwidth="apib", dtype=jnp.float64)
+    gy = hj.gaussian_gram(y, bandwidth="apib", dtype=jnp.float64)
+    problem = hj.problem_from_grams(gx, gy, dtype=jnp.float64)
+    a, b = _design(gx, gy)
+    for frac in (0.5, 0.1, 0.02):
+      lam = frac * float(hj.lambda_max(problem, positive=positive))
+      res = hj.solve(problem, lam, positive=positive, tol=1e-10, max_iter=200_000)
+      w, f_sk = _sklearn(a, b, lam, positive)
+      f_ours = 0.5 * np.sum((b - a @ np.asarray(res.beta)) ** 2) + lam * np.sum(np.abs(np.asarray(res.beta)))
+      assert bool(res.converged)
+      assert (f_ours - f_sk) / f_sk <= 1e-5, (frac, f_ours, f_sk)
+      assert float(res.objective) == pytest.approx(f_ours, rel=1e-8)  # reported objective is the design objective
+      assert float(res.gap) <= 1e-8 * f_ours
+      np.testing.assert_array_equal(np.asarray(res.selected), (w > 1e-9) if positive else (np.abs(w) > 1e-9))
+
+
+def test_float32_default_reaches_tolerance():
+  x, y = _random_problem(1)
+  res = hj.lasso_select_features(x, y, lam=0.0, tol=1e-4)
+  p = hj.problem_from_features(x, y)
+  lam = 0.05 * float(hj.lambda_max(p))
+  res = hj.solve(p, lam, tol=1e-5)
+  assert res.beta.dtype == jnp.float32 and bool(res.converged)
+  with jax.enable_x64(True):
+    gx = hj.channel_grams(x, dtype=jnp.float64)
+    gy = hj.gaussian_gram(y, dtype=jnp.float64)
+    a, b = _design(gx, gy)
+  _, f_sk = _sklearn(a, b, lam, True)
+  f32 = 0.5 * np.sum((b - a @ np.asarray(res.beta, np.float64)) ** 2) + lam * np.sum(np.asarray(res.beta))
+  assert (f32 - f_sk) / f_sk <= 1e-4
+
+
+def test_lambda_max_closed_form():
+  x, y = _random_problem(2)
+  with jax.enable_x64(True):
+    gx = hj.channel_grams(x, dtype=jnp.float64)
+    gy = hj.gaussian_gram(y, dtype=jnp.float64)
+    a, b = _design(gx, gy)
+    p = hj.problem_from_grams(gx, gy, dtype=jnp.float64)
+    top = float(hj.lambda_max(p))
+    assert top == pytest.approx(np.max(a.T @ b), rel=1e-10)  # max_k <K̄_k, L̄>
+    assert float(hj.lambda_max(p, positive=False)) == pytest.approx(np.max(np.abs(a.T @ b)), rel=1e-10)
+    assert not np.any(np.asarray(hj.solve(p, top * (1 + 1e-9)).selected))
+    assert np.any(np.asarray(hj.solve(p, top * (1 - 1e-3)).selected))
+    # scikit-learn's own alpha_max identity: alpha >= max|A'b| / rows zeroes the signed Lasso.
+    w, _ = _sklearn(a, b, float(hj.lambda_max(p, positive=False)) * (1 + 1e-9), False)
+    assert not np.any(w)
+
+
+def test_normalized_problem_matches_normalized_design():
+  x, y = _random_problem(3)
+  with jax.enable_x64(True):
+    gx = hj.channel_grams(x, dtype=jnp.float64)
+    gy = hj.gaussian_gram(y, dtype=jnp.float64)
+    a, b = _design(gx, gy, normalized=True)
+    p = hj.problem_from_grams(gx, gy, normalized=True, dtype=jnp.float64)
+    np.testing.assert_allclose(np.asarray(p.quad), a.T @ a, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(p.lin), a.T @ b, atol=1e-10)
+    assert float(p.const) == pytest.approx(1.0)
+
+
+def test_row_blocks_and_streaming_equal_direct():
+  x, y = _random_problem(4, n=37, c=6)  # 37 is prime: padded last block
+  with jax.enable_x64(True):
+    direct = hj.problem_from_features(x, y, bandwidth="median", dtype=jnp.float64)
+    blocked = hj.problem_from_grams(hj.channel_grams(x, bandwidth="median", dtype=jnp.float64),
+                                    hj.gaussian_gram(y, bandwidth="median", dtype=jnp.float64),
+                                    max_block_bytes=6 * 37 * 8 * 3 * 5, dtype=jnp.float64)
+    streamed = hj.problem_from_features(x, y, bandwidth="median", max_block_bytes=6 * 37 * 8 * 3 * 4,
+                                        dtype=jnp.float64)
+    for p in (blocked, streamed):
+      np.testing.assert_allclose(np.asarray(p.quad), np.asarray(direct.quad), rtol=1e-10, atol=1e-10)
+      np.testing.assert_allclose(np.asarray(p.lin), np.asarray(direct.lin), rtol=1e-10, atol=1e-10)
+      assert float(p.const) == pytest.approx(float(direct.const), rel=1e-12)
+
+
+def test_combined_batches_match_sklearn_on_stacked_design():
+  x, y = _random_problem(5, n=60)
+  with jax.enable_x64(True):
+    parts, designs = [], []
+    for sl in (slice(0, 30), slice(30, 60)):
+      gx = hj.channel_grams(x[sl], dtype=jnp.float64)
+      gy = hj.gaussian_gram(y[sl], dtype=jnp.float64)
+      parts.append(hj.problem_from_grams(gx, gy, dtype=jnp.float64))
+      designs.append(_design(gx, gy))
+    p = hj.combine_problems(parts)
+    a = np.concatenate([d[0] for d in designs])
+    b = np.concatenate([d[1] for d in designs])
+    assert float(p.rows) == a.shape[0]
+    lam = 0.1 * float(hj.lambda_max(p))
+    res = hj.solve(p, lam, tol=1e-10, max_iter=200_000)
+    _, f_sk = _sklearn(a, b, lam, True)
+    assert (float(res.objective) - f_sk) / f_sk <= 1e-5
+
+
+def test_path_and_batch_equal_single_solves():
+  x, y = _random_problem(6)
+  p = hj.problem_from_features(x, y)
+  path = hj.lasso_path(p, num=6)
+  assert path.beta.shape == (6, 12)
+  assert int(np.asarray(path.selected)[0].sum()) == 0  # lambda_max first
+  for i in range(6):
+    single = hj.solve(p, path.lam[i])
+    np.testing.assert_allclose(np.asarray(path.beta[i]), np.asarray(single.beta), atol=1e-5)
+  # A batch of layers of different widths, padded, solved in one call.
+  x2, y2 = _random_problem(7, c=5)
+  p2 = hj.problem_from_features(x2, y2)
+  stacked, widths = hj.stack_problems([p, p2])
+  assert widths.tolist() == [12, 5]
+  lams = jnp.array([0.1 * float(hj.lambda_max(p)), 0.1 * float(hj.lambda_max(p2))])
+  batch = hj.solve(stacked, lams)
+  chex.assert_shape(batch.beta, (2, 12))
+  assert not np.any(np.asarray(batch.selected[1, 5:]))
+  for i, (prob, w) in enumerate(((p, 12), (p2, 5))):
+    np.testing.assert_allclose(np.asarray(batch.beta[i, :w]), np.asarray(hj.solve(prob, lams[i]).beta), atol=1e-5)
+
+
+def test_select_k_keeps_exactly_k():
+  x, y = _random_problem(8)
+  p = hj.problem_from_features(x, y)
+  for k in (1, 3, 6):
+    sel = hj.select_k(p, k)
+    assert int(np.asarray(sel.selected).sum()) == k
+    if bool(sel.exact):
+      np.testing.assert_array_equal(np.asarray(sel.selected), np.asarray(hj.solve(p, sel.lam).selected))
+  stacked, _ = hj.stack_problems([p, p])
+  sel = hj.select_k(stacked, np.array([2, 4]))
+  assert np.asarray(sel.selected).sum(1).tolist() == [2, 4]
+  # k = c may exceed any Lasso support: the fallback still returns exactly c channels.
+  assert int(np.asarray(hj.select_k(p, 12).selected).sum()) == 12
+
+
+def test_constant_channel_gets_zero_never_nan():
+  x, y = _random_problem(9, c=4)
+  x[:, 2] = 5.0
+  for bw in ("apib", "pyhsiclasso", "median"):
+    for normalized in (False, True):
+      p = hj.problem_from_features(x, y, bandwidth=bw, normalized=normalized)
+      res = hj.solve(p, 0.0)
+      assert np.all(np.isfinite(np.asarray(res.beta)))
+      assert float(res.beta[2]) == 0.0 and not bool(res.selected[2])
+
+
+def test_all_constant_problem_is_finite():
+  res = hj.lasso_select(np.ones((3, 5, 5)), np.eye(5), 0.1)
+  assert np.all(np.asarray(res.beta) == 0) and np.isfinite(float(res.objective))
+
+
+def test_repeated_calls_do_not_retrace(monkeypatch):
+  x, y = _random_problem(10)
+  p = hj.problem_from_features(x, y)
+  jax.clear_caches()
+  monkeypatch.setattr(solver, "_solve_one", chex.assert_max_traces(solver._solve_one, n=1))
+  for lam in (1.0, 2.0, 3.0):
+    hj.solve(p, lam)
+  hj.solve(p, 4.0, tol=1e-3)  # tolerance is a traced argument too
+  p2 = hj.problem_from_features(x[:, :5], y)
+  with pytest.raises(AssertionError, match="traced"):
+    hj.solve(p2, 1.0)  # a new shape must trace again, which the guard catches
