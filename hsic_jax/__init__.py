@@ -7,9 +7,12 @@ The public API is re-exported here; each module does one thing:
 - :mod:`hsic_jax.solver`: FISTA with restart for the nonnegative (or signed) HSIC Lasso, with duality gaps.
 - :mod:`hsic_jax.selection`: ``lasso_select`` and friends (paths, batches, keep exactly k).
 - :mod:`hsic_jax.groups`: channel groups (parameter slices that share channels).
+- :mod:`hsic_jax.surgery`: pure-functional channel removal from parameter, BatchNorm and optimizer state.
+- :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr.
 """
 
-from hsic_jax.groups import ChannelGroup, ChannelSlice
+from hsic_jax.groups import ChannelGroup, ChannelSlice, flatten_state, path_str
+from hsic_jax.jaxpr_groups import GroupDerivationWarning, check_groups, derive_groups, derive_model_groups
 from hsic_jax.kernels import (
     Bandwidth,
     center,
@@ -41,5 +44,6 @@ from hsic_jax.selection import (
     select_k,
 )
 from hsic_jax.solver import LassoResult, lambda_max, objective, solve
+from hsic_jax.surgery import PrunePlan, PruneResult, apply_plan, keep_top_k, mask, prune, round_width
 
 __version__ = "0.1.0"

@@ -24,14 +24,31 @@ of some size or constant padding. Operations map layouts from inputs to outputs:
   ``reshape`` follows merges (``(n, h, w, c) -> (n, h*w*c)`` gives ``repeat = h*w``) and splits.
 - reductions and pooling keep the axes they do not reduce.
 
-Anything that cannot be followed exactly marks the channel sets it touches as not prunable and says why (in
-``ChannelGroup.note``, and as a :class:`GroupDerivationWarning` for primitives that are not understood at all):
-grouped convolutions, channel shuffles, reductions over a channel axis (LayerNorm, softmax), a channel set added
-to a sub-range of another (the zero-padded "option A" shortcut of CIFAR ResNets), a flatten whose channel axis is
-not last. The channel sets of the network input and of the outputs are not prunable either.
+Values computed from parameters alone before they meet an activation (BatchNorm's ``rsqrt(var + eps) * scale``,
+a reshaped bias, a transposed or cast kernel) are tracked per axis, so each activation channel axis knows which
+parameter axes it finally meets.
+
+A group is *prunable* when deleting its channels from every member computes exactly what zeroing their consumer
+slices computes (see :func:`hsic_jax.surgery.mask`). Anything that cannot be followed that exactly marks the
+channel sets it touches as not prunable and says why in ``ChannelGroup.note``: grouped convolutions, channel
+shuffles, reductions over a channel axis (LayerNorm, softmax), a channel set added to a sub-range of another (the
+zero-padded "option A" shortcut of CIFAR ResNets), a flatten whose channel axis is not last, a kernel normalised
+over its input channels. Primitives that are not understood at all (``gather``, ``sort``, loops: ``scan``,
+``while``, ``cond`` are not entered) and parameter axes that cannot be followed also raise a
+:class:`GroupDerivationWarning`. The channel sets of the network input and outputs are not prunable either.
 
 A derived group's members are the slices of every parameter leaf indexed by the set's channels; a set without
 any parameter member (batch and spatial axes, for instance) is not reported.
+
+>>> from flax import nnx
+>>> import jax.numpy as jnp
+>>> model = nnx.Sequential(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)), nnx.BatchNorm(8, rngs=nnx.Rngs(0)),
+...                        nnx.relu, nnx.Conv(8, 4, (3, 3), rngs=nnx.Rngs(0)))
+>>> groups = derive_model_groups(model, jnp.zeros((2, 8, 8, 3)))
+>>> [(g.name, g.size, g.prunable) for g in groups]
+[('input', 3, False), ('layers/0', 8, True), ('layers/3', 4, False)]
+>>> [(path_str(m.path), m.axis, m.role) for m in groups[1].members][::3]
+[('layers/0/kernel', 3, 'out'), ('layers/1/scale', 0, 'out'), ('layers/3/kernel', 2, 'in')]
 """
 
 from __future__ import annotations
@@ -73,8 +90,10 @@ _REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "r
                      "reduce_xor", "argmax", "argmin"})
 _REDUCE_WINDOW = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"})
 _CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
+# Call-like primitives whose sub-jaxpr is inlined (their operands map one-to-one onto its inputs).
+_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "named_call", "custom_jvp_call", "custom_vjp_call",
+                    "custom_vjp_call_jaxpr", "checkpoint", "remat", "remat2"})
 _SUBJAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-_NO_INPUT_OK = frozenset({"iota", "full", "rng_uniform", "random_seed"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,7 +162,7 @@ class _Analysis:
     self.reasons: list[dict[str, None]] = []
     self.members: list[dict[ChannelSlice, int]] = []  # member -> sequence number (for a stable order)
     self.owner: dict[ChannelSlice, int] = {}
-    self.lost: dict[Path, str] = {}  # parameters whose channel axes could not be followed, and why
+    self.lost: dict[Source, str] = {}  # parameter axes that could not be followed, and why
     self.warned: dict[str, None] = {}
     self.seq = 0
 
@@ -194,11 +213,11 @@ class _Analysis:
         self.flag_layout(layout, reason)
     else:
       for srcs in info.sources:
-        for path, _ in srcs:
-          self.lose(path, reason)
+        self.lose(srcs, reason)
 
-  def lose(self, path: Path, reason: str) -> None:
-    self.lost.setdefault(path, reason)
+  def lose(self, sources: Iterable[Source], reason: str) -> None:
+    for source in sources:
+      self.lost.setdefault(source, reason)
 
   def warn(self, message: str) -> None:
     if message not in self.warned:
@@ -300,69 +319,74 @@ class _Analysis:
     return [read(v) for v in jaxpr.outvars]
 
   def eqn(self, eqn: jcore.JaxprEqn, ins: list[_Info]) -> list[_Info]:
+    """Abstract value of an equation's outputs from those of its inputs (activations or parameters)."""
     name = eqn.primitive.name
+    params = eqn.params
     in_shapes = [_shape(v) for v in eqn.invars]
     out_shapes = [_shape(v) for v in eqn.outvars]
-    if not any(isinstance(i, _Act) for i in ins):
-      return self.param_eqn(eqn, ins, in_shapes, out_shapes)
+    rank = len(in_shapes[0]) if in_shapes else 0
     sub = self.subjaxpr(eqn)
     if sub is not None:
       jaxpr, consts = sub
       return self.run(jaxpr, [_Par((frozenset(),) * np.ndim(c)) for c in consts], ins)
+    if not ins:
+      return [_Par((frozenset(),) * len(s)) for s in out_shapes]  # iota, constants
     if name in _ELEMENTWISE:
       return [self.elementwise(ins, in_shapes, out_shapes[0], name)]
     if name == "optimization_barrier":
       return list(ins)
-    if name == "conv_general_dilated":
+    if name == "conv_general_dilated" and isinstance(ins[0], _Act):
       return [self.conv(eqn, ins, in_shapes, out_shapes[0])]
     if name == "dot_general":
       return [self.dot(eqn, ins, in_shapes, out_shapes[0])]
     if name == "reshape":
-      return [self.reshape(ins[0], in_shapes[0], out_shapes[0], eqn.params.get("dimensions"))]
+      return [self.reshape(ins[0], in_shapes[0], out_shapes[0], params.get("dimensions"))]
     if name == "transpose":
-      perm = tuple(eqn.params["permutation"])
-      return [self.remap(ins[0], in_shapes[0], out_shapes[0], list(perm), [], None)]
+      return [self.remap(ins[0], in_shapes[0], out_shapes[0], list(params["permutation"]), [], None)]
     if name == "broadcast_in_dim":
       mapping: list[int | None] = [None] * len(out_shapes[0])
-      for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+      for i, d in enumerate(params["broadcast_dimensions"]):
         mapping[d] = i
       return [self.remap(ins[0], in_shapes[0], out_shapes[0], mapping, [], None)]
     if name == "squeeze":
-      dims = {d % len(in_shapes[0]) for d in eqn.params["dimensions"]}
-      keep = [i for i in range(len(in_shapes[0])) if i not in dims]
+      dims = {d % rank for d in params["dimensions"]}
+      keep = [i for i in range(rank) if i not in dims]
       return [self.remap(ins[0], in_shapes[0], out_shapes[0], keep, sorted(dims), None)]
     if name in _REDUCE:
-      axes = sorted(eqn.params["axes"])
-      keep = [i for i in range(len(in_shapes[0])) if i not in axes]
-      return [self.remap(ins[0], in_shapes[0], out_shapes[0], keep, axes, "reduced over (e.g. a channel "
-                         "mean or softmax), so removing channels is not the same as zeroing them")]
+      axes = sorted(params["axes"])
+      keep = [i for i in range(rank) if i not in axes]
+      why = f"reduced over by {name!r} (e.g. a channel mean or softmax)"
+      return [self.remap(ins[0], in_shapes[0], out_shapes[0], keep, axes, why)]
     if name in _REDUCE_WINDOW:
       return self.reduce_window(eqn, ins, in_shapes, out_shapes)
     if name in _CUMULATIVE:
-      return [self.per_axis(ins[0], in_shapes[0], out_shapes[0], {eqn.params["axis"]}, f"{name} along it")]
+      return [self.per_axis(ins[0], in_shapes[0], out_shapes[0], {params["axis"]}, f"{name} along it")]
     if name == "rev":
-      return [self.per_axis(ins[0], in_shapes[0], out_shapes[0], set(eqn.params["dimensions"]), "reversed")]
+      return [self.per_axis(ins[0], in_shapes[0], out_shapes[0], set(params["dimensions"]), "reversed")]
+    if name == "dynamic_slice":
+      changed = {d for d in range(rank) if in_shapes[0][d] != out_shapes[0][d]}
+      return [self.per_axis(ins[0], in_shapes[0], out_shapes[0], changed, "dynamically sliced")]
     if name == "concatenate":
-      return [self.concatenate(ins, in_shapes, out_shapes[0], eqn.params["dimension"])]
+      return [self.concatenate(ins, in_shapes, out_shapes[0], params["dimension"])]
     if name == "pad":
-      return [self.pad(ins[0], in_shapes[0], out_shapes[0], eqn.params["padding_config"])]
+      return [self.pad(ins[0], in_shapes[0], out_shapes[0], params["padding_config"])]
     if name == "slice":
-      strides = eqn.params.get("strides") or (1,) * len(in_shapes[0])
-      return [self.slice(ins[0], in_shapes[0], out_shapes[0], eqn.params["start_indices"], strides)]
+      strides = params.get("strides") or (1,) * rank
+      return [self.slice(ins[0], in_shapes[0], out_shapes[0], params["start_indices"], strides)]
     if name == "split":
-      axis, outs, start = eqn.params["axis"], [], 0
+      axis, outs, start = params["axis"], [], 0
       for shape in out_shapes:
         starts = [0] * len(shape)
         starts[axis] = start
         outs.append(self.slice(ins[0], in_shapes[0], shape, starts, (1,) * len(shape)))
         start += shape[axis]
       return outs
-    if name == "dynamic_slice":
-      changed = {d for d in range(len(in_shapes[0])) if in_shapes[0][d] != out_shapes[0][d]}
-      return [self.per_axis(ins[0], in_shapes[0], out_shapes[0], changed, "dynamically sliced")]
     return self.opaque(name, ins, out_shapes)
 
   def subjaxpr(self, eqn: jcore.JaxprEqn) -> tuple[jcore.Jaxpr, Sequence[Any]] | None:
+    """The body of a call-like equation (jit, custom_jvp/vjp, remat, ...), to be inlined."""
+    if eqn.primitive.name not in _CALLS:
+      return None
     for key in _SUBJAXPR_PARAMS:
       sub = eqn.params.get(key)
       if isinstance(sub, jcore.ClosedJaxpr):
@@ -376,71 +400,16 @@ class _Analysis:
     return None
 
   def opaque(self, name: str, ins: list[_Info], out_shapes: list[tuple[int, ...]]) -> list[_Info]:
+    """A primitive that is not understood: everything it touches loses its channel identity."""
+    if not any(isinstance(i, _Act) for i in ins):
+      for info in ins:  # parameters only (e.g. random keys, kernel preprocessing): silent unless a member
+        self.flag_info(info, f"used by primitive {name!r}")
+      return [_Par((frozenset(),) * len(s)) for s in out_shapes]
     reason = f"passes through primitive {name!r}, which channel-group derivation does not understand"
     self.warn(f"primitive {name!r} is not understood; the channel groups it touches are marked not prunable")
     for info in ins:
       self.flag_info(info, reason)
     return [_Act(tuple(self.fresh(s, reason) for s in shape)) for shape in out_shapes]
-
-  def param_eqn(self, eqn: jcore.JaxprEqn, ins: list[_Info], in_shapes: list[tuple[int, ...]],
-                out_shapes: list[tuple[int, ...]]) -> list[_Info]:
-    """An equation on parameters and constants only: tracks which parameter axes index each result axis."""
-    name = eqn.primitive.name
-    empty = [_Par((frozenset(),) * len(s)) for s in out_shapes]
-    if not ins:
-      return empty
-    sub = self.subjaxpr(eqn)
-    if sub is not None:
-      jaxpr, consts = sub
-      return self.run(jaxpr, [_Par((frozenset(),) * np.ndim(c)) for c in consts], ins)
-    pars: list[_Par] = [i for i in ins if isinstance(i, _Par)]
-    if name in _ELEMENTWISE:
-      out = out_shapes[0]
-      srcs = []
-      for d in range(len(out)):
-        acc: set[Source] = set()
-        for p, s in zip(pars, in_shapes):
-          if len(s) == len(out) and s[d] == out[d]:
-            acc |= p.sources[d]
-        srcs.append(frozenset(acc))
-      return [_Par(tuple(srcs))]
-    if name in ("reshape", "transpose", "broadcast_in_dim", "squeeze") or name in _REDUCE:
-      return [self.eqn_remap_param(eqn, ins[0], in_shapes[0], out_shapes[0])]
-    if name == "optimization_barrier":
-      return list(ins)
-    if name == "dot_general":
-      (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-      lhs, rhs = ins[0], ins[1]
-      assert isinstance(lhs, _Par) and isinstance(rhs, _Par)
-      lfree = [i for i in range(len(in_shapes[0])) if i not in lc and i not in lb]
-      rfree = [i for i in range(len(in_shapes[1])) if i not in rc and i not in rb]
-      srcs = [lhs.sources[i] | rhs.sources[j] for i, j in zip(lb, rb)]
-      srcs += [lhs.sources[i] for i in lfree] + [rhs.sources[j] for j in rfree]
-      return [_Par(tuple(srcs))]
-    reason = f"used by primitive {name!r}"
-    for info in ins:
-      self.flag_info(info, reason)
-    return empty
-
-  def eqn_remap_param(self, eqn: jcore.JaxprEqn, info: _Info, in_shape: tuple[int, ...],
-                      out_shape: tuple[int, ...]) -> _Info:
-    name = eqn.primitive.name
-    if name == "reshape":
-      return self.reshape(info, in_shape, out_shape, eqn.params.get("dimensions"))
-    if name == "transpose":
-      return self.remap(info, in_shape, out_shape, list(eqn.params["permutation"]), [], None)
-    if name == "broadcast_in_dim":
-      mapping: list[int | None] = [None] * len(out_shape)
-      for i, d in enumerate(eqn.params["broadcast_dimensions"]):
-        mapping[d] = i
-      return self.remap(info, in_shape, out_shape, mapping, [], None)
-    if name == "squeeze":
-      dims = {d % len(in_shape) for d in eqn.params["dimensions"]}
-      return self.remap(info, in_shape, out_shape, [i for i in range(len(in_shape)) if i not in dims], sorted(dims),
-                        None)
-    axes = sorted(eqn.params["axes"])
-    return self.remap(info, in_shape, out_shape, [i for i in range(len(in_shape)) if i not in axes], axes,
-                      f"reduced over by {name!r}")
 
   # -- rules -----------------------------------------------------------------------------------------------------
 
@@ -464,8 +433,7 @@ class _Analysis:
     if reason:
       for m in dropped:
         if in_shape[m] > 1:
-          for path, _ in info.sources[m]:
-            self.lose(path, reason)
+          self.lose(info.sources[m], reason)
     return _Par(tuple(srcs))
 
   def per_axis(self, info: _Info, in_shape: tuple[int, ...], out_shape: tuple[int, ...], changed: set[int],
@@ -482,8 +450,7 @@ class _Analysis:
           layouts.append(info.layouts[d])
       return _Act(tuple(layouts))
     for d in changed:
-      for path, _ in info.sources[d]:
-        self.lose(path, reason)
+      self.lose(info.sources[d], reason)
     return _Par(tuple(frozenset() if d in changed else info.sources[d] for d in range(len(out_shape))))
 
   def elementwise(self, ins: list[_Info], in_shapes: list[tuple[int, ...]], out: tuple[int, ...],
@@ -491,6 +458,10 @@ class _Analysis:
     rank = len(out)
     if any(len(s) not in (0, rank) for s in in_shapes):
       return self.opaque(name, ins, [out])[0]
+    if not any(isinstance(i, _Act) for i in ins):
+      return _Par(tuple(frozenset().union(*[i.sources[d] for i, s in zip(ins, in_shapes)
+                                            if isinstance(i, _Par) and len(s) == rank and s[d] == out[d]])
+                        for d in range(rank)))
     layouts = []
     for d in range(rank):
       acts = [i.layouts[d] for i, s in zip(ins, in_shapes) if isinstance(i, _Act) and len(s) == rank
@@ -521,12 +492,7 @@ class _Analysis:
     for d in out_spec[2:]:
       layouts[d] = self.fresh(out_shape[d], _SPATIAL)
     if groups == 1:
-      if feat.repeat != 1:
-        self.flag_layout(feat, "read by a convolution after a flatten")
-        for path, _ in rhs_in:
-          self.lose(path, "a convolution kernel reading a flattened axis")
-      else:
-        self.attach(feat, rhs_in, "in")
+      self.attach(feat, rhs_in, "in")  # a flattened feature axis (space-to-depth) gives members with spatial > 1
       out_feat = self.fresh(n_out)
       self.attach(out_feat, rhs_out, "out")
     elif groups == c_in and in_shapes[1][rhs_spec[1]] == 1 and n_out == c_in and feat.repeat == 1:
@@ -547,6 +513,10 @@ class _Analysis:
     lhs, rhs = ins
     lfree = [i for i in range(len(in_shapes[0])) if i not in lc and i not in lb]
     rfree = [i for i in range(len(in_shapes[1])) if i not in rc and i not in rb]
+    if isinstance(lhs, _Par) and isinstance(rhs, _Par):
+      # A product of parameters (e.g. a low-rank kernel): free axes keep their sources, contracted ones vanish.
+      srcs = [lhs.sources[i] | rhs.sources[j] for i, j in zip(lb, rb)]
+      return _Par(tuple(srcs + [lhs.sources[i] for i in lfree] + [rhs.sources[j] for j in rfree]))
 
     def axis_layout(info: _Info, axis: int, size: int) -> _Layout:
       if isinstance(info, _Act):
@@ -610,8 +580,7 @@ class _Analysis:
           srcs[bo[0]] = info.sources[bi[0]]
         else:
           for a in bi:
-            for path, _ in info.sources[a]:
-              self.lose(path, "reshaped across axes")
+            self.lose(info.sources[a], "reshaped across axes")
       return _Par(tuple(srcs))
     layouts: list[_Layout | None] = [None] * len(out_shape)
     for a, s in enumerate(in_shape):
@@ -662,6 +631,11 @@ class _Analysis:
 
   def concatenate(self, ins: list[_Info], in_shapes: list[tuple[int, ...]], out: tuple[int, ...],
                   dim: int) -> _Info:
+    if not any(isinstance(i, _Act) for i in ins):
+      for i in ins:
+        self.flag_info(_Par((i.sources[dim],)), "concatenated with other arrays")
+      return _Par(tuple(frozenset() if d == dim else frozenset().union(*[i.sources[d] for i in ins])
+                        for d in range(len(out))))
     layouts = []
     for d in range(len(out)):
       if d == dim:
@@ -675,8 +649,7 @@ class _Analysis:
             else:
               segs.extend(lay.segs)
           else:
-            for path, _ in info.sources[d]:
-              self.lose(path, "concatenated with activations")
+            self.lose(info.sources[d], "concatenated with activations")
             segs.append(_Seg(None, s[d]))
         layouts.append(_Layout(1, tuple(segs)))
       else:
@@ -747,8 +720,9 @@ def derive_groups(apply_fn: Callable[..., Any], params: Any, *example_args: Any)
   ``note``, when its channels touch the network input or output or pass through an operation that removing
   channels would not commute with. ``width_indices`` is left empty (a model's width list is its own convention).
 
-  Trace in evaluation mode (BatchNorm reading its running statistics), or the statistics get no members.
-  For an NNX model use :func:`derive_model_groups`, which does this.
+  BatchNorm statistics become members through any use in the traced function: normalising in evaluation mode,
+  or their running-average update in training mode (a layer that neither reads nor updates them in the traced
+  mode leaves them out). For an NNX model use :func:`derive_model_groups`, which traces in evaluation mode.
 
   Args:
     apply_fn: pure forward function ``apply_fn(params, *args) -> outputs``; it must read the parameters from its
@@ -804,15 +778,9 @@ def derive_groups(apply_fn: Callable[..., Any], params: Any, *example_args: Any)
             "argument?")
   groups: list[ChannelGroup] = []
   names: dict[str, int] = {}
-  lost_used: dict[str, None] = {}
   for r in sorted(roots):
     members = sorted(an.members[r], key=lambda m: an.members[r][m])
     reasons = dict(an.reasons[r])
-    for m in members:
-      if m.path in an.lost:
-        reasons[f"parameter {path_str(m.path)} is {an.lost[m.path]}, so its channel axes cannot be followed"] = None
-        lost_used[f"parameter {path_str(m.path)} is {an.lost[m.path]}; its channel groups are marked not "
-                  f"prunable"] = None
     producers = [m for m in members if m.role == "out"]
     if producers:
       name = path_str(producers[0].path[:-1]) or path_str(producers[0].path)
@@ -824,9 +792,15 @@ def derive_groups(apply_fn: Callable[..., Any], params: Any, *example_args: Any)
     names[name] = count + 1
     if count:
       name = f"{name}#{count + 1}"
+    for m in members:
+      why = an.lost.get((m.path, m.axis))
+      if why is not None:
+        what = f"parameter {path_str(m.path)} axis {m.axis} is {why}"
+        reasons[f"{what}, so removing its channels is not the same as zeroing them"] = None
+        an.warn(f"{what}; channel group {name!r} is marked not prunable")
     groups.append(ChannelGroup(name, an.size[r], tuple(members), prunable=not reasons,
                                note="; ".join(reasons)))
-  _emit_warnings(list(an.warned) + list(lost_used))
+  _emit_warnings(an.warned)
   return groups
 
 
@@ -840,8 +814,8 @@ def derive_model_groups(model: nnx.Module, *example_args: Any, eval_mode: bool =
   Args:
     model: the NNX model.
     *example_args: example inputs, e.g. ``jnp.zeros((2, 32, 32, 3))``.
-    eval_mode: call ``.eval()`` on the copy first (BatchNorm then reads its running statistics, which thereby
-      become group members).
+    eval_mode: call ``.eval()`` on the copy first, so that the traced pass is the inference one (BatchNorm
+      normalising with its running statistics, dropout off).
   """
   graphdef, state = nnx.split(model)
   copy = nnx.merge(graphdef, state)

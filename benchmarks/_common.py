@@ -1,0 +1,74 @@
+"""Shared plumbing for the benchmark programs: timing, machine description, JSON results and README tables."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+ROOT = pathlib.Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+README = ROOT / "README.md"
+
+
+def time_call(fn: Callable[[], Any], *, repeats: int = 3, min_seconds: float = 0.0) -> float:
+  """Median wall-clock seconds of ``fn()`` (which must block until its work is done) over ``repeats`` runs."""
+  times = []
+  start = time.perf_counter()
+  while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 50):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+  dev = jax.devices()[0]
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "cpu_count": os.cpu_count(),
+      "jax": jax.__version__,
+      "jax_backend": jax.default_backend(),
+      "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+  }
+
+
+def write_results(name: str, payload: dict[str, Any]) -> pathlib.Path:
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  path = RESULTS / f"{name}.json"
+  path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2))
+  return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
+  out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(out)
+
+
+def update_readme(name: str, text: str) -> None:
+  """Replaces the block between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in benchmarks/README.md."""
+  begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+  block = f"{begin}\n{text.strip()}\n{end}"
+  current = README.read_text() if README.exists() else "# Benchmarks\n"
+  if begin in current and end in current:
+    current = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, current, flags=re.S)
+  else:
+    current = current.rstrip() + "\n\n" + block + "\n"
+  README.write_text(current)
+
+
+def fmt(x: float, digits: int = 3) -> str:
+  if x == 0 or x != x:
+    return str(x)
+  return f"{x:.{digits}g}"

@@ -1,0 +1,486 @@
+"""Channel surgery: pure functions that remove channels from a state pytree, by channel group.
+
+Removing channels ``R`` of a group ``g`` deletes, from every member slice ``(path, axis, offset, spatial)`` of
+``g``, the positions ``p * C + offset + r`` for ``r`` in ``R`` and ``p < spatial``, where ``C = n_axis / spatial``
+(see :class:`hsic_jax.groups.ChannelSlice`). Groups compose: several groups may index one leaf along one axis
+(concatenation, at different offsets) or along different axes (a conv's input and output), and a leaf keeps the
+positions that no group removes. Optimizer-state subtrees that mirror the parameters (momentum ``trace``, Adam
+``mu``/``nu``) are cut the same way, and a :class:`PrunePlan` records the cut so that a pruned checkpoint can be
+rebuilt from the dense one (:func:`apply_plan`).
+
+:func:`mask` is the reference that surgery is checked against: it zeroes the removed channels in the dense state
+instead of deleting them. Zeroing every consumer ("in") slice removes the channels' contribution exactly, also
+through residual adds, so a physically pruned model computes the same function as the masked dense one.
+
+Surgery changes shapes, so it runs eagerly, not under ``jit``: leaves are cut on the host with numpy and put back
+where they were (a committed jax array on its sharding when that still divides, numpy stays numpy).
+
+>>> import numpy as np
+>>> from hsic_jax.groups import ChannelGroup, ChannelSlice
+>>> state = {"conv": {"kernel": np.ones((3, 3, 3, 4)), "bias": np.arange(4.0)}, "fc": {"kernel": np.ones((4, 2))}}
+>>> group = ChannelGroup("conv", 4, (ChannelSlice(("conv", "kernel"), 3, "out"),
+...                                  ChannelSlice(("conv", "bias"), 0, "out"), ChannelSlice(("fc", "kernel"), 0, "in")))
+>>> result = prune(state, [group], {"conv": [1, 3]})
+>>> result.state["conv"]["bias"], result.state["fc"]["kernel"].shape
+(array([1., 3.]), (2, 2))
+>>> mask(state, [group], {"conv": [1, 3]})["fc"]["kernel"][:, 0]
+array([0., 1., 0., 1.])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hsic_jax.groups import ChannelGroup, ChannelSlice, Path, flatten_state, keypath_to_path, path_str
+
+_PLAN_FORMAT = 1
+# BatchNorm variance-like leaves stay untouched by `mask`: zeroing them would divide by sqrt(eps) (or by zero).
+_VARIANCE_NAMES = frozenset({"var", "variance", "running_var", "moving_var", "moving_variance"})
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+  """What a pruning did, enough to rebuild the pruned state from the dense one.
+
+  Attributes:
+    sizes: original size of every group named in the keep sets.
+    keep: kept channel indices (sorted) of every such group.
+    widths: the model's width list before pruning (``None`` if not given).
+    new_widths: the width list after pruning (``None`` if ``widths`` was not given).
+  """
+
+  sizes: Mapping[str, int]
+  keep: Mapping[str, tuple[int, ...]]
+  widths: tuple[int, ...] | None = None
+  new_widths: tuple[int, ...] | None = None
+
+  def to_json(self) -> str:
+    """Serialises the plan as JSON (group order preserved)."""
+    return json.dumps({
+        "format": _PLAN_FORMAT,
+        "groups": [{"name": n, "size": self.sizes[n], "keep": list(self.keep[n])} for n in self.keep],
+        "widths": None if self.widths is None else list(self.widths),
+        "new_widths": None if self.new_widths is None else list(self.new_widths),
+    })
+
+  @classmethod
+  def from_json(cls, text: str) -> PrunePlan:
+    """Parses :meth:`to_json` output.
+
+    Raises:
+      ValueError: if ``text`` is not a plan of a known format.
+    """
+    try:
+      data = json.loads(text)
+      if data.get("format") != _PLAN_FORMAT:
+        raise ValueError(f"plan format {data.get('format')!r} is not supported; expected {_PLAN_FORMAT}")
+      sizes = {g["name"]: int(g["size"]) for g in data["groups"]}
+      keep = {g["name"]: tuple(int(i) for i in g["keep"]) for g in data["groups"]}
+      widths = None if data["widths"] is None else tuple(int(w) for w in data["widths"])
+      new_widths = None if data["new_widths"] is None else tuple(int(w) for w in data["new_widths"])
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+      raise ValueError(f"text is not a PrunePlan JSON ({e!r}); expected the output of PrunePlan.to_json") from e
+    return cls(sizes, keep, widths, new_widths)
+
+
+class PruneResult(NamedTuple):
+  """The result of :func:`prune`.
+
+  Attributes:
+    state: the pruned state, of the same kind as the input (pure dict or ``nnx.State``).
+    opt_state: the pruned optimizer state (``None`` if none was given).
+    widths: the new width list (``None`` if no width list was given).
+    plan: the record of the cut.
+  """
+
+  state: Any
+  opt_state: Any
+  widths: list[int] | None
+  plan: PrunePlan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing kept channels.
+
+
+def round_width(k: int, size: int, *, multiple: int = 1) -> int:
+  """Rounds a channel count up to a multiple, within ``[1, size]``: ``min(size, multiple * ceil(max(k, 1) / m))``.
+
+  Hardware prefers widths that are multiples of 8 (GPU) or 128 (TPU); a group never becomes empty, and a width
+  rounded past the group's size is capped at the size.
+
+  >>> round_width(13, 64, multiple=8), round_width(0, 64, multiple=8), round_width(60, 64, multiple=16)
+  (16, 8, 64)
+
+  Raises:
+    ValueError: if ``size < 1`` or ``multiple < 1``.
+  """
+  if size < 1:
+    raise ValueError(f"size must be >= 1, got {size}")
+  if multiple < 1:
+    raise ValueError(f"multiple must be >= 1, got {multiple}")
+  return min(size, multiple * math.ceil(max(int(k), 1) / multiple))
+
+
+def keep_top_k(scores: Any, k: int, *, multiple: int = 1) -> np.ndarray:
+  """Indices (sorted ascending) of the ``round_width(k, len(scores), multiple=multiple)`` highest scores.
+
+  Ties go to the lower index.
+
+  >>> keep_top_k([0.1, 0.9, 0.5, 0.7], 2).tolist()
+  [1, 3]
+  >>> keep_top_k([0.1, 0.9, 0.5, 0.7], 1, multiple=3).tolist()
+  [1, 2, 3]
+
+  Raises:
+    ValueError: if ``scores`` is not a non-empty 1-D array of finite numbers.
+  """
+  s = np.asarray(scores, dtype=np.float64)
+  if s.ndim != 1 or s.size == 0:
+    raise ValueError(f"scores must be a non-empty 1-D array, got shape {s.shape}")
+  if not np.all(np.isfinite(s)):
+    raise ValueError(f"scores must be finite; got non-finite values at indices {np.flatnonzero(~np.isfinite(s))}")
+  n = round_width(k, s.size, multiple=multiple)
+  order = np.argsort(-s, kind="stable")
+  return np.sort(order[:n])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _leaf_shape(leaf: Any) -> tuple[int, ...]:
+  shape = getattr(leaf, "shape", None)
+  return tuple(shape) if shape is not None else tuple(np.shape(leaf))
+
+
+def _channel_positions(member: ChannelSlice, channels: np.ndarray, n_axis: int) -> np.ndarray:
+  """Positions along the member's axis of the given channels (all spatial copies)."""
+  c_total = n_axis // member.spatial
+  base = member.offset + channels
+  return (np.arange(member.spatial)[:, None] * c_total + base[None, :]).reshape(-1)
+
+
+def _validate_groups(groups: Sequence[ChannelGroup], leaves: Mapping[Path, Any]) -> dict[str, ChannelGroup]:
+  """Checks that every member of every group exists in the state with a consistent axis length."""
+  by_name: dict[str, ChannelGroup] = {}
+  for g in groups:
+    if g.name in by_name:
+      raise ValueError(f"groups contain the name {g.name!r} twice; group names must be unique")
+    if g.size < 1:
+      raise ValueError(f"group {g.name!r} has size {g.size}; expected >= 1")
+    by_name[g.name] = g
+  # (path, axis) -> list of (group, member), to check lengths and overlaps across groups.
+  uses: dict[tuple[Path, int], list[tuple[ChannelGroup, ChannelSlice]]] = {}
+  for g in groups:
+    for m in g.members:
+      path = tuple(m.path)
+      if path not in leaves:
+        close = [path_str(p) for p in leaves if p[-1:] == path[-1:]][:5]
+        raise ValueError(f"group {g.name!r}: member path {path_str(path)!r} is not in the state; expected a leaf "
+                         f"path of the state the groups were declared for (leaves ending the same way: {close})")
+      shape = _leaf_shape(leaves[path])
+      if not -len(shape) <= m.axis < len(shape):
+        raise ValueError(f"group {g.name!r}: member {path_str(path)!r} has shape {shape}, no axis {m.axis}")
+      axis = m.axis % len(shape)
+      n = shape[axis]
+      if m.spatial < 1 or m.offset < 0 or n % m.spatial:
+        raise ValueError(f"group {g.name!r}: member {path_str(path)!r} axis {axis} has length {n}, which does not "
+                         f"fit spatial={m.spatial} (expected a multiple) and offset={m.offset} (expected >= 0)")
+      if m.offset + g.size > n // m.spatial:
+        raise ValueError(f"group {g.name!r} has {g.size} channels but member {path_str(path)!r} axis {axis} has "
+                         f"length {n} (offset {m.offset}, spatial {m.spatial}); expected at least "
+                         f"{(m.offset + g.size) * m.spatial}: does the state belong to the model the groups "
+                         f"describe?")
+      uses.setdefault((path, axis), []).append((g, m))
+  for (path, axis), ms in uses.items():
+    n = _leaf_shape(leaves[path])[axis]
+    if len(ms) == 1:
+      g, m = ms[0]
+      if m.offset == 0 and g.size * m.spatial != n:
+        raise ValueError(f"group {g.name!r} has {g.size} channels but member {path_str(path)!r} axis {axis} has "
+                         f"length {n}; expected {g.size * m.spatial}: does the state belong to the model the groups "
+                         f"describe?")
+    taken = np.zeros(n, dtype=bool)
+    for g, m in ms:
+      pos = _channel_positions(m, np.arange(g.size), n)
+      if taken[pos].any():
+        others = sorted({h.name for h, _ in ms if h is not g})
+        raise ValueError(f"group {g.name!r} and one of {others} both index positions of {path_str(path)!r} axis "
+                         f"{axis}; expected disjoint channel ranges (check offsets)")
+      taken[pos] = True
+  return by_name
+
+
+def _validate_keep(keep: Mapping[str, Any], by_name: Mapping[str, ChannelGroup]) -> dict[str, np.ndarray]:
+  """Returns the keep sets as sorted int arrays, after checking names, ranges, duplicates and emptiness."""
+  out: dict[str, np.ndarray] = {}
+  for name, idx in keep.items():
+    if name not in by_name:
+      known = sorted(by_name)
+      shown = f"{known[:12]}" + (f" and {len(known) - 12} more" if len(known) > 12 else "")
+      raise ValueError(f"keep names unknown group {name!r}; expected one of {shown}")
+    g = by_name[name]
+    arr = np.asarray(idx)
+    if arr.ndim != 1:
+      raise ValueError(f"keep[{name!r}] must be a 1-D sequence of channel indices, got shape {arr.shape}")
+    if arr.size == 0:
+      raise ValueError(f"keep[{name!r}] is empty; a group is never emptied (keep at least 1 of {g.size} channels)")
+    if arr.dtype == np.bool_:
+      raise ValueError(f"keep[{name!r}] is a boolean mask; expected channel indices (np.flatnonzero(mask))")
+    if not np.issubdtype(arr.dtype, np.integer):
+      if not np.all(np.equal(np.mod(arr, 1), 0)):
+        raise ValueError(f"keep[{name!r}] must hold integer channel indices, got {arr.tolist()[:10]}")
+      arr = arr.astype(np.int64)
+    bad = arr[(arr < 0) | (arr >= g.size)]
+    if bad.size:
+      raise ValueError(f"keep[{name!r}] has indices {bad.tolist()[:10]} out of range; expected 0 <= i < {g.size}")
+    arr = np.sort(arr.astype(np.int64))
+    dup = arr[1:][arr[1:] == arr[:-1]]
+    if dup.size:
+      raise ValueError(f"keep[{name!r}] repeats indices {np.unique(dup).tolist()[:10]}; expected unique indices")
+    if not g.prunable and arr.size != g.size:
+      raise ValueError(f"group {name!r} is not prunable ({g.note or 'declared fixed'}); expected all {g.size} "
+                       f"channels kept or the group left out of keep")
+    out[name] = arr
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# State plumbing.
+
+
+def _rebuild(state: Any, new_leaves: Mapping[Path, Any]) -> Any:
+  """Returns ``state`` with each leaf replaced by ``new_leaves[path]`` (a new pytree; the input is untouched)."""
+  return jax.tree_util.tree_map_with_path(lambda kp, leaf: new_leaves[keypath_to_path(kp)], state)
+
+
+def _to_host(leaf: Any) -> np.ndarray:
+  return np.asarray(jax.device_get(leaf))
+
+
+def _like(leaf: Any, value: np.ndarray) -> Any:
+  """``value`` as the same kind of array as ``leaf``: numpy stays numpy, a jax array goes back to its devices."""
+  if not isinstance(leaf, jax.Array):
+    return value
+  if getattr(leaf, "committed", False):
+    try:
+      return jax.device_put(value, leaf.sharding)
+    except ValueError:  # a partitioned axis that no longer divides evenly: leave placement to the caller
+      pass
+  return jnp.asarray(value)  # uncommitted, like the input: jit does not recompile for a new placement
+
+
+def _keep_masks(groups: Mapping[str, ChannelGroup], keep: Mapping[str, np.ndarray], leaves: Mapping[Path, Any],
+                roles: Sequence[str] = ("in", "out")) -> dict[tuple[Path, int], np.ndarray]:
+  """Boolean keep masks per (leaf path, axis) over the positions the keep sets remove."""
+  masks: dict[tuple[Path, int], np.ndarray] = {}
+  for name, kept in keep.items():
+    g = groups[name]
+    removed = np.setdiff1d(np.arange(g.size), kept)
+    if removed.size == 0:
+      continue
+    for m in g.members:
+      if m.role not in roles:
+        continue
+      path = tuple(m.path)
+      shape = _leaf_shape(leaves[path])
+      axis = m.axis % len(shape)
+      mask = masks.setdefault((path, axis), np.ones(shape[axis], dtype=bool))
+      mask[_channel_positions(m, removed, shape[axis])] = False
+  return masks
+
+
+def _slice_leaves(leaves: Mapping[Path, Any], masks: Mapping[tuple[Path, int], np.ndarray]) -> dict[Path, Any]:
+  by_path: dict[Path, list[tuple[int, np.ndarray]]] = {}
+  for (path, axis), m in masks.items():
+    by_path.setdefault(path, []).append((axis, np.flatnonzero(m)))
+  new = dict(leaves)
+  # Sliced on the host with numpy: a device gather per leaf would compile once per distinct shape, eagerly.
+  for path, cuts in by_path.items():
+    value = _to_host(leaves[path])
+    for axis, index in cuts:
+      value = np.take(value, index, axis=axis)
+    new[path] = _like(leaves[path], value)
+  return new
+
+
+def _prune_opt_state(opt_state: Any, leaves: Mapping[Path, Any],
+                     masks: Mapping[tuple[Path, int], np.ndarray]) -> Any:
+  """Cuts every optimizer-state subtree whose leaves mirror parameter leaves (same path and shape)."""
+  shapes = {p: _leaf_shape(l) for p, l in leaves.items()}
+
+  def mirrors(node: Any) -> bool:
+    if not isinstance(node, (Mapping, nnx.State)):
+      return False
+    sub = flatten_state(node)
+    return bool(sub) and all(p in shapes and _leaf_shape(l) == shapes[p] for p, l in sub.items())
+
+  def cut(node: Any) -> Any:
+    if not mirrors(node):
+      return node
+    sub = flatten_state(node)
+    sub_masks = {k: v for k, v in masks.items() if k[0] in sub}
+    return _rebuild(node, _slice_leaves(sub, sub_masks))
+
+  return jax.tree_util.tree_map(cut, opt_state, is_leaf=mirrors)
+
+
+def _new_widths(widths: Sequence[int] | None, groups: Mapping[str, ChannelGroup],
+                keep: Mapping[str, np.ndarray]) -> list[int] | None:
+  if widths is None:
+    return None
+  new = [int(w) for w in widths]
+  set_by: dict[int, str] = {}
+  for name, kept in keep.items():
+    g = groups[name]
+    for i in g.width_indices:
+      if not 0 <= i < len(new):
+        raise ValueError(f"group {name!r} sets width index {i}, but widths has {len(new)} entries")
+      if int(widths[i]) != g.size:
+        raise ValueError(f"widths[{i}] is {widths[i]} but group {name!r}, which sets it, has {g.size} channels; "
+                         f"expected the width list of the model the groups describe")
+      if i in set_by and new[i] != kept.size:
+        raise ValueError(f"groups {set_by[i]!r} and {name!r} both set widths[{i}] but keep different counts "
+                         f"({new[i]} and {kept.size})")
+      new[i] = int(kept.size)
+      set_by[i] = name
+  return new
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def prune(state: Any, groups: Sequence[ChannelGroup], keep: Mapping[str, Any], *,
+          widths: Sequence[int] | None = None, opt_state: Any = None) -> PruneResult:
+  """Removes from ``state`` every channel of each group in ``keep`` that is not kept.
+
+  For a member slice ``(path, axis, offset, spatial)`` of group ``g`` with kept set ``K``, the leaf keeps, along
+  ``axis``, the positions ``p * C + offset + k`` (``k`` in ``K``, ``p < spatial``, ``C = n_axis / spatial``) and
+  every position that belongs to no removed channel; positions keep their original order. Groups not named in
+  ``keep`` are untouched. Inputs are never modified.
+
+  Args:
+    state: the model state, a pure dict (``nnx.to_pure_dict(nnx.state(model))``) or an ``nnx.State``.
+    groups: the model's channel groups.
+    keep: group name -> kept channel indices, unique and in ``[0, size)``; they are sorted (the kept channels keep
+      their original order whatever order is given).
+    widths: the model's width list; the result's ``widths`` sets ``widths[i] = len(keep[g])`` for every ``i`` in
+      ``g.width_indices``.
+    opt_state: an optax optimizer state for ``state``'s parameters; every subtree whose leaves have the paths and
+      shapes of state leaves (momentum ``trace``, Adam ``mu`` and ``nu``) is cut the same way, other leaves
+      (``count``) are kept.
+
+  Returns:
+    ``PruneResult(state, opt_state, widths, plan)``; ``Model(widths)`` has exactly the pruned state's structure.
+
+  Raises:
+    ValueError: unknown group name; indices out of range, duplicated or empty (a group is never emptied); a
+      non-prunable group cut; a member path missing from the state or an axis length that does not match its
+      group; a width list that does not match the groups.
+
+  >>> import numpy as np
+  >>> from hsic_jax.groups import ChannelGroup, ChannelSlice
+  >>> state = {"a": {"kernel": np.ones((3, 3, 3, 4))}, "b": {"kernel": np.ones((3, 3, 4, 5))}}
+  >>> g = ChannelGroup("a", 4, (ChannelSlice(("a", "kernel"), 3, "out"), ChannelSlice(("b", "kernel"), 2, "in")),
+  ...                  width_indices=(0,))
+  >>> res = prune(state, [g], {"a": [0, 2]}, widths=[4])
+  >>> res.state["a"]["kernel"].shape, res.state["b"]["kernel"].shape, res.widths
+  ((3, 3, 3, 2), (3, 3, 2, 5), [2])
+  """
+  leaves = flatten_state(state)
+  by_name = _validate_groups(groups, leaves)
+  kept = _validate_keep(keep, by_name)
+  new_widths = _new_widths(widths, by_name, kept)
+  masks = _keep_masks(by_name, kept, leaves)
+  new_state = _rebuild(state, _slice_leaves(leaves, masks))
+  new_opt = None if opt_state is None else _prune_opt_state(opt_state, leaves, masks)
+  plan = PrunePlan(
+      sizes={n: by_name[n].size for n in kept},
+      keep={n: tuple(int(i) for i in k) for n, k in kept.items()},
+      widths=None if widths is None else tuple(int(w) for w in widths),
+      new_widths=None if new_widths is None else tuple(new_widths),
+  )
+  return PruneResult(new_state, new_opt, new_widths, plan)
+
+
+def apply_plan(state: Any, groups: Sequence[ChannelGroup], plan: PrunePlan, *, opt_state: Any = None) -> PruneResult:
+  """Re-applies a recorded :class:`PrunePlan` to the dense ``state`` (e.g. to rebuild a pruned checkpoint).
+
+  Args:
+    state: the dense state the plan was made from.
+    groups: the dense model's channel groups; every group in the plan must exist with the recorded size.
+    plan: the plan (e.g. ``PrunePlan.from_json(text)``).
+    opt_state: optional optimizer state, cut as in :func:`prune`.
+
+  Returns:
+    The same :class:`PruneResult` as the original :func:`prune` call.
+
+  Raises:
+    ValueError: if a plan group is missing from ``groups`` or has another size, or the state does not match.
+  """
+  by_name = {g.name: g for g in groups}
+  for name, size in plan.sizes.items():
+    if name not in by_name:
+      raise ValueError(f"plan group {name!r} is not among the groups; expected one of {sorted(by_name)}")
+    if by_name[name].size != size:
+      raise ValueError(f"plan group {name!r} had {size} channels but the group now has {by_name[name].size}; "
+                       f"expected the groups of the dense model the plan was made from")
+  result = prune(state, groups, plan.keep, widths=plan.widths, opt_state=opt_state)
+  if plan.new_widths is not None and tuple(result.widths or ()) != plan.new_widths:
+    raise ValueError(f"re-applying the plan gives widths {result.widths}, but the plan recorded "
+                     f"{list(plan.new_widths)}; expected the groups' width_indices to be unchanged")
+  return result
+
+
+def mask(state: Any, groups: Sequence[ChannelGroup], keep: Mapping[str, Any], *, zero_out: bool = True) -> Any:
+  """Returns the dense ``state`` with the removed channels zeroed instead of deleted.
+
+  Every consumer (``"in"``) slice of a removed channel is zeroed, so the channel contributes nothing to any layer
+  that reads it, even when it is the sum of several producers (a residual stream): the dense model then computes
+  exactly what the pruned model (:func:`prune`) computes. With ``zero_out``, producer (``"out"``) slices are
+  zeroed too (kernels, biases, BatchNorm scale/bias/mean), so the removed channels are also zero inside the
+  network; variance leaves (``var``, ...) are left as they are, since zeroing them would divide by ``sqrt(eps)``.
+
+  Args:
+    state: the dense state (pure dict or ``nnx.State``).
+    groups: the channel groups.
+    keep: group name -> kept indices, as for :func:`prune`.
+    zero_out: also zero the producer slices.
+
+  Returns:
+    A new state of the same structure and shapes as ``state``.
+
+  Raises:
+    ValueError: as :func:`prune`.
+  """
+  leaves = flatten_state(state)
+  by_name = _validate_groups(groups, leaves)
+  kept = _validate_keep(keep, by_name)
+  roles = ("in", "out") if zero_out else ("in",)
+  masks = _keep_masks(by_name, kept, leaves, roles)
+  # Variance leaves are excluded by name: see the docstring.
+  host: dict[Path, np.ndarray] = {}
+  for (path, axis), m in masks.items():
+    if str(path[-1]) in _VARIANCE_NAMES:
+      continue
+    value = host.get(path)
+    if value is None:
+      value = host[path] = _to_host(leaves[path]).copy()
+    index = [slice(None)] * value.ndim
+    index[axis] = ~m
+    value[tuple(index)] = 0
+  new = dict(leaves)
+  for path, value in host.items():
+    new[path] = _like(leaves[path], value)
+  return _rebuild(state, new)

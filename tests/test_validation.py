@@ -1,0 +1,114 @@
+"""Bad input gets a ValueError that names the argument; nothing returns NaN silently."""
+
+import numpy as np
+import pytest
+
+import hsic_jax as hj
+
+
+def _grams(c=3, n=6):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n, c, 2)).astype(np.float32)
+  return np.array(hj.channel_grams(x)), np.array(hj.gaussian_gram(x[:, 0]))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_features(value):
+  x = np.random.default_rng(1).normal(size=(8, 3, 2))
+  x[4, 1, 0] = value
+  with pytest.raises(ValueError, match=r"x contains 1 NaN or Inf .* index \(4, 1, 0\)"):
+    hj.problem_from_features(x, np.ones((8, 2)))
+  with pytest.raises(ValueError, match="^x contains"):
+    hj.channel_grams(x)
+  gx, gy = _grams()
+  gy[0, 0] = value
+  with pytest.raises(ValueError, match="^gram_y contains"):
+    hj.lasso_select(gx, gy, 0.1)
+
+
+def test_mismatched_samples():
+  gx, gy = _grams(n=6)
+  with pytest.raises(ValueError, match="gram_x and gram_y must have the same number of samples"):
+    hj.lasso_select(gx, gy[:5, :5], 0.1)
+  with pytest.raises(ValueError, match="x and y must have the same number of samples"):
+    hj.problem_from_features(np.ones((6, 2, 2)), np.ones((5, 3)))
+  with pytest.raises(ValueError, match="features\\[1\\] has 5 samples"):
+    hj.hsic_matrix([np.ones((6, 2)), np.ones((5, 2))])
+  with pytest.raises(ValueError, match="k and l must have the same shape"):
+    hj.hsic(np.eye(3), np.eye(4))
+
+
+def test_non_square_and_wrong_rank():
+  gx, gy = _grams()
+  with pytest.raises(ValueError, match="gram_x must hold square"):
+    hj.lasso_select(gx[:, :, :5], gy, 0.1)
+  with pytest.raises(ValueError, match="gram_y must hold square"):
+    hj.lasso_select(gx, gy[:, :5], 0.1)
+  with pytest.raises(ValueError, match=r"gram_x must have 3 dimensions, got shape \(6, 6\)"):
+    hj.lasso_select(gy, gy, 0.1)
+  with pytest.raises(ValueError, match="x must have 3 dimensions"):
+    hj.channel_grams(np.ones((4, 3)))
+
+
+@pytest.mark.parametrize("lam", [-1e-3, np.nan, np.inf])
+def test_bad_lambda(lam):
+  gx, gy = _grams()
+  with pytest.raises(ValueError, match="^lam must be"):
+    hj.lasso_select(gx, gy, lam)
+
+
+def test_zero_channels():
+  _, gy = _grams()
+  with pytest.raises(ValueError, match="gram_x must hold at least one channel"):
+    hj.lasso_select(np.zeros((0, 6, 6)), gy, 0.1)
+  with pytest.raises(ValueError, match="x must have at least one channel"):
+    hj.problem_from_features(np.zeros((6, 0, 2)), np.ones((6, 1)))
+
+
+def test_too_few_samples():
+  with pytest.raises(ValueError, match="gram_y must hold at least 2 samples"):
+    hj.lasso_select(np.ones((2, 1, 1)), np.ones((1, 1)), 0.1)
+  with pytest.raises(ValueError, match="x must hold at least 2 samples"):
+    hj.problem_from_features(np.ones((1, 2, 2)), np.ones((1, 1)))
+  with pytest.raises(ValueError, match="unbiased HSIC estimator needs n >= 4"):
+    hj.hsic(np.eye(3), np.eye(3), unbiased=True)
+
+
+def test_bad_k_and_options():
+  gx, gy = _grams()
+  p = hj.problem_from_grams(gx, gy)
+  for k in (0, 4, -1):
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 3\]"):
+      hj.select_k(p, k)
+  with pytest.raises(ValueError, match="tol must be > 0"):
+    hj.solve(p, 0.1, tol=0.0)
+  with pytest.raises(ValueError, match="init must have 3 coefficients"):
+    hj.solve(p, 0.1, init=np.zeros(4))
+  with pytest.raises(ValueError, match="y_kernel|kernel must be"):
+    hj.problem_from_features(np.ones((6, 2, 2)), np.ones((6, 1)), y_kernel="laplace")
+  with pytest.raises(ValueError, match="labels must hold integer class ids"):
+    hj.delta_gram(np.array([0.5, 1.0, 2.0]))
+  with pytest.raises(ValueError, match="problem must be a LassoProblem"):
+    hj.solve((1, 2), 0.1)
+  with pytest.raises(ValueError, match="problems\\[1\\] has Q of shape"):
+    hj.combine_problems([p, hj.problem_from_grams(gx[:2], gy)])
+
+
+def test_large_layer_peak_memory_under_2gb(tmp_path):
+  """n = 1024 samples, c = 512 channels: building the solver's inputs stays well under 2 GB (fresh process)."""
+  import subprocess
+  import sys
+  import textwrap
+  script = textwrap.dedent("""
+      import resource, numpy as np, jax, hsic_jax as hj
+      rng = np.random.default_rng(0)
+      x = rng.normal(size=(1024, 512, 4)).astype(np.float32)
+      y = rng.normal(size=(1024, 32)).astype(np.float32)
+      p = hj.problem_from_features(x, y)
+      assert np.all(np.isfinite(np.asarray(p.quad)))
+      print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  """)
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                       env={"PATH": "", "JAX_PLATFORMS": "cpu"})
+  peak = int(out.stdout.strip().splitlines()[-1])
+  assert peak < 2 * 2**30, f"peak RSS {peak / 2**30:.2f} GiB"
