@@ -2,9 +2,11 @@
 
 >>> from flax import nnx
 >>> import models
->>> m = models.get_model("resnet20", rngs=nnx.Rngs(0))
->>> len(m.widths), m.widths[:3]
-(19, [16, 16, 16])
+>>> models.default_widths("resnet20")[:5]
+[16, 16, 16, 16, 16]
+>>> m = nnx.eval_shape(lambda: models.get_model("resnet20", rngs=nnx.Rngs(0)))  # shapes only
+>>> len(m.widths), m.stage2.block0.conv1.kernel.shape
+(19, (3, 3, 16, 32))
 
 Every model built by :func:`get_model` has
 
@@ -22,6 +24,7 @@ Parameter paths read like the architecture, e.g. ``("stage1", "block0", "conv1",
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 from flax import nnx
@@ -59,16 +62,32 @@ def _build_mbv2(imagenet: bool) -> Callable[..., nnx.Module]:
   return build
 
 
-# name -> (builder, default-width function, input size (h, w)).
-MODELS: dict[str, tuple[Callable[..., nnx.Module], Callable[[], list[int]], tuple[int, int]]] = {
-    **{f"resnet{d}": (_resnet_cifar(d), (lambda d=d: resnet_cifar.default_widths(d)), (32, 32))
-       for d in resnet_cifar.DEPTHS},
-    "vgg16": (_build_vgg, vgg.default_widths, (32, 32)),
-    "resnet50": (_build_resnet50, resnet50.default_widths, (224, 224)),
-    "googlenet": (_build_googlenet, googlenet.default_widths, (32, 32)),
-    "mobilenetv2": (_build_mbv2(False), mobilenetv2.default_widths, (32, 32)),
-    "mobilenetv2_imagenet": (_build_mbv2(True), mobilenetv2.default_widths, (224, 224)),
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """A registry entry: how to build a model, its dense widths, its width check and its input size."""
+
+  build: Callable[[Sequence[int] | None, int | None, nnx.Rngs], nnx.Module]
+  default_widths: Callable[[], list[int]]
+  validate_widths: Callable[[Sequence[int] | None], list[int]]
+  input_hw: tuple[int, int]
+
+
+def _cifar_entry(d: int) -> ModelEntry:
+  return ModelEntry(_resnet_cifar(d), lambda: resnet_cifar.default_widths(d),
+                    lambda ws: resnet_cifar.validate_widths(d, ws), (32, 32))
+
+
+MODELS: dict[str, ModelEntry] = {
+    **{f"resnet{d}": _cifar_entry(d) for d in resnet_cifar.DEPTHS},
+    "vgg16": ModelEntry(_build_vgg, vgg.default_widths, vgg.validate_widths, (32, 32)),
+    "resnet50": ModelEntry(_build_resnet50, resnet50.default_widths, resnet50.validate_widths, (224, 224)),
+    "googlenet": ModelEntry(_build_googlenet, googlenet.default_widths, googlenet.validate_widths, (32, 32)),
+    "mobilenetv2": ModelEntry(_build_mbv2(False), mobilenetv2.default_widths,
+                              lambda ws: mobilenetv2.validate_widths(ws, imagenet=False), (32, 32)),
+    "mobilenetv2_imagenet": ModelEntry(_build_mbv2(True), mobilenetv2.default_widths,
+                                       lambda ws: mobilenetv2.validate_widths(ws, imagenet=True), (224, 224)),
 }
+"""Registry: model name -> :class:`ModelEntry`."""
 
 
 def _check_name(name: str) -> None:
@@ -92,19 +111,29 @@ def get_model(name: str, widths: Sequence[int] | None = None, *, num_classes: in
       stage.
   """
   _check_name(name)
-  return MODELS[name][0](widths, num_classes, rngs)
+  return MODELS[name].build(widths, num_classes, rngs)
 
 
 def default_widths(name: str) -> list[int]:
   """The dense width list of model ``name``."""
   _check_name(name)
-  return MODELS[name][1]()
+  return MODELS[name].default_widths()
+
+
+def validate_widths(name: str, widths: Sequence[int] | None) -> list[int]:
+  """Checks a width list for model ``name`` without building it; returns it as a list of ints.
+
+  Raises:
+    ValueError: unknown name, or a width list :func:`get_model` would reject (saying what was expected).
+  """
+  _check_name(name)
+  return MODELS[name].validate_widths(widths)
 
 
 def input_size(name: str) -> tuple[int, int]:
   """The spatial input size ``(h, w)`` at which MACs are counted (32x32 for CIFAR, 224x224 for ImageNet)."""
   _check_name(name)
-  return MODELS[name][2]
+  return MODELS[name].input_hw
 
 
 def model_name(model: nnx.Module) -> str:
@@ -122,5 +151,5 @@ def model_name(model: nnx.Module) -> str:
   raise ValueError(f"model of type {type(model).__name__} is not one of the registry's architectures")
 
 
-__all__ = ["MODELS", "get_model", "default_widths", "input_size", "model_name", "Tap", "Taps", "ResNetCifar",
+__all__ = ["MODELS", "ModelEntry", "get_model", "default_widths", "validate_widths", "input_size", "model_name", "Tap", "Taps", "ResNetCifar",
            "VGG16", "ResNet50", "GoogLeNet", "MobileNetV2"]

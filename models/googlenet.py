@@ -68,6 +68,14 @@ def default_widths() -> list[int]:
   return [w for s in SPECS for w in (s.n3x3red, s.n5x5red, s.n5x5red2)]
 
 
+def validate_widths(widths: Sequence[int] | None) -> list[int]:
+  """Checks a 27-entry width list (``None``: dense); raises ValueError on a wrong length or an entry < 1."""
+  if widths is None:
+    return default_widths()
+  return c.check_widths("googlenet", widths, 27,
+                        "[n3x3red, n5x5red, n5x5red2] for each of the 9 inception modules a3..b5")
+
+
 def _out_width(s: Spec) -> int:
   return s.n1x1 + s.n3x3 + s.n5x5 + s.pool
 
@@ -123,8 +131,7 @@ class GoogLeNet(nnx.Module):
   """CIFAR GoogLeNet (HRank variant; see the module docstring for the 27-entry width list)."""
 
   def __init__(self, widths: Sequence[int] | None = None, *, num_classes: int = 10, rngs: nnx.Rngs):
-    ws = c.check_widths("googlenet", default_widths() if widths is None else widths, 27,
-                        "[n3x3red, n5x5red, n5x5red2] for each of the 9 inception modules a3..b5")
+    ws = validate_widths(widths)
     if num_classes < 1:
       raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     self.num_classes = num_classes

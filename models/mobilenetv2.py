@@ -64,6 +64,26 @@ def _block_index() -> list[tuple[int, int, int, int | None, int]]:
   return out
 
 
+def validate_widths(widths: Sequence[int] | None, *, imagenet: bool = False) -> list[int]:
+  """Checks a 35-entry width list (``None``: dense).
+
+  Raises:
+    ValueError: wrong length, an entry < 1, or unequal residual widths within a stage.
+  """
+  if widths is None:
+    return default_widths()
+  name = "mobilenetv2_imagenet" if imagenet else "mobilenetv2"
+  ws = c.check_widths(name, widths, 2 * NUM_BLOCKS + 1, "[stem, out_0, (hidden_j, out_j) for blocks 1..16, head]")
+  blocks = _block_index()
+  for s in range(len(STAGES)):
+    idx = [o for st, _, _, _, o in blocks if st == s]
+    outs = [ws[i] for i in idx]
+    if len(set(outs)) != 1:
+      raise ValueError(f"widths for {name!r}: residual widths out_j must be equal within stage {s + 1}, got "
+                       f"{outs} at indices {idx}")
+  return ws
+
+
 class InvertedResidual(nnx.Module):
   """expand 1x1 -> depthwise 3x3 -> project 1x1 (linear), with an identity shortcut when ``residual``."""
 
@@ -97,19 +117,11 @@ class MobileNetV2(nnx.Module):
 
   def __init__(self, widths: Sequence[int] | None = None, *, num_classes: int | None = None,
                imagenet: bool = False, rngs: nnx.Rngs):
-    name = "mobilenetv2_imagenet" if imagenet else "mobilenetv2"
-    ws = c.check_widths(name, default_widths() if widths is None else widths, 2 * NUM_BLOCKS + 1,
-                        "[stem, out_0, (hidden_j, out_j) for blocks 1..16, head]")
+    ws = validate_widths(widths, imagenet=imagenet)
     num_classes = (1000 if imagenet else 10) if num_classes is None else num_classes
     if num_classes < 1:
       raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     blocks = _block_index()
-    for s in range(len(STAGES)):
-      idx = [o for st, _, _, _, o in blocks if st == s]
-      outs = [ws[i] for i in idx]
-      if len(set(outs)) != 1:
-        raise ValueError(f"widths for {name!r}: residual widths out_j must be equal within stage {s + 1}, got "
-                         f"{outs} at indices {idx}")
     self.imagenet = imagenet
     self.num_classes = num_classes
     self._widths = tuple(ws)

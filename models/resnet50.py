@@ -58,6 +58,14 @@ def default_widths() -> list[int]:
   return ws
 
 
+def validate_widths(widths: Sequence[int] | None) -> list[int]:
+  """Checks a 37-entry width list (``None``: dense); raises ValueError on a wrong length or an entry < 1."""
+  if widths is None:
+    return default_widths()
+  return c.check_widths("resnet50", widths, 37,
+                        "[stem, (p1, p2) per block with the stage widths inserted at indices 3, 10, 19, 32]")
+
+
 class Bottleneck(nnx.Module):
   """1x1 -> 3x3 (stride) -> 1x1 bottleneck with an optional projection shortcut."""
 
@@ -88,8 +96,7 @@ class ResNet50(nnx.Module):
   """torchvision-layout ResNet-50 (see the module docstring for the 37-entry width list)."""
 
   def __init__(self, widths: Sequence[int] | None = None, *, num_classes: int = 1000, rngs: nnx.Rngs):
-    ws = c.check_widths("resnet50", default_widths() if widths is None else widths, 37,
-                        "[stem, (p1, p2) per block with the stage widths at indices 3, 10, 19, 32]")
+    ws = validate_widths(widths)
     if num_classes < 1:
       raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     self.num_classes = num_classes

@@ -98,30 +98,42 @@ def _blocks_per_stage(depth: int) -> int:
   return (depth - 2) // 6
 
 
+def validate_widths(depth: int, widths: Sequence[int] | None) -> list[int]:
+  """Checks a width list (``None``: dense) and returns it as a list of ints.
+
+  Raises:
+    ValueError: wrong length, an entry < 1, unequal residual widths within a stage, a stem width different from the
+      stage-1 width, or a stage narrower than the one before.
+  """
+  n = _blocks_per_stage(depth)
+  name = f"resnet{depth}"
+  if widths is None:
+    return default_widths(depth)
+  ws = c.check_widths(name, widths, 1 + 6 * n, "[stem, (mid_j, out_j) for each of the 3*n blocks]")
+  stage_w = []
+  for s in range(3):
+    outs = [ws[2 + 2 * (s * n + j)] for j in range(n)]
+    if len(set(outs)) != 1:
+      raise ValueError(f"widths for {name!r}: residual widths out_j must be equal within stage {s + 1}, "
+                       f"got {outs} at indices {[2 + 2 * (s * n + j) for j in range(n)]}")
+    stage_w.append(outs[0])
+  if ws[0] != stage_w[0]:
+    raise ValueError(f"widths for {name!r}: the stem width (index 0, {ws[0]}) must equal the stage-1 residual "
+                     f"width {stage_w[0]}, since the stem feeds the stage-1 stream")
+  for s in (1, 2):
+    if stage_w[s] < stage_w[s - 1]:
+      raise ValueError(f"widths for {name!r}: stage {s + 1} residual width {stage_w[s]} is smaller than stage "
+                       f"{s} width {stage_w[s - 1]}; option-A zero-padding shortcuts cannot remove channels")
+  return ws
+
+
 class ResNetCifar(nnx.Module):
   """CIFAR ResNet with option-A shortcuts (see the module docstring for the width list)."""
 
   def __init__(self, depth: int = 56, widths: Sequence[int] | None = None, *, num_classes: int = 10,
                rngs: nnx.Rngs):
     n = _blocks_per_stage(depth)
-    name = f"resnet{depth}"
-    if widths is None:
-      widths = default_widths(depth)
-    ws = c.check_widths(name, widths, 1 + 6 * n, "[stem, (mid_j, out_j) for each of the 3*n blocks]")
-    stage_w = []
-    for s in range(3):
-      outs = [ws[2 + 2 * (s * n + j)] for j in range(n)]
-      if len(set(outs)) != 1:
-        raise ValueError(f"widths for {name!r}: residual widths out_j must be equal within stage {s + 1}, "
-                         f"got {outs} at indices {[2 + 2 * (s * n + j) for j in range(n)]}")
-      stage_w.append(outs[0])
-    if ws[0] != stage_w[0]:
-      raise ValueError(f"widths for {name!r}: the stem width (index 0, {ws[0]}) must equal the stage-1 residual "
-                       f"width {stage_w[0]}, since the stem feeds the stage-1 stream")
-    for s in (1, 2):
-      if stage_w[s] < stage_w[s - 1]:
-        raise ValueError(f"widths for {name!r}: stage {s + 1} residual width {stage_w[s]} is smaller than stage "
-                         f"{s} width {stage_w[s - 1]}; option-A zero-padding shortcuts cannot remove channels")
+    ws = validate_widths(depth, widths)
     if num_classes < 1:
       raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     self.depth = depth

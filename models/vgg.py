@@ -28,12 +28,18 @@ def default_widths() -> list[int]:
   return list(DEFAULT_WIDTHS)
 
 
+def validate_widths(widths: Sequence[int] | None) -> list[int]:
+  """Checks a 13-entry width list (``None``: dense); raises ValueError on a wrong length or an entry < 1."""
+  if widths is None:
+    return default_widths()
+  return c.check_widths("vgg16", widths, 13, "output width of each of the 13 convs")
+
+
 class VGG16(nnx.Module):
   """CIFAR VGG-16-BN with a 512-unit hidden classifier layer (see the module docstring)."""
 
   def __init__(self, widths: Sequence[int] | None = None, *, num_classes: int = 10, rngs: nnx.Rngs):
-    ws = c.check_widths("vgg16", DEFAULT_WIDTHS if widths is None else widths, 13,
-                        "output width of each of the 13 convs")
+    ws = validate_widths(widths)
     if num_classes < 1:
       raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     self.num_classes = num_classes
