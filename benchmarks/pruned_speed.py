@@ -166,8 +166,17 @@ def main(argv: list[str] | None = None) -> int:
            f"{v['efficiency_min']:.0%}") for r in results for v in r["variants"]]
   table = _common.markdown_table(headers, rows)
   print(table)
+  if args.quick:  # a smoke run: keep the committed results
+    return 0
   path = _common.write_results("pruned_speed", {"quick": args.quick, "results": results, "table": table})
   print(f"\nwrote {path}")
+  m = _common.machine()
+  eff = {r["model"]: max(v["efficiency"] for v in r["variants"] if v["variant"].startswith("pruned"))
+         for r in results}
+  _common.update_readme("pruned_speed", (
+      f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPU cores), jax {m['jax']}; {repeats} interleaved "
+      f"repeats, median. Efficiency = speedup / MACs ratio (goal >= 70%).\n\n" + table + "\n\nBest efficiency of a "
+      "pruned variant: " + ", ".join(f"{k} {v:.0%}" for k, v in eff.items()) + "."))
   return 0
 
 

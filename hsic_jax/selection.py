@@ -25,7 +25,7 @@ def lasso_select(
     *,
     normalized: bool = False,
     positive: bool = True,
-    tol: float = solver.DEFAULT_TOL,
+    tol: float | None = None,
     max_iter: int = solver.DEFAULT_MAX_ITER,
     dtype=jnp.float32,
 ) -> LassoResult:
@@ -42,7 +42,7 @@ def lasso_select(
     lam: penalty ``>= 0`` on the scale above (``tr(K̄ L̄)`` units).
     normalized: Frobenius-normalise each centered Gram first (pyHSICLasso); APIB does not.
     positive: ``False`` reproduces the APIB reference's signed Lasso (a channel is kept if ``beta != 0``).
-    tol: relative duality-gap tolerance.
+    tol: relative duality-gap tolerance (default 1e-5 in float32, 1e-9 in float64).
     max_iter: iteration cap.
     dtype: float32 (default) or float64 (needs ``jax.enable_x64``).
 
@@ -72,7 +72,7 @@ def lasso_select_features(
     y_bandwidth: Bandwidth | None = None,
     normalized: bool = False,
     positive: bool = True,
-    tol: float = solver.DEFAULT_TOL,
+    tol: float | None = None,
     max_iter: int = solver.DEFAULT_MAX_ITER,
     dtype=jnp.float32,
 ) -> LassoResult:
@@ -102,7 +102,7 @@ def lasso_path(
     num: int = 50,
     ratio: float = 1e-3,
     positive: bool = True,
-    tol: float = solver.DEFAULT_TOL,
+    tol: float | None = None,
     max_iter: int = solver.DEFAULT_MAX_ITER,
 ) -> LassoResult:
   """Solves one problem at a whole grid of penalties in one vmapped call.
@@ -193,7 +193,7 @@ def select_k(
     k: int | Int[ArrayLike, " b"],
     *,
     positive: bool = True,
-    tol: float = solver.DEFAULT_TOL,
+    tol: float | None = None,
     max_iter: int = solver.DEFAULT_MAX_ITER,
     max_steps: int = 60,
 ) -> KSelection:
@@ -216,5 +216,6 @@ def select_k(
     raise ValueError(f"k must have shape {problem.lin.shape[:-1]} (one per problem), got {k_arr.shape}.")
   if not np.issubdtype(k_arr.dtype, np.integer) or np.any(k_arr < 1) or np.any(k_arr > c):
     raise ValueError(f"k must be an integer in [1, {c}] (never an empty layer), got {k}.")
+  tol = solver.default_tol(problem.lin.dtype) if tol is None else tol
   return _select_k(problem, jnp.asarray(k_arr, jnp.int32), jnp.asarray(tol, problem.lin.dtype), int(max_iter),
                    int(max_steps), bool(positive))

