@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from hsic_jax import _checks
 from hsic_jax import problem as problem_lib
 from hsic_jax import solver
 from hsic_jax.kernels import Bandwidth

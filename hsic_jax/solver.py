@@ -212,17 +212,23 @@ def _solve(problem, lam, init, tol, max_iter, check_every, positive):
   """Solves a batch of problems (any leading axes, broadcast against ``lam``) in one vmapped call."""
   batch = jnp.broadcast_shapes(problem.lin.shape[:-1], jnp.shape(lam))
   c = problem.lin.shape[-1]
-  quad = jnp.broadcast_to(problem.quad, batch + (c, c)).reshape(-1, c, c)
-  lin = jnp.broadcast_to(problem.lin, batch + (c,)).reshape(-1, c)
-  const = jnp.broadcast_to(problem.const, batch).reshape(-1)
-  lip = jnp.broadcast_to(problem.lipschitz, batch).reshape(-1)
-  lam_b = jnp.broadcast_to(jnp.asarray(lam, lin.dtype), batch).reshape(-1)
-  init_b = None if init is None else jnp.broadcast_to(init, batch + (c,)).reshape(-1, c)
   fn = functools.partial(_solve_one, tol=tol, max_iter=max_iter, check_every=check_every, positive=positive)
-  if init_b is None:
-    out = jax.vmap(lambda a, b, k, l, m: fn(a, b, k, l, m, None))(quad, lin, const, lip, lam_b)
+  lam_b = jnp.broadcast_to(jnp.asarray(lam, problem.lin.dtype), batch).reshape(-1)
+  init_b = None if init is None else jnp.broadcast_to(init, batch + (c,)).reshape(-1, c)
+  if problem.lin.ndim == 1:
+    # One problem at many penalties (a path): share Q instead of copying it per penalty.
+    args = (problem.quad, problem.lin, problem.const, problem.lipschitz)
+    axes = (None, None, None, None)
   else:
-    out = jax.vmap(fn)(quad, lin, const, lip, lam_b, init_b)
+    args = (jnp.broadcast_to(problem.quad, batch + (c, c)).reshape(-1, c, c),
+            jnp.broadcast_to(problem.lin, batch + (c,)).reshape(-1, c),
+            jnp.broadcast_to(problem.const, batch).reshape(-1),
+            jnp.broadcast_to(problem.lipschitz, batch).reshape(-1))
+    axes = (0, 0, 0, 0)
+  if init_b is None:
+    out = jax.vmap(lambda a, b, k, l, m: fn(a, b, k, l, m, None), in_axes=axes + (0,))(*args, lam_b)
+  else:
+    out = jax.vmap(fn, in_axes=axes + (0, 0))(*args, lam_b, init_b)
   return jax.tree.map(lambda a: a.reshape(batch + a.shape[1:]), out)
 
 
