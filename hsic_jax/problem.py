@@ -84,8 +84,10 @@ def _normalize(quad, lin, const):
 
 
 def _rows_per_block(c: int, n: int, itemsize: int, max_block_bytes: int) -> int:
-  # Three live (c, m, n) arrays per block: distances, kernel rows, centered rows.
-  return int(max(1, min(n, max_block_bytes // max(1, 3 * c * n * itemsize))))
+  # Three live (c, m, n) arrays per block: distances, kernel rows, centered rows. The blocks are then evened out
+  # so that the last one is not mostly padding (n = 256 in blocks of 170 would compute 340 rows).
+  most = int(max(1, min(n, max_block_bytes // max(1, 3 * c * n * itemsize))))
+  return -(-n // -(-n // most))
 
 
 def _accumulate(kbar_rows, lbar, *, c: int, n: int, m: int):
