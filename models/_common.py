@@ -157,3 +157,18 @@ def group(
 def p(name: str) -> Path:
   """``"stage1/block0/conv1"`` -> ``("stage1", "block0", "conv1")``."""
   return tuple(name.split("/"))
+
+
+class WidthModel(nnx.Module):
+  """Base of the architectures: keeps the width list and class count a model was built with."""
+
+  def _set_widths(self, widths: Sequence[int], num_classes: int) -> None:
+    if num_classes < 1:
+      raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    self.num_classes = num_classes
+    self._widths = tuple(widths)
+
+  @property
+  def widths(self) -> list[int]:
+    """The width list this model was built with."""
+    return list(self._widths)

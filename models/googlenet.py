@@ -127,26 +127,18 @@ class Inception(nnx.Module):
     ], axis=-1)
 
 
-class GoogLeNet(nnx.Module):
+class GoogLeNet(c.WidthModel):
   """CIFAR GoogLeNet (HRank variant; see the module docstring for the 27-entry width list)."""
 
   def __init__(self, widths: Sequence[int] | None = None, *, num_classes: int = 10, rngs: nnx.Rngs):
     ws = validate_widths(widths)
-    if num_classes < 1:
-      raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    self.num_classes = num_classes
-    self._widths = tuple(ws)
+    self._set_widths(ws, num_classes)
     self.stem = ConvBNReLU(3, STEM, 3, rngs=rngs)
     in_ch = STEM
     for m, spec in enumerate(SPECS):
       setattr(self, spec.name, Inception(in_ch, spec, *ws[3 * m:3 * m + 3], rngs=rngs))
       in_ch = _out_width(spec)
     self.fc = nnx.Linear(in_ch, num_classes, rngs=rngs)
-
-  @property
-  def widths(self) -> list[int]:
-    """The width list this model was built with."""
-    return list(self._widths)
 
   def decisions(self) -> list[str]:
     """APIB decisions in forward order: per module ``{m}/branch3x3/conv2`` (decides n3x3red),

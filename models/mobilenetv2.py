@@ -112,19 +112,16 @@ class InvertedResidual(nnx.Module):
     return x + y if self.residual else y
 
 
-class MobileNetV2(nnx.Module):
+class MobileNetV2(c.WidthModel):
   """MobileNetV2; ``imagenet=False`` gives the CIFAR variant (see the module docstring)."""
 
   def __init__(self, widths: Sequence[int] | None = None, *, num_classes: int | None = None,
                imagenet: bool = False, rngs: nnx.Rngs):
     ws = validate_widths(widths, imagenet=imagenet)
     num_classes = (1000 if imagenet else 10) if num_classes is None else num_classes
-    if num_classes < 1:
-      raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     blocks = _block_index()
     self.imagenet = imagenet
-    self.num_classes = num_classes
-    self._widths = tuple(ws)
+    self._set_widths(ws, num_classes)
     self.stem = ConvBN(3, ws[0], 3, stride=2 if imagenet else 1, rngs=rngs)
     in_ch = ws[0]
     for s, (_, _, n, stride) in enumerate(STAGES):
@@ -140,11 +137,6 @@ class MobileNetV2(nnx.Module):
       setattr(self, f"stage{s + 1}", Stage(stage_blocks))
     self.head = ConvBN(in_ch, ws[-1], 1, rngs=rngs)
     self.fc = nnx.Linear(ws[-1], num_classes, rngs=rngs)
-
-  @property
-  def widths(self) -> list[int]:
-    """The width list this model was built with."""
-    return list(self._widths)
 
   def decisions(self) -> list[str]:
     """Consumers of the prunable expansion channels: ``stage{s}/block{j}/project`` for every expanding block."""

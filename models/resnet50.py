@@ -92,15 +92,12 @@ class Bottleneck(nnx.Module):
     return jax.nn.relu(y + shortcut)
 
 
-class ResNet50(nnx.Module):
+class ResNet50(c.WidthModel):
   """torchvision-layout ResNet-50 (see the module docstring for the 37-entry width list)."""
 
   def __init__(self, widths: Sequence[int] | None = None, *, num_classes: int = 1000, rngs: nnx.Rngs):
     ws = validate_widths(widths)
-    if num_classes < 1:
-      raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    self.num_classes = num_classes
-    self._widths = tuple(ws)
+    self._set_widths(ws, num_classes)
     self.stem = ConvBN(3, ws[0], 7, stride=2, rngs=rngs)
     in_ch = ws[0]
     for s, (w_idx, pairs) in enumerate(layout()[1]):
@@ -111,11 +108,6 @@ class ResNet50(nnx.Module):
         in_ch = ws[w_idx]
       setattr(self, f"stage{s + 1}", Stage(blocks))
     self.fc = nnx.Linear(in_ch, num_classes, rngs=rngs)
-
-  @property
-  def widths(self) -> list[int]:
-    """The width list this model was built with."""
-    return list(self._widths)
 
   def decisions(self) -> list[str]:
     """APIB decisions in forward order: ``stage{s}/block{j}/conv2`` (decides p1) and ``.../conv3`` (decides p2)."""

@@ -127,19 +127,16 @@ def validate_widths(depth: int, widths: Sequence[int] | None) -> list[int]:
   return ws
 
 
-class ResNetCifar(nnx.Module):
+class ResNetCifar(c.WidthModel):
   """CIFAR ResNet with option-A shortcuts (see the module docstring for the width list)."""
 
   def __init__(self, depth: int = 56, widths: Sequence[int] | None = None, *, num_classes: int = 10,
                rngs: nnx.Rngs):
     n = _blocks_per_stage(depth)
     ws = validate_widths(depth, widths)
-    if num_classes < 1:
-      raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     self.depth = depth
-    self.num_classes = num_classes
     self.blocks_per_stage = n
-    self._widths = tuple(ws)
+    self._set_widths(ws, num_classes)
     self.stem = ConvBN(3, ws[0], 3, rngs=rngs)
     in_ch = ws[0]
     for s in range(3):
@@ -151,11 +148,6 @@ class ResNetCifar(nnx.Module):
         in_ch = ws[2 + 2 * k]
       setattr(self, f"stage{s + 1}", Stage(blocks))
     self.fc = nnx.Linear(in_ch, num_classes, rngs=rngs)
-
-  @property
-  def widths(self) -> list[int]:
-    """The width list this model was built with."""
-    return list(self._widths)
 
   def decisions(self) -> list[str]:
     """APIB decisions (consumer layers), in forward order: ``stage{s}/block{j}/conv2`` for every block."""

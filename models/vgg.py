@@ -35,15 +35,12 @@ def validate_widths(widths: Sequence[int] | None) -> list[int]:
   return c.check_widths("vgg16", widths, 13, "output width of each of the 13 convs")
 
 
-class VGG16(nnx.Module):
+class VGG16(c.WidthModel):
   """CIFAR VGG-16-BN with a 512-unit hidden classifier layer (see the module docstring)."""
 
   def __init__(self, widths: Sequence[int] | None = None, *, num_classes: int = 10, rngs: nnx.Rngs):
     ws = validate_widths(widths)
-    if num_classes < 1:
-      raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    self.num_classes = num_classes
-    self._widths = tuple(ws)
+    self._set_widths(ws, num_classes)
     in_ch = 3
     for k, w in enumerate(ws, start=1):
       setattr(self, f"conv{k}", c.conv(in_ch, w, 3, rngs=rngs))
@@ -52,11 +49,6 @@ class VGG16(nnx.Module):
     self.fc1 = nnx.Linear(in_ch, HIDDEN, rngs=rngs)
     self.fc1_bn = c.batch_norm(HIDDEN, rngs=rngs)
     self.fc2 = nnx.Linear(HIDDEN, num_classes, rngs=rngs)
-
-  @property
-  def widths(self) -> list[int]:
-    """The width list this model was built with."""
-    return list(self._widths)
 
   def decisions(self) -> list[str]:
     """APIB decisions (consumer layers), in forward order: ``conv2`` .. ``conv13`` and ``fc1``."""
