@@ -150,7 +150,7 @@ def _top_k_mask(beta, lin, k):
 
 def _select_k_one(quad, lin, const, lip, k, tol, max_iter, max_steps, positive):
   solve_at = functools.partial(solver._solve_one, quad, lin, const, lip,  # pylint: disable=protected-access
-                               tol=tol, max_iter=max_iter, check_every=10, positive=positive)
+                               tol=tol, max_iter=max_iter, check_every=50, positive=positive)
   top = jnp.maximum(jnp.max(lin) if positive else jnp.max(jnp.abs(lin)), 0.0)
   first = solve_at(top * 0.5, None)
 
