@@ -51,12 +51,19 @@ def as_float_array(name: str, x: Any, dtype: jnp.dtype, *, ndim: int | tuple[int
 
 
 def check_finite(name: str, x: Any) -> None:
-  """Raises ValueError if a concrete array holds NaN or Inf; tracers pass (they cannot be inspected)."""
+  """Raises ValueError if a concrete array holds NaN or Inf; tracers pass (they cannot be inspected).
+
+  A device array is checked where it lives (one reduction, a scalar comes back); it is copied to the host only to
+  locate the first bad entry when there is one.
+  """
   if not is_concrete(x):
     return
-  host = np.asarray(x)
-  if not jnp.issubdtype(host.dtype, jnp.floating):
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     return
+  if isinstance(x, jax.Array):
+    if bool(jnp.all(jnp.isfinite(x))):
+      return
+  host = np.asarray(x)
   bad = ~np.isfinite(host)
   if bad.any():
     idx = tuple(int(i) for i in np.argwhere(bad)[0])

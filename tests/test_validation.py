@@ -117,3 +117,10 @@ def test_large_layer_peak_memory_under_2gb(tmp_path):
                        env={"PATH": "", "JAX_PLATFORMS": "cpu"})
   peak = int(out.stdout.strip().splitlines()[-1])
   assert peak < 2 * 2**30, f"peak RSS {peak / 2**30:.2f} GiB"
+
+
+def test_non_finite_device_array():
+  import jax.numpy as jnp
+  x = jnp.ones((6, 2, 3)).at[2, 1, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"x contains 1 NaN or Inf .* index \(2, 1, 0\)"):
+    hj.problem_from_features(x, np.ones((6, 2)))
