@@ -148,9 +148,10 @@ def _top_k_mask(beta, lin, k):
   return ranks < k
 
 
-def _select_k_one(quad, lin, const, lip, k, tol, max_iter, max_steps, positive):
+def _select_k_one(quad, lin, const, lip, k, tol, max_iter, max_steps, positive, compact=False):
   solve_at = functools.partial(solver._solve_one, quad, lin, const, lip,  # pylint: disable=protected-access
-                               tol=tol, max_iter=max_iter, check_every=50, positive=positive)
+                               tol=tol, max_iter=max_iter, check_every=solver.CHECK_EVERY, positive=positive,
+                               compact=compact)
   top = jnp.maximum(jnp.max(lin) if positive else jnp.max(jnp.abs(lin)), 0.0)
   first = solve_at(top * 0.5, None)
 
@@ -183,8 +184,12 @@ def _select_k_one(quad, lin, const, lip, k, tol, max_iter, max_steps, positive):
 def _select_k(problem, k, tol, max_iter, max_steps, positive):
   fn = functools.partial(_select_k_one, tol=tol, max_iter=max_iter, max_steps=max_steps, positive=positive)
   if problem.lin.ndim == 1:
-    return fn(problem.quad, problem.lin, problem.const, problem.lipschitz, k)
-  return jax.vmap(fn)(problem.quad, problem.lin, problem.const, problem.lipschitz, k)
+    return fn(problem.quad, problem.lin, problem.const, problem.lipschitz, k,
+              compact=jax.default_backend() == "cpu")
+  args = (problem.quad, problem.lin, problem.const, problem.lipschitz, k)
+  if jax.default_backend() == "cpu":  # one problem at a time is faster on XLA:CPU (see hsic_jax.solver)
+    return jax.lax.map(lambda a: fn(*a, compact=True), args)
+  return jax.vmap(fn)(*args)
 
 
 def select_k(

@@ -9,7 +9,7 @@ scikit-learn's ``Lasso(alpha=lam / rows, positive=True, fit_intercept=False)`` o
 the same problem, its objective being ``F / rows``. With ``positive=False`` the penalty is ``lam ||beta||_1`` and
 beta is signed (the APIB reference's plain Lasso, kept for comparison).
 
-Iteration: ``beta <- prox(y - (Q y - q) / L)`` with ``L`` the largest eigenvalue of ``Q``, the prox being
+Iteration: ``beta <- prox(y - (Q y - q) / L)`` with ``L`` an upper estimate of the largest eigenvalue of ``Q``, the prox being
 ``max(. - lam/L, 0)`` (nonnegative) or soft-thresholding (signed); Nesterov momentum restarts whenever it points
 uphill (O'Donoghue and Candès, 2015). Every ``check_every`` steps the duality gap is computed at the current
 iterate from a dual point ``theta = s r`` (residual ``r``, ``s`` scaling it into the dual-feasible set
@@ -17,10 +17,15 @@ iterate from a dual point ``theta = s r`` (residual ``r``, ``s`` scaling it into
 
   gap = 1/2 (1 - s)^2 ||r||^2 + lam * penalty(beta) + s * beta' (Q beta - q)
 
-At every test an active-set step moves to the minimiser of ``F`` on the current support (one dense
-``c x c`` solve), stopping at the support's boundary; once proximal gradient has found the support this lands on
-the optimum at once instead of crawling along the ill-conditioned directions that kernel Grams of correlated
-channels produce. The step is kept only if it lowers ``F``.
+At every test, primal-dual active-set (semismooth Newton) iterations take over: guess the support as the
+coordinates one proximal-gradient step leaves nonzero, jump to the exact minimiser of ``F`` on that face (one
+Cholesky solve), repeat until the guess repeats (at most ``MAX_NEWTON`` times). Once the guess is right this lands
+on the optimum at once instead of crawling along the ill-conditioned directions that kernel Grams of correlated
+channels produce; the best point seen is kept only if it lowers ``F``, so the step never goes uphill. On real
+ResNet-50 layers (c = 512) this takes 2 to 4 tests of 20 steps.
+
+On CPU a batch is solved one problem at a time (``lax.map``) and each face solve gathers the support into the
+smallest of ``c/8, c/4, c/2, c`` rows that holds it; accelerators vmap the batch and solve full-size masked systems.
 
 The loop stops when ``gap <= tol * F(beta)`` (``lam > 0``), or when the KKT residual (projected gradient,
 sup-norm) is at most ``tol * max|q|`` (``lam = 0``, where the dual point degenerates), or after ``max_iter`` steps.
@@ -47,6 +52,10 @@ DEFAULT_TOL = {4: 1e-5, 8: 1e-9}
 def default_tol(dtype) -> float:
   return DEFAULT_TOL.get(jnp.dtype(dtype).itemsize, 1e-5)
 DEFAULT_MAX_ITER = 20_000
+# Active-set (Newton) iterations tried at each convergence test; they stop early once the support repeats.
+MAX_NEWTON = 5
+# Proximal-gradient steps between convergence tests (and active-set steps).
+CHECK_EVERY = 20
 
 
 class LassoResult(NamedTuple):
@@ -116,41 +125,78 @@ def _smooth_plus_penalty(quad, lin, beta, lam, positive):
   return 0.5 * beta @ (quad @ beta) - lin @ beta + lam * _penalty(beta, positive)
 
 
-def _face_step(quad, lin, lam, x, positive):
-  """One active-set step: move towards the minimiser of F on the current support (face), stopping at its boundary.
-
-  On the support ``S`` with fixed signs, ``F`` is a quadratic whose minimiser solves ``Q_SS b_S = q_S - lam s_S``
-  (``s = 1`` when nonnegative, ``sign(x)`` when signed), found by one dense solve. The step goes from ``x`` towards that point and stops where the first coordinate reaches 0,
-  which leaves the support. By convexity every point of the segment has ``F <= F(x)``. This resolves the
-  ill-conditioned directions within the support (where gradient steps crawl) in one move; coordinates entering the
-  support are left to the proximal-gradient steps.
-  """
-  mask = (x > 0) if positive else (x != 0)
-  m = mask.astype(x.dtype)
-  rhs = m * (lin - lam * (1.0 if positive else jnp.sign(x)))
-
-  # Q restricted to the support, identity elsewhere: one Cholesky solve. A singular Q_SS (collinear channels in the
-  # support) gives non-finite values and the step is rejected by the caller.
+def _masked_solve(quad, rhs, m):
   face = quad * (m[:, None] * m[None, :]) + jnp.diag(1.0 - m)
-  sol = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(face, lower=True), rhs) * m
-  crossing = mask & (sol * jnp.sign(x) <= 0)  # coordinates that would change sign (or leave the orthant)
-  ratios = jnp.where(crossing, x / jnp.where(crossing, x - sol, 1.0), jnp.inf)
-  alpha = jnp.minimum(1.0, jnp.min(ratios))
-  boundary = x + alpha * (sol - x)
-  # Snap the blocking coordinate(s) exactly to zero.
-  boundary = jnp.where(crossing & (ratios <= alpha), 0.0, boundary)
-  # The face minimiser with every crossing coordinate dropped at once (a projected Newton step) often does far
-  # better than stopping at the first boundary, but it is not always a descent step: keep the better of the two.
-  projected = jnp.where(crossing, 0.0, sol)
-  f_b = _smooth_plus_penalty(quad, lin, boundary, lam, positive)
-  f_p = _smooth_plus_penalty(quad, lin, projected, lam, positive)
-  new = jnp.where(f_p <= f_b, projected, boundary)
-  if positive:
-    new = jnp.maximum(new, 0.0)
-  return new, jnp.all(jnp.isfinite(new))
+  return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(face, lower=True), m * rhs) * m
 
 
-def _solve_one(quad, lin, const, lipschitz, lam, init, tol, max_iter, check_every, positive):
+def _face_solve(quad, rhs, mask, compact):
+  """Minimiser of the quadratic on the coordinates in ``mask`` (others 0): ``Q_SS b_S = rhs_S``, one Cholesky.
+
+  ``Q`` is restricted to the set, with the identity elsewhere. A singular ``Q_SS`` (collinear channels in the set)
+  gives non-finite values, which the caller rejects. With ``compact`` (unbatched code only: a batched ``switch``
+  would run every branch), the set is first gathered into the smallest of ``c/8, c/4, c/2, c`` that holds it, so a
+  support of 80 out of 512 channels costs a 128 x 128 factorisation instead of a 512 x 512 one.
+  """
+  c = quad.shape[-1]
+  m = mask.astype(quad.dtype)
+  sizes = sorted({min(c, max(16, c // 8)), min(c, max(16, c // 4)), min(c, max(16, c // 2)), c})
+  if not compact or len(sizes) == 1:
+    return _masked_solve(quad, rhs, m)
+  order = jnp.argsort(~mask, stable=True)  # the set first
+
+  def branch(size):
+    def fn(_):
+      if size == c:
+        return _masked_solve(quad, rhs, m)
+      idx = order[:size]
+      sub = _masked_solve(quad[idx][:, idx], rhs[idx], m[idx])
+      return jnp.zeros_like(rhs).at[idx].set(sub)
+    return fn
+
+  which = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(mask))
+  return jax.lax.switch(which, [branch(size) for size in sizes], None)
+
+
+def _active_set_step(quad, lin, lam, x, step, max_newton, positive, compact):
+  """Primal-dual active-set (semismooth Newton) iterations from ``x``; returns the best point seen and its ``F``.
+
+  Each iteration guesses the support (and signs) as the coordinates that one proximal-gradient step from the
+  current point leaves nonzero, and jumps to the exact minimiser of ``F`` on that face (one dense solve). Once the
+  guess is right this lands on the optimum; gradient steps alone crawl along the ill-conditioned directions that
+  kernel Grams of correlated channels produce. The iterations stop early when the guess repeats. Since active-set
+  iterations can cycle on general ``Q``, every candidate is made feasible and only the best ``F`` seen (``x``
+  itself included) is returned, so the step never goes uphill.
+  """
+
+  def f(b):
+    return _smooth_plus_penalty(quad, lin, b, lam, positive)
+
+  def cond(st):
+    k, _, _, _, _, changed = st
+    return (k < max_newton) & changed
+
+  def body(st):
+    k, b, prev, best, f_best, _ = st
+    u = b - step * (quad @ b - lin)
+    if positive:
+      mask, sign = u > step * lam, 1.0
+    else:
+      mask, sign = jnp.abs(u) > step * lam, jnp.sign(u)
+    sol = _face_solve(quad, lin - lam * sign, mask, compact)
+    ok = jnp.all(jnp.isfinite(sol))
+    cand = jnp.where(ok, jnp.maximum(sol, 0.0) if positive else sol, b)
+    f_cand = f(cand)
+    better = ok & (f_cand < f_best)
+    changed = ok & jnp.any(mask != prev)
+    return (k + 1, cand, mask, jnp.where(better, cand, best), jnp.where(better, f_cand, f_best), changed)
+
+  start = (jnp.zeros((), jnp.int32), x, jnp.zeros(x.shape, bool), x, f(x), jnp.ones((), bool))
+  _, _, _, best, f_best, _ = jax.lax.while_loop(cond, body, start)
+  return best, f_best
+
+
+def _solve_one(quad, lin, const, lipschitz, lam, init, tol, max_iter, check_every, positive, compact=False):
   """FISTA with adaptive restart on one problem (vmapped for batches), with periodic active-set steps."""
   step = 1.0 / lipschitz
   thresh = lam * step
@@ -180,20 +226,18 @@ def _solve_one(quad, lin, const, lipschitz, lam, init, tol, max_iter, check_ever
     x, y, t, it, _, best, flat = st
     x, y, t = jax.lax.fori_loop(0, check_every, fista_step, (x, y, t))
     it = it + check_every
-    obj, gap, kkt = _certificates(quad, lin, const, x, lam, positive)
-    # At every test, an active-set step on the current support; momentum restarts from the new point.
-    xf, ok = _face_step(quad, lin, lam, x, positive)
-    objf, gapf, kktf = _certificates(quad, lin, const, xf, lam, positive)
-    use = ok & (objf <= obj)
+    # At every test, active-set steps from the current iterate; momentum restarts from the new point.
+    x_obj = _smooth_plus_penalty(quad, lin, x, lam, positive)
+    xf, f_xf = _active_set_step(quad, lin, lam, x, step, MAX_NEWTON, positive, compact)
+    use = f_xf < x_obj
     x = jnp.where(use, xf, x)
     y = jnp.where(use, xf, y)
     t = jnp.where(use, 1.0, t)
-    new_obj = jnp.where(use, objf, obj)
+    obj, gap, kkt = _certificates(quad, lin, const, x, lam, positive)
     # Stalled: two rounds in a row that do not lower the best F beyond rounding mean the iterate is as good as this
     # precision allows; stop (``converged`` still reports whether the gap test was met).
-    flat = jnp.where(new_obj >= best - 16 * eps * jnp.abs(new_obj), flat + 1, 0)
-    stop = jnp.where(use, done(objf, gapf, kktf), done(obj, gap, kkt))
-    return x, y, t, it, stop | (flat >= 2), jnp.minimum(best, new_obj), flat
+    flat = jnp.where(obj >= best - 16 * eps * jnp.abs(obj), flat + 1, 0)
+    return x, y, t, it, done(obj, gap, kkt) | (flat >= 2), jnp.minimum(best, obj), flat
 
   x0 = prox(init) if init is not None else jnp.zeros_like(lin)
   obj0, gap0, kkt0 = _certificates(quad, lin, const, x0, lam, positive)
@@ -225,9 +269,24 @@ def _solve(problem, lam, init, tol, max_iter, check_every, positive):
             jnp.broadcast_to(problem.lipschitz, batch).reshape(-1))
     axes = (0, 0, 0, 0)
   if init_b is None:
-    out = jax.vmap(lambda a, b, k, l, m: fn(a, b, k, l, m, None), in_axes=axes + (0,))(*args, lam_b)
+    args, axes = args + (lam_b,), axes + (0,)
+    call = lambda a, b, k, l, m, compact=False: fn(a, b, k, l, m, None, compact=compact)
   else:
-    out = jax.vmap(fn, in_axes=axes + (0, 0))(*args, lam_b, init_b)
+    args, axes = args + (lam_b, init_b), axes + (0, 0)
+    call = fn
+  if jax.default_backend() == "cpu":
+    # XLA:CPU runs a vmapped while loop until its slowest problem converges, and its batched Cholesky and
+    # matrix-vector products are no faster per problem than single ones: one problem at a time is faster there.
+    shared = [a if ax is None else None for a, ax in zip(args, axes)]
+    mapped = [a for a, ax in zip(args, axes) if ax is not None]
+
+    def one(xs):
+      it = iter(xs)
+      return call(*[next(it) if s is None else s for s in shared], compact=True)
+
+    out = jax.lax.map(one, mapped)
+  else:
+    out = jax.vmap(call, in_axes=axes)(*args)
   return jax.tree.map(lambda a: a.reshape(batch + a.shape[1:]), out)
 
 
@@ -248,7 +307,7 @@ def solve(
     init: Float[ArrayLike, "*b c"] | None = None,
     tol: float | None = None,
     max_iter: int = DEFAULT_MAX_ITER,
-    check_every: int = 50,
+    check_every: int = CHECK_EVERY,
 ) -> LassoResult:
   """Solves HSIC Lasso at penalty ``lam`` (broadcast against the problem's batch axes; see module docstring).
 
