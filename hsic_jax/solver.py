@@ -9,9 +9,9 @@ scikit-learn's ``Lasso(alpha=lam / rows, positive=True, fit_intercept=False)`` o
 the same problem, its objective being ``F / rows``. With ``positive=False`` the penalty is ``lam ||beta||_1`` and
 beta is signed (the APIB reference's plain Lasso, kept for comparison).
 
-Iteration: ``beta <- prox(y - (Q y - q) / L)`` with ``L`` an upper estimate of the largest eigenvalue of ``Q``, the prox being
-``max(. - lam/L, 0)`` (nonnegative) or soft-thresholding (signed); Nesterov momentum restarts whenever it points
-uphill (O'Donoghue and Candès, 2015). Every ``check_every`` steps the duality gap is computed at the current
+Iteration: ``beta <- prox(y - (Q y - q) / L)`` with ``L`` an upper estimate of the largest eigenvalue of ``Q``,
+the prox being ``max(. - lam/L, 0)`` (nonnegative) or soft-thresholding (signed); Nesterov momentum restarts
+whenever it points uphill (O'Donoghue and Candès, 2015). Every ``check_every`` steps the duality gap is computed at the current
 iterate from a dual point ``theta = s r`` (residual ``r``, ``s`` scaling it into the dual-feasible set
 ``A' theta <= lam``), in a form that never subtracts ``const`` from a like-sized number::
 
