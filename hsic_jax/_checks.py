@@ -26,8 +26,10 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
   return dt
 
 
-def as_float_array(name: str, x: Any, dtype: jnp.dtype, *, ndim: int | tuple[int, ...]) -> jax.Array:
-  """Converts ``x`` to a float array of the given rank, checking rank and (when concrete) finiteness."""
+def as_float_array(name: str, x: Any, dtype: jnp.dtype, *, ndim: int | tuple[int, ...],
+                   finite: bool = True) -> jax.Array:
+  """Converts ``x`` to a float array of the given rank, checking rank and (when concrete and ``finite``)
+  finiteness."""
   if x is None:
     raise ValueError(f"{name} is required, got None.")
   if isinstance(x, jax.Array):
@@ -46,7 +48,8 @@ def as_float_array(name: str, x: Any, dtype: jnp.dtype, *, ndim: int | tuple[int
   if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
           or jnp.issubdtype(arr.dtype, jnp.bool_)):
     raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}.")
-  check_finite(name, arr)
+  if finite:
+    check_finite(name, arr)
   return jnp.asarray(arr, dtype=dtype)
 
 
@@ -70,6 +73,33 @@ def check_finite(name: str, x: Any) -> None:
     raise ValueError(
         f"{name} contains {int(bad.sum())} NaN or Inf value(s) out of {host.size} (first at index {idx}). "
         "Check the features for overflow or a diverged model; non-finite values would make every kernel NaN.")
+
+
+@jax.jit
+def _gram_stats(x):
+  finite = jnp.all(jnp.isfinite(x))
+  asym = jnp.max(jnp.abs(x - jnp.swapaxes(x, -1, -2)))
+  return finite, asym, jnp.max(jnp.abs(x))
+
+
+# Gram matrices computed in floating point are symmetric only up to rounding.
+SYMMETRY_RTOL = 1e-4
+
+
+def check_gram(name: str, x: Any) -> None:
+  """Raises ValueError if concrete square matrices ``(..., n, n)`` hold NaN/Inf or are not symmetric.
+
+  Both are checked in one pass where the array lives; only a few scalars come back.
+  """
+  if not is_concrete(x) or np.size(x) == 0:
+    return
+  finite, asym, top = (float(v) for v in _gram_stats(jnp.asarray(x)))
+  if not finite:
+    check_finite(name, x)
+  if asym > SYMMETRY_RTOL * top:
+    raise ValueError(
+        f"{name} must hold symmetric Gram matrices: max |K - K^T| is {asym:.3g}, the largest entry {top:.3g}. "
+        "A kernel Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only its upper triangle is read.")
 
 
 def check_samples(name: str, n: int) -> None:

@@ -113,28 +113,47 @@ def _rows_per_block(c: int, n: int, itemsize: int, max_block_bytes: int) -> int:
   return -(-n // -(-n // most))
 
 
-def _packed_triangle(k, n: int):
-  """``(..., n, n)`` symmetric -> ``(..., n(n+1)/2)`` upper triangle, off-diagonal entries times sqrt(2).
+# Up to this many row blocks are unrolled, so that each multiplies only its part of the upper triangle; more blocks
+# (very large n) run as a loop over full rows.
+MAX_UNROLLED_BLOCKS = 16
 
-  Inner products of the packed vectors equal the Frobenius products of the matrices, at half the length.
+
+def _triangle_of_rows(kr, lbar, start: int, stop: int, n: int):
+  """Rows ``[start, stop)``'s upper-triangle entries (``j >= i``) of ``kr`` (c, m, n) and of ``lbar``, packed.
+
+  Off-diagonal entries are weighted by sqrt(2) so that inner products of the packed vectors, summed over all row
+  blocks, equal the Frobenius products of the symmetric matrices at about half the length. The block's diagonal
+  square is gathered; the rectangle right of it is a plain slice.
   """
-  rows, cols = np.triu_indices(n)
-  weight = np.where(rows == cols, 1.0, np.sqrt(2.0)).astype(np.dtype(k.dtype))
-  return k[..., rows, cols] * weight
+  size = stop - start
+  rows, cols = np.triu_indices(size)
+  w = np.where(rows == cols, 1.0, np.sqrt(2.0)).astype(np.dtype(lbar.dtype))
+  square = kr[:, rows, start + cols] * w
+  square_l = lbar[start + rows, start + cols] * w
+  if stop == n:
+    return square, square_l
+  c = kr.shape[0]
+  rect = kr[:, :size, stop:].reshape(c, -1) * np.sqrt(2.0).astype(w.dtype)
+  rect_l = lbar[start:stop, stop:].reshape(-1) * np.sqrt(2.0).astype(w.dtype)
+  return jnp.concatenate([square, rect], axis=1), jnp.concatenate([square_l, rect_l])
 
 
 def _accumulate(kbar_rows, lbar, *, c: int, n: int, m: int):
   """Sums ``Q`` and ``q`` over row blocks; ``kbar_rows(start)`` gives centered rows ``[start, start+m)`` (c, m, n).
 
-  When one block holds every row, the centered Grams are symmetric and only their upper triangles are multiplied
-  (half the FLOPs of the full ``n^2``-long products).
+  The centered Grams are symmetric, so each block multiplies only its rows' upper-triangle entries: half the FLOPs
+  of full ``n^2``-long products. Beyond :data:`MAX_UNROLLED_BLOCKS` blocks, full rows are summed in a loop instead.
   """
   nblocks = math.ceil(n / m)
-  if nblocks == 1:
-    kp = _packed_triangle(kbar_rows(0)[:, :n], n)
-    lp = _packed_triangle(lbar, n)
-    return (jnp.einsum("ck,dk->cd", kp, kp, precision=_HIGHEST),
-            jnp.einsum("ck,k->c", kp, lp, precision=_HIGHEST))
+  dtype = lbar.dtype
+  if nblocks <= MAX_UNROLLED_BLOCKS:
+    quad = jnp.zeros((c, c), dtype)
+    lin = jnp.zeros((c,), dtype)
+    for start in range(0, n, m):
+      kp, lp = _triangle_of_rows(kbar_rows(start), lbar, start, min(start + m, n), n)
+      quad = quad + jnp.einsum("ck,dk->cd", kp, kp, precision=_HIGHEST)
+      lin = lin + jnp.einsum("ck,k->c", kp, lp, precision=_HIGHEST)
+    return quad, lin
   lbar_p = jnp.pad(lbar, ((0, nblocks * m - n), (0, 0)))
 
   def body(carry, start):
@@ -190,7 +209,8 @@ def problem_from_grams(
   """Builds the quadratic form from raw (uncentered) per-channel Grams and an output Gram.
 
   Centering is done here, row block by row block, so no centered copy of ``gram_x`` is ever formed. Already
-  centered Grams may be passed too: centering is idempotent.
+  centered Grams may be passed too: centering is idempotent. Gram matrices are symmetric (a ValueError says so
+  otherwise), and only their upper triangles enter the products.
 
   Args:
     gram_x: ``(c, n, n)`` Gram matrices, one per input channel.
@@ -203,8 +223,8 @@ def problem_from_grams(
     A :class:`LassoProblem`.
   """
   dtype = _checks.resolve_dtype(dtype)
-  gram_x = _checks.as_float_array("gram_x", gram_x, dtype, ndim=3)
-  gram_y = _checks.as_float_array("gram_y", gram_y, dtype, ndim=2)
+  gram_x = _checks.as_float_array("gram_x", gram_x, dtype, ndim=3, finite=False)
+  gram_y = _checks.as_float_array("gram_y", gram_y, dtype, ndim=2, finite=False)
   _checks.check_square("gram_x", gram_x.shape)
   _checks.check_square("gram_y", gram_y.shape)
   if gram_x.shape[0] < 1:
@@ -214,6 +234,8 @@ def problem_from_grams(
                      f"{tuple(gram_x.shape)} (c, n, n), gram_y has {tuple(gram_y.shape)} (n, n).")
   c, n, _ = gram_x.shape
   _checks.check_samples("gram_y", n)
+  _checks.check_gram("gram_x", gram_x)
+  _checks.check_gram("gram_y", gram_y)
   m = _rows_per_block(c, n, dtype.itemsize, max_block_bytes)
   return _from_grams(gram_x, gram_y, m, normalized)
 

@@ -124,3 +124,16 @@ def test_non_finite_device_array():
   x = jnp.ones((6, 2, 3)).at[2, 1, 0].set(jnp.nan)
   with pytest.raises(ValueError, match=r"x contains 1 NaN or Inf .* index \(2, 1, 0\)"):
     hj.problem_from_features(x, np.ones((6, 2)))
+
+
+def test_asymmetric_gram_is_refused():
+  gx, gy = _grams()
+  bad = gx.copy()
+  bad[1, 0, 3] += 0.5  # no longer a kernel Gram matrix
+  with pytest.raises(ValueError, match="gram_x must hold symmetric Gram matrices"):
+    hj.lasso_select(bad, gy, 0.1)
+  with pytest.raises(ValueError, match="gram_y must hold symmetric"):
+    hj.lasso_select(gx, np.triu(gy), 0.1)
+  # Rounding-level asymmetry (a Gram computed as X X^T in float32) is accepted.
+  noisy = gx + 1e-7 * np.random.default_rng(0).normal(size=gx.shape).astype(np.float32)
+  assert np.isfinite(float(hj.lasso_select(noisy, gy, 0.1).objective))
