@@ -75,31 +75,34 @@ def check_finite(name: str, x: Any) -> None:
         "Check the features for overflow or a diverged model; non-finite values would make every kernel NaN.")
 
 
-@jax.jit
-def _gram_stats(x):
-  finite = jnp.all(jnp.isfinite(x))
-  asym = jnp.max(jnp.abs(x - jnp.swapaxes(x, -1, -2)))
-  return finite, asym, jnp.max(jnp.abs(x))
+def gram_stats(row_mean, col_mean, diag):
+  """Traceable: ``[all finite, max |row mean - column mean|, scale]`` of square matrices, as one float array.
+
+  Computed from the row and column means that centering needs anyway, so validation costs no pass over the data:
+  a NaN or Inf anywhere makes its row's mean non-finite, and a symmetric matrix has equal row and column means
+  (a necessary condition, which catches triangular, transposed-block or single-entry corruption). The scale is the
+  largest absolute diagonal entry or mean; a positive semidefinite Gram's largest entry is on its diagonal.
+  """
+  finite = jnp.all(jnp.isfinite(row_mean)) & jnp.all(jnp.isfinite(col_mean))
+  asym = jnp.max(jnp.abs(row_mean - col_mean))
+  scale = jnp.maximum(jnp.max(jnp.abs(diag)), jnp.max(jnp.abs(row_mean)))
+  return jnp.stack([finite.astype(row_mean.dtype), asym, scale])
 
 
 # Gram matrices computed in floating point are symmetric only up to rounding.
 SYMMETRY_RTOL = 1e-4
 
 
-def check_gram(name: str, x: Any) -> None:
-  """Raises ValueError if concrete square matrices ``(..., n, n)`` hold NaN/Inf or are not symmetric.
-
-  Both are checked in one pass where the array lives; only a few scalars come back.
-  """
-  if not is_concrete(x) or np.size(x) == 0:
-    return
-  finite, asym, top = (float(v) for v in _gram_stats(jnp.asarray(x)))
+def raise_for_gram_stats(name: str, x: Any, stats: Any) -> None:
+  """Raises ValueError for NaN/Inf (locating the first one) or asymmetry, given :func:`gram_stats` of ``x``."""
+  finite, asym, top = (float(v) for v in np.asarray(stats))
   if not finite:
-    check_finite(name, x)
-  if asym > SYMMETRY_RTOL * top:
+    check_finite(name, x)  # locates the bad entry; finite entries whose sums overflow are let through
+    return
+  if not asym <= SYMMETRY_RTOL * top:
     raise ValueError(
-        f"{name} must hold symmetric Gram matrices: max |K - K^T| is {asym:.3g}, the largest entry {top:.3g}. "
-        "A kernel Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only its upper triangle is read.")
+        f"{name} must hold symmetric Gram matrices: its row and column means differ by up to {asym:.3g} (scale "
+        f"{top:.3g}). A kernel Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only its upper triangle is read.")
 
 
 def check_samples(name: str, n: int) -> None:

@@ -66,6 +66,7 @@ POWER_ITERATIONS = 30
 LIPSCHITZ_MARGIN = 1.05
 
 
+@jax.jit
 def _lipschitz_bound(quad):
   """An estimate of ``Q``'s largest eigenvalue from above, for the proximal-gradient step.
 
@@ -118,24 +119,41 @@ def _rows_per_block(c: int, n: int, itemsize: int, max_block_bytes: int) -> int:
 MAX_UNROLLED_BLOCKS = 16
 
 
+# Diagonal blocks up to this size are multiplied whole (both triangles) instead of being split further.
+_BASE_BLOCK = 16
+
+
+def _triangle_blocks(start: int, size: int) -> list[tuple[int, int, int, int, float]]:
+  """Rectangles ``(r0, r1, c0, c1, weight)`` tiling the upper triangle of the square ``[start, start+size)^2``.
+
+  Off-diagonal rectangles stand for themselves and their mirror image (weight sqrt(2) on each factor, so 2 in a
+  product); diagonal squares of at most ``_BASE_BLOCK`` are taken whole (weight 1). Plain slices copy far faster
+  than an index gather of the triangle, at the price of ``n * _BASE_BLOCK / 2`` extra entries.
+  """
+  if size <= _BASE_BLOCK:
+    return [(start, start + size, start, start + size, 1.0)]
+  half = size // 2
+  mid = start + half
+  return ([(start, mid, mid, start + size, math.sqrt(2.0))] + _triangle_blocks(start, half)
+          + _triangle_blocks(mid, size - half))
+
+
 def _triangle_of_rows(kr, lbar, start: int, stop: int, n: int):
   """Rows ``[start, stop)``'s upper-triangle entries (``j >= i``) of ``kr`` (c, m, n) and of ``lbar``, packed.
 
-  Off-diagonal entries are weighted by sqrt(2) so that inner products of the packed vectors, summed over all row
-  blocks, equal the Frobenius products of the symmetric matrices at about half the length. The block's diagonal
-  square is gathered; the rectangle right of it is a plain slice.
+  The packing is weighted so that inner products of the packed vectors, summed over all row blocks, equal the
+  Frobenius products of the symmetric matrices, at a little over half their length: the block's diagonal square
+  is tiled by :func:`_triangle_blocks`, and the rectangle right of it is one slice.
   """
-  size = stop - start
-  rows, cols = np.triu_indices(size)
-  w = np.where(rows == cols, 1.0, np.sqrt(2.0)).astype(np.dtype(lbar.dtype))
-  square = kr[:, rows, start + cols] * w
-  square_l = lbar[start + rows, start + cols] * w
-  if stop == n:
-    return square, square_l
   c = kr.shape[0]
-  rect = kr[:, :size, stop:].reshape(c, -1) * np.sqrt(2.0).astype(w.dtype)
-  rect_l = lbar[start:stop, stop:].reshape(-1) * np.sqrt(2.0).astype(w.dtype)
-  return jnp.concatenate([square, rect], axis=1), jnp.concatenate([square_l, rect_l])
+  rects = _triangle_blocks(start, stop - start)
+  if stop < n:
+    rects.append((start, stop, stop, n, math.sqrt(2.0)))
+  parts = [kr[:, r0 - start:r1 - start, c0:c1].reshape(c, -1) * w for r0, r1, c0, c1, w in rects]
+  parts_l = [lbar[r0:r1, c0:c1].reshape(-1) * w for r0, r1, c0, c1, w in rects]
+  if len(parts) == 1:
+    return parts[0], parts_l[0]
+  return jnp.concatenate(parts, axis=1), jnp.concatenate(parts_l)
 
 
 def _accumulate(kbar_rows, lbar, *, c: int, n: int, m: int):
@@ -173,14 +191,34 @@ def _row_mask(start, m, n, dtype):
   return ((start + jnp.arange(m)) < n).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("m", "normalized"))
-def _from_grams(gram_x, gram_y, m, normalized):
+@functools.partial(jax.jit, static_argnames=("m", "normalized", "with_stats"))
+def _from_grams(gram_x, gram_y, m, normalized, with_stats=False):
+  """The problem (batched when ``gram_x`` has a leading batch axis); with ``with_stats``, also the inputs'
+  :func:`_checks.gram_stats`, computed in the same call so that validation costs no extra pass over the data nor
+  an extra host round trip."""
+  one = lambda gx, gy: _from_grams_one(gx, gy, m, normalized)  # noqa: E731
+  if gram_x.ndim == 4:
+    # One layer at a time on CPU, where XLA's batched gathers and products are slower than a loop of single ones.
+    if jax.default_backend() == "cpu":
+      problem, stats = jax.lax.map(lambda a: one(*a), (gram_x, gram_y))
+    else:
+      problem, stats = jax.vmap(one)(gram_x, gram_y)
+    stats = jax.tree.map(lambda s: jnp.max(s, axis=0), stats)
+  else:
+    problem, stats = one(gram_x, gram_y)
+  return (problem, stats) if with_stats else problem
+
+
+def _from_grams_one(gram_x, gram_y, m, normalized):
   c, n, _ = gram_x.shape
   nblocks = math.ceil(n / m)
   pad = nblocks * m - n
   row_mean = jnp.mean(gram_x, axis=2)  # (c, n)
   col_mean = jnp.mean(gram_x, axis=1)  # (c, n)
   grand = jnp.mean(row_mean, axis=1)  # (c,)
+  # Validation from what the centering computes anyway (no extra pass): see _checks.gram_stats.
+  stats = (_checks.gram_stats(row_mean, col_mean, jnp.diagonal(gram_x, axis1=1, axis2=2)),
+           _checks.gram_stats(jnp.mean(gram_y, axis=1), jnp.mean(gram_y, axis=0), jnp.diagonal(gram_y)))
   gx = jnp.pad(gram_x, ((0, 0), (0, pad), (0, 0)))
   row_mean_p = jnp.pad(row_mean, ((0, 0), (0, pad)))
 
@@ -195,12 +233,12 @@ def _from_grams(gram_x, gram_y, m, normalized):
   const = jnp.sum(lbar * lbar)
   if normalized:
     quad, lin, const = _normalize(quad, lin, const)
-  return make_problem(quad, lin, const, float(n * n))
+  return make_problem(quad, lin, const, float(n * n)), stats
 
 
 def problem_from_grams(
-    gram_x: Float[ArrayLike, "c n n"],
-    gram_y: Float[ArrayLike, "n n"],
+    gram_x: Float[ArrayLike, "*b c n n"],
+    gram_y: Float[ArrayLike, "*b n n"],
     *,
     normalized: bool = False,
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
@@ -213,31 +251,40 @@ def problem_from_grams(
   otherwise), and only their upper triangles enter the products.
 
   Args:
-    gram_x: ``(c, n, n)`` Gram matrices, one per input channel.
-    gram_y: ``(n, n)`` Gram matrix of the output.
+    gram_x: ``(c, n, n)`` Gram matrices, one per input channel; or ``(b, c, n, n)`` for ``b`` layers of the same
+      shape, built in one call into a batched problem (as :func:`stack_problems` would give).
+    gram_y: ``(n, n)`` Gram matrix of the output; ``(b, n, n)`` with a batch.
     normalized: Frobenius-normalise every centered Gram first (pyHSICLasso's convention); APIB does not.
-    max_block_bytes: memory budget for the centered rows processed at once.
+    max_block_bytes: memory budget for the centered rows processed at once (for the whole batch).
     dtype: float32 (default) or float64.
 
   Returns:
-    A :class:`LassoProblem`.
+    A :class:`LassoProblem`, with a leading batch axis when the Grams have one.
   """
   dtype = _checks.resolve_dtype(dtype)
-  gram_x = _checks.as_float_array("gram_x", gram_x, dtype, ndim=3, finite=False)
-  gram_y = _checks.as_float_array("gram_y", gram_y, dtype, ndim=2, finite=False)
+  gram_x = _checks.as_float_array("gram_x", gram_x, dtype, ndim=(3, 4), finite=False)
+  batched = gram_x.ndim == 4
+  gram_y = _checks.as_float_array("gram_y", gram_y, dtype, ndim=3 if batched else 2, finite=False)
   _checks.check_square("gram_x", gram_x.shape)
   _checks.check_square("gram_y", gram_y.shape)
-  if gram_x.shape[0] < 1:
+  if gram_x.shape[-3] < 1:
     raise ValueError(f"gram_x must hold at least one channel's Gram matrix, got shape {tuple(gram_x.shape)}.")
-  if gram_x.shape[1] != gram_y.shape[0]:
-    raise ValueError(f"gram_x and gram_y must have the same number of samples n: gram_x has shape "
-                     f"{tuple(gram_x.shape)} (c, n, n), gram_y has {tuple(gram_y.shape)} (n, n).")
-  c, n, _ = gram_x.shape
+  if gram_x.shape[-1] != gram_y.shape[-1] or (batched and gram_x.shape[0] != gram_y.shape[0]):
+    raise ValueError(f"gram_x and gram_y must have the same number of samples n (and batch size): gram_x has shape "
+                     f"{tuple(gram_x.shape)} ([b,] c, n, n), gram_y has {tuple(gram_y.shape)} ([b,] n, n).")
+  c, n = gram_x.shape[-3], gram_x.shape[-1]
   _checks.check_samples("gram_y", n)
-  _checks.check_gram("gram_x", gram_x)
-  _checks.check_gram("gram_y", gram_y)
+  batch = gram_x.shape[0] if batched else 1
+  if batch < 1:
+    raise ValueError(f"gram_x must hold at least one layer on its batch axis, got shape {tuple(gram_x.shape)}.")
+  max_block_bytes = max(1, max_block_bytes // batch)
   m = _rows_per_block(c, n, dtype.itemsize, max_block_bytes)
-  return _from_grams(gram_x, gram_y, m, normalized)
+  if not (_checks.is_concrete(gram_x) and _checks.is_concrete(gram_y)):
+    return _from_grams(gram_x, gram_y, m, normalized)
+  problem, (stats_x, stats_y) = _from_grams(gram_x, gram_y, m, normalized, with_stats=True)
+  _checks.raise_for_gram_stats("gram_x", gram_x, stats_x)
+  _checks.raise_for_gram_stats("gram_y", gram_y, stats_y)
+  return problem
 
 
 def _channel_gammas(x, bandwidth):

@@ -256,3 +256,40 @@ def test_lipschitz_estimate_bounds_the_top_eigenvalue():
   # A flat spectrum: Q = I (orthogonal channels) has ||Q||_F = sqrt(c), but the estimate stays at 1.05.
   p = make_problem(jnp.eye(20), jnp.ones(20), 1.0, 1.0)
   assert 1.0 <= float(p.lipschitz) <= 1.05 + 1e-6
+
+
+def test_batched_build_equals_single_builds():
+  rng = np.random.default_rng(13)
+  layers = [_random_problem(20 + i, n=24, c=10) for i in range(3)]
+  gx = np.stack([np.asarray(hj.channel_grams(x)) for x, _ in layers])
+  gy = np.stack([np.asarray(hj.gaussian_gram(y)) for _, y in layers])
+  batched = hj.problem_from_grams(gx, gy)
+  chex.assert_shape(batched.quad, (3, 10, 10))
+  for i in range(3):
+    single = hj.problem_from_grams(gx[i], gy[i])
+    for field in ("quad", "lin", "const", "lipschitz"):
+      np.testing.assert_allclose(np.asarray(getattr(batched, field)[i]), np.asarray(getattr(single, field)),
+                                 rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="same number of samples n"):
+    hj.problem_from_grams(gx, gy[:2])
+  gx[1, 4, 0, 5] = rng.normal() + 3.0  # one corrupt layer in the batch
+  with pytest.raises(ValueError, match="gram_x must hold symmetric"):
+    hj.problem_from_grams(gx, gy)
+
+
+@pytest.mark.parametrize("n, m", [(50, 50), (50, 13), (64, 64), (37, 20), (5, 2)])
+def test_packed_triangles_give_frobenius_products(n, m):
+  from hsic_jax.problem import _triangle_of_rows  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(n + m)
+  a = rng.normal(size=(3, n, n))
+  a = a + np.swapaxes(a, 1, 2)  # three symmetric matrices
+  l = rng.normal(size=(n, n))
+  l = l + l.T
+  quad, lin = np.zeros((3, 3)), np.zeros(3)
+  for start in range(0, n, m):
+    kp, lp = _triangle_of_rows(a[:, start:start + m], l, start, min(start + m, n), n)
+    kp, lp = np.asarray(kp), np.asarray(lp)
+    quad += kp @ kp.T
+    lin += kp @ lp
+  np.testing.assert_allclose(quad, np.einsum("aij,bij->ab", a, a), rtol=1e-5)
+  np.testing.assert_allclose(lin, np.einsum("aij,ij->a", a, l), rtol=1e-5)

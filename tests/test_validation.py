@@ -44,7 +44,7 @@ def test_non_square_and_wrong_rank():
     hj.lasso_select(gx[:, :, :5], gy, 0.1)
   with pytest.raises(ValueError, match="gram_y must hold square"):
     hj.lasso_select(gx, gy[:, :5], 0.1)
-  with pytest.raises(ValueError, match=r"gram_x must have 3 dimensions, got shape \(6, 6\)"):
+  with pytest.raises(ValueError, match=r"gram_x must have 3 or 4 dimensions, got shape \(6, 6\)"):
     hj.lasso_select(gy, gy, 0.1)
   with pytest.raises(ValueError, match="x must have 3 dimensions"):
     hj.channel_grams(np.ones((4, 3)))
