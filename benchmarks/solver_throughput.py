@@ -149,9 +149,10 @@ def _group_by_width(layers: list[Layer]) -> list[tuple[list[int], jax.Array, jax
 def _ours_solve(groups, n_layers: int, tol: float) -> list[np.ndarray]:
   """Builds every layer's quadratic form and solves them: one batched build and one batched solve per width."""
   betas: list[Any] = [None] * n_layers
-  for idx, gx, gy, lams in groups:
-    res = hj.solve(hj.problem_from_grams(gx, gy), lams, tol=tol, max_iter=50_000)
-    beta = np.asarray(jax.block_until_ready(res.beta))
+  # Results are fetched at the end, so that one width's solve runs while the next width's problems are built.
+  results = [hj.solve(hj.problem_from_grams(gx, gy), lams, tol=tol, max_iter=50_000) for _, gx, gy, lams in groups]
+  for (idx, *_), res in zip(groups, results):
+    beta = np.asarray(res.beta)
     for j, i in enumerate(idx):
       betas[i] = beta[j]
   return betas

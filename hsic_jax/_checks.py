@@ -124,3 +124,14 @@ def check_nonnegative_scalar(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be finite, got {host}.")
   if np.any(host < 0):
     raise ValueError(f"{name} must be >= 0, got {host}.")
+
+
+def one_problem_at_a_time() -> bool:
+  """Whether batches of problems run one at a time (``lax.map``) rather than vmapped.
+
+  On XLA:CPU a vmapped while loop runs until its slowest problem converges and batched Cholesky factorisations,
+  gathers and products are no faster per problem than single ones, so a loop is faster there; accelerators vmap.
+  Read at trace time.
+  """
+  return jax.default_backend() == "cpu"
+

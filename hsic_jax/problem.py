@@ -199,7 +199,7 @@ def _from_grams(gram_x, gram_y, m, normalized, with_stats=False):
   one = lambda gx, gy: _from_grams_one(gx, gy, m, normalized)  # noqa: E731
   if gram_x.ndim == 4:
     # One layer at a time on CPU, where XLA's batched gathers and products are slower than a loop of single ones.
-    if jax.default_backend() == "cpu":
+    if _checks.one_problem_at_a_time():
       problem, stats = jax.lax.map(lambda a: one(*a), (gram_x, gram_y))
     else:
       problem, stats = jax.vmap(one)(gram_x, gram_y)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from hsic_jax import _checks
 from hsic_jax import problem as problem_lib
 from hsic_jax import solver
 from hsic_jax.kernels import Bandwidth
@@ -185,9 +186,9 @@ def _select_k(problem, k, tol, max_iter, max_steps, positive):
   fn = functools.partial(_select_k_one, tol=tol, max_iter=max_iter, max_steps=max_steps, positive=positive)
   if problem.lin.ndim == 1:
     return fn(problem.quad, problem.lin, problem.const, problem.lipschitz, k,
-              compact=jax.default_backend() == "cpu")
+              compact=_checks.one_problem_at_a_time())
   args = (problem.quad, problem.lin, problem.const, problem.lipschitz, k)
-  if jax.default_backend() == "cpu":  # one problem at a time is faster on XLA:CPU (see hsic_jax.solver)
+  if _checks.one_problem_at_a_time():
     return jax.lax.map(lambda a: fn(*a, compact=True), args)
   return jax.vmap(fn)(*args)
 

@@ -274,9 +274,7 @@ def _solve(problem, lam, init, tol, max_iter, check_every, positive):
   else:
     args, axes = args + (lam_b, init_b), axes + (0, 0)
     call = fn
-  if jax.default_backend() == "cpu":
-    # XLA:CPU runs a vmapped while loop until its slowest problem converges, and its batched Cholesky and
-    # matrix-vector products are no faster per problem than single ones: one problem at a time is faster there.
+  if _checks.one_problem_at_a_time():
     shared = [a if ax is None else None for a, ax in zip(args, axes)]
     mapped = [a for a, ax in zip(args, axes) if ax is not None]
 

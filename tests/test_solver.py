@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import Lasso
 
 import hsic_jax as hj
-from hsic_jax import solver
+from hsic_jax import _checks, solver
 from hsic_jax.problem import make_problem
 
 
@@ -293,3 +293,22 @@ def test_packed_triangles_give_frobenius_products(n, m):
     lin += kp @ lp
   np.testing.assert_allclose(quad, np.einsum("aij,bij->ab", a, a), rtol=1e-5)
   np.testing.assert_allclose(lin, np.einsum("aij,ij->a", a, l), rtol=1e-5)
+
+
+def test_vmapped_batches_equal_one_at_a_time(monkeypatch):
+  # Accelerators vmap batches and solve full-size masked systems; CPU loops over problems with compact solves.
+  x, y = _random_problem(30, c=40)
+  p = hj.problem_from_features(x, y)
+  x2, y2 = _random_problem(31, c=40)
+  stacked, _ = hj.stack_problems([p, hj.problem_from_features(x2, y2)])
+  lams = jnp.array([0.05, 0.2]) * hj.lambda_max(stacked)
+  looped = hj.solve(stacked, lams)
+  looped_k = hj.select_k(stacked, np.array([3, 7]))
+  jax.clear_caches()
+  monkeypatch.setattr(_checks, "one_problem_at_a_time", lambda: False)
+  vmapped = hj.solve(stacked, lams)
+  vmapped_k = hj.select_k(stacked, np.array([3, 7]))
+  np.testing.assert_allclose(np.asarray(vmapped.beta), np.asarray(looped.beta), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(vmapped_k.selected), np.asarray(looped_k.selected))
+  assert np.asarray(vmapped.converged).all()
+  jax.clear_caches()
