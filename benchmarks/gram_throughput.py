@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
   headers = ["layer", "GFLOP", "hsic_jax s", "hsic_jax GFLOP/s", "% of matmul peak", "dense-count GFLOP/s",
              "NumPy f64 (H K H) s", "speedup vs NumPy"]
   table = [[r["label"], _common.fmt(r["gflop"]), _common.fmt(r["ours_seconds"]), _common.fmt(r["ours_gflops"]),
-            f"{100 * r['fraction_of_peak']:.0f}%", _common.fmt(r["dense_count_gflops"]), _common.fmt(r.get("numpy64_seconds", float("nan"))),
+            f"{100 * r['fraction_of_peak']:.0f}%", _common.fmt(r["dense_count_gflops"]),
+            _common.fmt(r.get("numpy64_seconds", float("nan"))),
             f"{r['speedup_vs_numpy64']:.1f}x" if "speedup_vs_numpy64" in r else "skipped"] for r in rows]
   md = _common.markdown_table(headers, table)
   summary = f"Matmul peak (jitted float32 2048^2 matmul, same run): {peak:.1f} GFLOP/s."

@@ -11,8 +11,8 @@ beta is signed (the APIB reference's plain Lasso, kept for comparison).
 
 Iteration: ``beta <- prox(y - (Q y - q) / L)`` with ``L`` an upper estimate of the largest eigenvalue of ``Q``,
 the prox being ``max(. - lam/L, 0)`` (nonnegative) or soft-thresholding (signed); Nesterov momentum restarts
-whenever it points uphill (O'Donoghue and Candès, 2015). Every ``check_every`` steps the duality gap is computed at the current
-iterate from a dual point ``theta = s r`` (residual ``r``, ``s`` scaling it into the dual-feasible set
+whenever it points uphill (O'Donoghue and Candès, 2015). Every ``check_every`` steps the duality gap is computed at
+the current iterate from a dual point ``theta = s r`` (residual ``r``, ``s`` scaling it into the dual-feasible set
 ``A' theta <= lam``), in a form that never subtracts ``const`` from a like-sized number::
 
   gap = 1/2 (1 - s)^2 ||r||^2 + lam * penalty(beta) + s * beta' (Q beta - q)
@@ -252,7 +252,7 @@ def _solve_one(quad, lin, const, lipschitz, lam, init, tol, max_iter, check_ever
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "check_every", "positive"))
 def _solve(problem, lam, init, tol, max_iter, check_every, positive):
-  """Solves a batch of problems (any leading axes, broadcast against ``lam``) in one vmapped call."""
+  """Solves a batch of problems (any leading axes, broadcast against ``lam``) in one call (see the module doc)."""
   batch = jnp.broadcast_shapes(problem.lin.shape[:-1], jnp.shape(lam))
   c = problem.lin.shape[-1]
   fn = functools.partial(_solve_one, tol=tol, max_iter=max_iter, check_every=check_every, positive=positive)
@@ -275,14 +275,15 @@ def _solve(problem, lam, init, tol, max_iter, check_every, positive):
     args, axes = args + (lam_b, init_b), axes + (0, 0)
     call = fn
   if _checks.one_problem_at_a_time():
-    shared = [a if ax is None else None for a, ax in zip(args, axes)]
-    mapped = [a for a, ax in zip(args, axes) if ax is not None]
+    mapped = [i for i, ax in enumerate(axes) if ax is not None]  # the rest (a path's shared Q) is closed over
 
     def one(xs):
-      it = iter(xs)
-      return call(*[next(it) if s is None else s for s in shared], compact=True)
+      full = list(args)
+      for i, x in zip(mapped, xs):
+        full[i] = x
+      return call(*full, compact=True)
 
-    out = jax.lax.map(one, mapped)
+    out = jax.lax.map(one, [args[i] for i in mapped])
   else:
     out = jax.vmap(call, in_axes=axes)(*args)
   return jax.tree.map(lambda a: a.reshape(batch + a.shape[1:]), out)
