@@ -294,8 +294,17 @@ def check_problem(problem: LassoProblem, name: str = "problem") -> None:
     raise ValueError(f"{name} must be a LassoProblem (see hsic_jax.problem_from_grams), got {type(problem).__name__}.")
   if problem.lin.shape[-1] < 1:
     raise ValueError(f"{name} has zero channels; there is nothing to select.")
-  for field in ("quad", "lin", "const"):
-    _checks.check_finite(f"{name}.{field}", getattr(problem, field))
+  fields = ("quad", "lin", "const")
+  arrays = [getattr(problem, f) for f in fields]
+  if all(_checks.is_concrete(a) for a in arrays) and bool(_all_finite(*arrays)):
+    return  # one reduction and one scalar back for the common case
+  for field, array in zip(fields, arrays):
+    _checks.check_finite(f"{name}.{field}", array)
+
+
+@jax.jit
+def _all_finite(*arrays):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
 def solve(

@@ -137,3 +137,12 @@ def test_asymmetric_gram_is_refused():
   # Rounding-level asymmetry (a Gram computed as X X^T in float32) is accepted.
   noisy = gx + 1e-7 * np.random.default_rng(0).normal(size=gx.shape).astype(np.float32)
   assert np.isfinite(float(hj.lasso_select(noisy, gy, 0.1).objective))
+
+
+def test_non_finite_problem_is_refused():
+  gx, gy = _grams()
+  p = hj.problem_from_grams(gx, gy)
+  bad = p._replace(lin=p.lin.at[1].set(np.nan))
+  with pytest.raises(ValueError, match=r"problem\.lin contains 1 NaN or Inf"):
+    hj.solve(bad, 0.1)
+  assert np.isfinite(float(hj.solve(p, 0.1).objective))
