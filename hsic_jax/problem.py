@@ -110,9 +110,11 @@ def _normalize(quad, lin, const):
 
 def _rows_per_block(c: int, n: int, itemsize: int, max_block_bytes: int) -> int:
   # Three live (c, m, n) arrays per block: distances, kernel rows, centered rows. The blocks are then evened out
-  # so that the last one is not mostly padding (n = 256 in blocks of 170 would compute 340 rows).
-  most = int(max(1, min(n, max_block_bytes // max(1, 3 * c * n * itemsize))))
-  return -(-n // -(-n // most))
+  # so that the last one is not mostly padding (n = 256 in blocks of 170 would compute 340 rows), and made of an
+  # even number of rows, which the packing of each block's diagonal square needs (:func:`_packed_rows`).
+  most = int(max(2, min(n, max_block_bytes // max(1, 3 * c * n * itemsize))))
+  m = -(-n // -(-n // most))
+  return m + m % 2
 
 
 # Up to this many row blocks are unrolled, so that each multiplies only its part of the upper triangle; more blocks
@@ -120,65 +122,55 @@ def _rows_per_block(c: int, n: int, itemsize: int, max_block_bytes: int) -> int:
 MAX_UNROLLED_BLOCKS = 16
 
 
-# Diagonal blocks up to this size are multiplied whole (both triangles) instead of being split further.
-_BASE_BLOCK = 16
+def _packed_rows(rows, start: int):
+  """Rows ``[start, start+m)``'s upper-triangle entries (``j >= i``) of symmetric matrices, packed and weighted.
 
+  ``rows`` is ``(..., m, n)``, ``m`` even. The packing is weighted (1 on the diagonal, sqrt(2) off it) so that inner
+  products of the packed vectors, summed over all row blocks, equal the Frobenius products of the full matrices,
+  at ``m (m + 1) / 2 + m (n - start - m)`` entries per block instead of ``m n``: the minimum.
 
-def _triangle_blocks(start: int, size: int) -> list[tuple[int, int, int, int, float]]:
-  """Rectangles ``(r0, r1, c0, c1, weight)`` tiling the upper triangle of the square ``[start, start+size)^2``.
-
-  Off-diagonal rectangles stand for themselves and their mirror image (weight sqrt(2) on each factor, so 2 in a
-  product); diagonal squares of at most ``_BASE_BLOCK`` are taken whole (weight 1). Plain slices copy far faster
-  than an index gather of the triangle, at the price of ``n * _BASE_BLOCK / 2`` extra entries.
+  The block's diagonal square ``[[A, B], [B', C]]`` (``A``, ``C`` of side ``h = m / 2``) goes in two rectangles:
+  ``B``, and the two triangles of ``A`` and ``C`` side by side in one ``h x (h + 1)`` array, ``M[r, j] = A[r, j]``
+  for ``j <= r`` (``A``'s lower triangle, its upper one by symmetry) and ``C[r, j - 1]`` for ``j > r`` (``C``'s
+  upper triangle, shifted one column right). Both are selects between equal-shape slices, so the packing fuses
+  with the centering into one vectorised pass; the columns right of the square are one more slice.
   """
-  if size <= _BASE_BLOCK:
-    return [(start, start + size, start, start + size, 1.0)]
-  half = size // 2
-  mid = start + half
-  return ([(start, mid, mid, start + size, math.sqrt(2.0))] + _triangle_blocks(start, half)
-          + _triangle_blocks(mid, size - half))
-
-
-def _triangle_of_rows(kr, lbar, start: int, stop: int, n: int):
-  """Rows ``[start, stop)``'s upper-triangle entries (``j >= i``) of ``kr`` (c, m, n) and of ``lbar``, packed.
-
-  The packing is weighted so that inner products of the packed vectors, summed over all row blocks, equal the
-  Frobenius products of the symmetric matrices, at a little over half their length: the block's diagonal square
-  is tiled by :func:`_triangle_blocks`, and the rectangle right of it is one slice.
-  """
-  c = kr.shape[0]
-  rects = _triangle_blocks(start, stop - start)
-  if stop < n:
-    rects.append((start, stop, stop, n, math.sqrt(2.0)))
-  parts = [kr[:, r0 - start:r1 - start, c0:c1].reshape(c, -1) * w for r0, r1, c0, c1, w in rects]
-  parts_l = [lbar[r0:r1, c0:c1].reshape(-1) * w for r0, r1, c0, c1, w in rects]
-  if len(parts) == 1:
-    return parts[0], parts_l[0]
-  return jnp.concatenate(parts, axis=1), jnp.concatenate(parts_l)
+  *lead, m, n = rows.shape
+  h = m // 2
+  sqrt2 = math.sqrt(2.0)
+  r = jnp.arange(h)[:, None]
+  j = jnp.arange(h + 1)[None, :]
+  weight = jnp.where((j == r) | (j == r + 1), 1.0, sqrt2).astype(rows.dtype)
+  tri = jnp.where(j > r, rows[..., h:m, start + h - 1:start + m], rows[..., 0:h, start:start + h + 1]) * weight
+  parts = [tri, rows[..., 0:h, start + h:start + m] * sqrt2]
+  if start + m < n:
+    parts.append(rows[..., :, start + m:] * sqrt2)
+  return jnp.concatenate([p.reshape(*lead, -1) for p in parts], axis=-1)
 
 
 def _accumulate(kbar_rows, lbar, *, c: int, n: int, m: int):
   """Sums ``Q`` and ``q`` over row blocks; ``kbar_rows(start)`` gives centered rows ``[start, start+m)`` (c, m, n).
 
-  The centered Grams are symmetric, so each block multiplies only its rows' upper-triangle entries: half the FLOPs
-  of full ``n^2``-long products. Beyond :data:`MAX_UNROLLED_BLOCKS` blocks, full rows are summed in a loop instead.
+  ``n`` is a multiple of ``m`` here (the callers pad, with zero rows and columns). The centered Grams are
+  symmetric, so each block multiplies only its rows' upper-triangle entries: about half the FLOPs of full
+  ``n^2``-long products. Beyond :data:`MAX_UNROLLED_BLOCKS` blocks, full rows are summed in a loop instead.
   """
-  nblocks = math.ceil(n / m)
+  nblocks = n // m
   dtype = lbar.dtype
   if nblocks <= MAX_UNROLLED_BLOCKS:
     quad = jnp.zeros((c, c), dtype)
     lin = jnp.zeros((c,), dtype)
     for start in range(0, n, m):
-      kp, lp = _triangle_of_rows(kbar_rows(start), lbar, start, min(start + m, n), n)
+      kp = _packed_rows(kbar_rows(start), start)
+      lp = _packed_rows(lbar[start:start + m], start)
       quad = quad + jnp.einsum("ck,dk->cd", kp, kp, precision=_HIGHEST)
       lin = lin + jnp.einsum("ck,k->c", kp, lp, precision=_HIGHEST)
     return quad, lin
-  lbar_p = jnp.pad(lbar, ((0, nblocks * m - n), (0, 0)))
 
   def body(carry, start):
     quad, lin = carry
     kr = kbar_rows(start)
-    lr = jax.lax.dynamic_slice_in_dim(lbar_p, start, m, axis=0)
+    lr = jax.lax.dynamic_slice_in_dim(lbar, start, m, axis=0)
     quad = quad + jnp.einsum("cmn,dmn->cd", kr, kr, precision=_HIGHEST)
     lin = lin + jnp.einsum("cmn,mn->c", kr, lr, precision=_HIGHEST)
     return (quad, lin), None
@@ -190,6 +182,14 @@ def _accumulate(kbar_rows, lbar, *, c: int, n: int, m: int):
 
 def _row_mask(start, m, n, dtype):
   return ((start + jnp.arange(m)) < n).astype(dtype)
+
+
+def _zero_padding(kr, start, n: int, pad: int):
+  """Centered rows ``kr`` (c, m, n) from ``start``, with rows past ``n`` zeroed and ``pad`` zero columns added."""
+  if not pad:
+    return kr
+  kr = kr * _row_mask(start, kr.shape[1], n, kr.dtype)[None, :, None]
+  return jnp.pad(kr, ((0, 0), (0, 0), (0, pad)))
 
 
 @functools.partial(jax.jit, static_argnames=("m", "normalized"))
@@ -222,11 +222,10 @@ def _from_grams_one(gram_x, gram_y, m, normalized):
   def kbar_rows(start):
     rows = jax.lax.dynamic_slice_in_dim(gx, start, m, axis=1)
     rm = jax.lax.dynamic_slice_in_dim(row_mean_p, start, m, axis=1)
-    kr = rows - rm[:, :, None] - col_mean[:, None, :] + grand[:, None, None]
-    return kr * _row_mask(start, m, n, kr.dtype)[None, :, None]
+    return _zero_padding(rows - rm[:, :, None] - col_mean[:, None, :] + grand[:, None, None], start, n, pad)
 
   lbar = kernels.center(gram_y)
-  quad, lin = _accumulate(kbar_rows, lbar, c=c, n=n, m=m)
+  quad, lin = _accumulate(kbar_rows, jnp.pad(lbar, ((0, pad), (0, pad))), c=c, n=n + pad, m=m)
   const = jnp.sum(lbar * lbar)
   if normalized:
     quad, lin, const = _normalize(quad, lin, const)
@@ -320,10 +319,9 @@ def _from_features_streaming(x, lbar, bandwidth, m, normalized):
   # Pass 2: centered rows, accumulated into Q and q.
   def kbar_rows(start):
     rm = jax.lax.dynamic_slice_in_dim(row_mean_p, start, m, axis=1)
-    kr = k_rows(start) - rm[:, :, None] - row_mean[:, None, :] + grand[:, None, None]
-    return kr * _row_mask(start, m, n, x.dtype)[None, :, None]
+    return _zero_padding(k_rows(start) - rm[:, :, None] - row_mean[:, None, :] + grand[:, None, None], start, n, pad)
 
-  quad, lin = _accumulate(kbar_rows, lbar, c=c, n=n, m=m)
+  quad, lin = _accumulate(kbar_rows, jnp.pad(lbar, ((0, pad), (0, pad))), c=c, n=n + pad, m=m)
   const = jnp.sum(lbar * lbar)
   if normalized:
     quad, lin, const = _normalize(quad, lin, const)

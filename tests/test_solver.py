@@ -277,22 +277,47 @@ def test_batched_build_equals_single_builds():
     hj.problem_from_grams(gx, gy)
 
 
-@pytest.mark.parametrize("n, m", [(50, 50), (50, 13), (64, 64), (37, 20), (5, 2)])
+@pytest.mark.parametrize("n, m", [(50, 50), (52, 26), (64, 64), (40, 20), (6, 2)])
 def test_packed_triangles_give_frobenius_products(n, m):
-  from hsic_jax.problem import _triangle_of_rows  # pylint: disable=import-outside-toplevel
+  from hsic_jax.problem import _packed_rows  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(n + m)
   a = rng.normal(size=(3, n, n))
   a = a + np.swapaxes(a, 1, 2)  # three symmetric matrices
   l = rng.normal(size=(n, n))
   l = l + l.T
-  quad, lin = np.zeros((3, 3)), np.zeros(3)
+  quad, lin, length = np.zeros((3, 3)), np.zeros(3), 0
   for start in range(0, n, m):
-    kp, lp = _triangle_of_rows(a[:, start:start + m], l, start, min(start + m, n), n)
-    kp, lp = np.asarray(kp), np.asarray(lp)
+    kp, lp = (np.asarray(_packed_rows(a[:, start:start + m], start)),
+              np.asarray(_packed_rows(l[start:start + m], start)))
     quad += kp @ kp.T
     lin += kp @ lp
+    length += kp.shape[1]
   np.testing.assert_allclose(quad, np.einsum("aij,bij->ab", a, a), rtol=1e-5)
   np.testing.assert_allclose(lin, np.einsum("aij,ij->a", a, l), rtol=1e-5)
+  assert length == n * (n + 1) // 2  # the upper triangle, nothing more
+
+
+@pytest.mark.parametrize("n", [7, 33])
+def test_odd_sample_counts_pad_correctly(n):
+  # Odd n (or n not a multiple of the row block) is padded with zero rows and columns after centering.
+  rng = np.random.default_rng(n)
+  x, y = rng.normal(size=(n, 5, 3)), rng.normal(size=(n, 4))
+  gauss = lambda f: np.exp(-((f[:, None] - f[None]) ** 2).sum(-1) / f.shape[1])  # noqa: E731  (APIB: gamma = 1/d)
+  gx = np.stack([gauss(x[:, k]) for k in range(5)])
+  gy = gauss(y)
+  h = np.eye(n) - 1.0 / n
+  kb = np.einsum("ij,cjk,kl->cil", h, gx, h)
+  lb = h @ gy @ h
+  for block in (None, 3 * 5 * n * 8 * 5):  # one block, or row blocks of 5 rows (made even: 4 or 6)
+    kwargs = {} if block is None else {"max_block_bytes": block}
+    with jax.enable_x64(True):
+      p = hj.problem_from_grams(gx, gy, dtype=jnp.float64, **kwargs)
+      np.testing.assert_allclose(np.asarray(p.quad), np.einsum("aij,bij->ab", kb, kb), rtol=1e-10)
+      np.testing.assert_allclose(np.asarray(p.lin), np.einsum("aij,ij->a", kb, lb), rtol=1e-10)
+      np.testing.assert_allclose(float(p.const), np.sum(lb * lb), rtol=1e-10)
+      pf = hj.problem_from_features(x, y, dtype=jnp.float64, **kwargs)
+      np.testing.assert_allclose(np.asarray(pf.quad), np.asarray(p.quad), rtol=1e-10)
+      np.testing.assert_allclose(np.asarray(pf.lin), np.asarray(p.lin), rtol=1e-10)
 
 
 def test_vmapped_batches_equal_one_at_a_time(monkeypatch):
