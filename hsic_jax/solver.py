@@ -164,7 +164,8 @@ def _active_set_step(quad, lin, lam, x, step, max_newton, positive, compact):
   Each iteration guesses the support (and signs) as the coordinates that one proximal-gradient step from the
   current point leaves nonzero, and jumps to the exact minimiser of ``F`` on that face (one dense solve). Once the
   guess is right this lands on the optimum; gradient steps alone crawl along the ill-conditioned directions that
-  kernel Grams of correlated channels produce. The iterations stop early when the guess repeats. Since active-set
+  kernel Grams of correlated channels produce. The iterations stop as soon as the guess repeats (before solving
+  the same face again). Since active-set
   iterations can cycle on general ``Q``, every candidate is made feasible and only the best ``F`` seen (``x``
   itself included) is returned, so the step never goes uphill.
   """
@@ -172,26 +173,32 @@ def _active_set_step(quad, lin, lam, x, step, max_newton, positive, compact):
   def f(b):
     return _smooth_plus_penalty(quad, lin, b, lam, positive)
 
-  def cond(st):
-    k, _, _, _, _, changed = st
-    return (k < max_newton) & changed
-
-  def body(st):
-    k, b, prev, best, f_best, _ = st
+  def guess(b):
     u = b - step * (quad @ b - lin)
     if positive:
-      mask, sign = u > step * lam, 1.0
-    else:
-      mask, sign = jnp.abs(u) > step * lam, jnp.sign(u)
+      return u > step * lam, jnp.ones_like(u)
+    return jnp.abs(u) > step * lam, jnp.sign(u)
+
+  def cond(st):
+    k, *_, go = st
+    return (k < max_newton) & go
+
+  def body(st):
+    k, mask, sign, best, f_best, _ = st
     sol = _face_solve(quad, lin - lam * sign, mask, compact)
     ok = jnp.all(jnp.isfinite(sol))
-    cand = jnp.where(ok, jnp.maximum(sol, 0.0) if positive else sol, b)
+    cand = jnp.where(ok, jnp.maximum(sol, 0.0) if positive else sol, best)
     f_cand = f(cand)
     better = ok & (f_cand < f_best)
-    changed = ok & jnp.any(mask != prev)
-    return (k + 1, cand, mask, jnp.where(better, cand, best), jnp.where(better, f_cand, f_best), changed)
+    # The next guess is taken before the next solve, so a guess that repeats costs no solve.
+    new_mask, new_sign = guess(cand)
+    go = ok & jnp.any(new_mask != mask)
+    if not positive:
+      go = go | (ok & jnp.any(new_mask & (new_sign != sign)))
+    return (k + 1, new_mask, new_sign, jnp.where(better, cand, best), jnp.where(better, f_cand, f_best), go)
 
-  start = (jnp.zeros((), jnp.int32), x, jnp.zeros(x.shape, bool), x, f(x), jnp.ones((), bool))
+  mask, sign = guess(x)
+  start = (jnp.zeros((), jnp.int32), mask, sign, x, f(x), jnp.ones((), bool))
   _, _, _, best, f_best, _ = jax.lax.while_loop(cond, body, start)
   return best, f_best
 
