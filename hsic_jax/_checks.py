@@ -102,7 +102,7 @@ def raise_for_gram_stats(name: str, x: Any, stats: Any) -> None:
   if not asym <= SYMMETRY_RTOL * top:
     raise ValueError(
         f"{name} must hold symmetric Gram matrices: its row and column means differ by up to {asym:.3g} (scale "
-        f"{top:.3g}). A kernel Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only its upper triangle is read.")
+        f"{top:.3g}). A kernel Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only one triangle of it enters Q.")
 
 
 def check_samples(name: str, n: int) -> None:
