@@ -170,9 +170,8 @@ def _active_set_step(quad, lin, lam, x, step, max_newton, positive, compact):
   current point leaves nonzero, and jumps to the exact minimiser of ``F`` on that face (one dense solve). Once the
   guess is right this lands on the optimum; gradient steps alone crawl along the ill-conditioned directions that
   kernel Grams of correlated channels produce. The iterations stop as soon as the guess repeats (before solving
-  the same face again). Since active-set
-  iterations can cycle on general ``Q``, every candidate is made feasible and only the best ``F`` seen (``x``
-  itself included) is returned, so the step never goes uphill.
+  the same face again). Since active-set iterations can cycle on general ``Q``, every candidate is made feasible
+  and only the best ``F`` seen (``x`` itself included) is returned, so the step never goes uphill.
   """
 
   def f(b):
@@ -197,9 +196,10 @@ def _active_set_step(quad, lin, lam, x, step, max_newton, positive, compact):
     better = ok & (f_cand < f_best)
     # The next guess is taken before the next solve, so a guess that repeats costs no solve.
     new_mask, new_sign = guess(cand)
-    go = ok & jnp.any(new_mask != mask)
+    changed = new_mask != mask
     if not positive:
-      go = go | (ok & jnp.any(new_mask & (new_sign != sign)))
+      changed = changed | (new_mask & (new_sign != sign))
+    go = ok & jnp.any(changed)
     return (k + 1, new_mask, new_sign, jnp.where(better, cand, best), jnp.where(better, f_cand, f_best), go)
 
   mask, sign = guess(x)
