@@ -313,7 +313,8 @@ def test_odd_sample_counts_pad_correctly(n):
   h = np.eye(n) - 1.0 / n
   kb = np.einsum("ij,cjk,kl->cil", h, gx, h)
   lb = h @ gy @ h
-  for block in (None, 3 * 5 * n * 8 * 5):  # one block, or row blocks of 5 rows (made even: 4 or 6)
+  # One block; row blocks of 5 rows (made even: 4 or 6); blocks of 2 rows (17 of them for n = 33: the loop path).
+  for block in (None, 3 * 5 * n * 8 * 5, 3 * 5 * n * 8 * 2):
     kwargs = {} if block is None else {"max_block_bytes": block}
     with jax.enable_x64(True):
       p = hj.problem_from_grams(gx, gy, dtype=jnp.float64, **kwargs)
