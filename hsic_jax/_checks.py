@@ -135,3 +135,10 @@ def one_problem_at_a_time() -> bool:
   """
   return jax.default_backend() == "cpu"
 
+
+def map_batch(fn, args: tuple):
+  """``fn`` over the leading axis of every array in ``args``: ``lax.map`` where :func:`one_problem_at_a_time`,
+  else ``vmap``."""
+  if one_problem_at_a_time():
+    return jax.lax.map(lambda a: fn(*a), args)
+  return jax.vmap(fn)(*args)

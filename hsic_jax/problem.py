@@ -27,7 +27,6 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from hsic_jax import _checks
@@ -199,10 +198,7 @@ def _from_grams(gram_x, gram_y, m, normalized):
   one = lambda gx, gy: _from_grams_one(gx, gy, m, normalized)  # noqa: E731
   if gram_x.ndim == 3:
     return one(gram_x, gram_y)
-  if _checks.one_problem_at_a_time():
-    problem, stats = jax.lax.map(lambda a: one(*a), (gram_x, gram_y))
-  else:
-    problem, stats = jax.vmap(one)(gram_x, gram_y)
+  problem, stats = _checks.map_batch(one, (gram_x, gram_y))
   return problem, jax.tree.map(lambda s: jnp.max(s, axis=0), stats)
 
 

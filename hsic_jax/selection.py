@@ -183,14 +183,10 @@ def _select_k_one(quad, lin, const, lip, k, tol, max_iter, max_steps, positive, 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "max_steps", "positive"))
 def _select_k(problem, k, tol, max_iter, max_steps, positive):
-  fn = functools.partial(_select_k_one, tol=tol, max_iter=max_iter, max_steps=max_steps, positive=positive)
-  if problem.lin.ndim == 1:
-    return fn(problem.quad, problem.lin, problem.const, problem.lipschitz, k,
-              compact=_checks.one_problem_at_a_time())
+  fn = functools.partial(_select_k_one, tol=tol, max_iter=max_iter, max_steps=max_steps, positive=positive,
+                         compact=_checks.one_problem_at_a_time())
   args = (problem.quad, problem.lin, problem.const, problem.lipschitz, k)
-  if _checks.one_problem_at_a_time():
-    return jax.lax.map(lambda a: fn(*a, compact=True), args)
-  return jax.vmap(fn)(*args)
+  return fn(*args) if problem.lin.ndim == 1 else _checks.map_batch(fn, args)
 
 
 def select_k(
