@@ -71,6 +71,17 @@ def test_channel_grams_equal_per_channel_loop_and_batching():
   np.testing.assert_allclose(np.sqrt((gc ** 2).sum((1, 2))), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("d", [3, 600])  # 600 >= SLICED_CHANNELS_MIN_DIM: one channel at a time on CPU
+def test_channel_grams_of_long_rows_equal_numpy(d):
+  rng = np.random.default_rng(d)
+  x = rng.normal(size=(10, 4, d))
+  g = np.asarray(hj.channel_grams(x.astype(np.float32), bandwidth="median"))
+  for c in range(4):
+    d2 = np.sum((x[:, None, c] - x[None, :, c]) ** 2, -1)
+    gamma = 1.0 / (2.0 * np.median(d2[np.triu_indices(10, 1)]))
+    np.testing.assert_allclose(g[c], np.exp(-gamma * d2), rtol=2e-5, atol=1e-6)
+
+
 def test_delta_kernel():
   np.testing.assert_allclose(np.asarray(hj.delta_gram([2, 0, 2, 2])),
                              [[1 / 3, 0, 1 / 3, 1 / 3], [0, 1, 0, 0], [1 / 3, 0, 1 / 3, 1 / 3],

@@ -195,6 +195,64 @@ def test_constant_channel_gets_zero_never_nan():
       assert float(res.beta[2]) == 0.0 and not bool(res.selected[2])
 
 
+@pytest.mark.parametrize("n", [9, 64, 100])
+def test_constant_gram_is_exactly_zero_not_rounding_noise(n):
+  # A constant Gram centers to 0; in float32 its centered energy is rounding noise, which must not become a
+  # coefficient (the ratio of two rounding errors) nor, normalised, a unit-norm channel.
+  rng = np.random.default_rng(n)
+  grams = np.asarray(hj.channel_grams(rng.normal(size=(n, 3, 4)).astype(np.float32)))
+  gram_y = grams[0] + 0.05 * np.eye(n, dtype=np.float32)
+  for value in (0.1, 0.37, 1 / 3, 0.7123):
+    gx = grams.copy()
+    gx[1] = value
+    for normalized in (False, True):
+      p = hj.problem_from_grams(gx, gram_y, normalized=normalized)
+      assert np.all(np.asarray(p.quad)[1] == 0) and np.all(np.asarray(p.quad)[:, 1] == 0)
+      assert float(p.lin[1]) == 0.0 and float(p.quad[0, 0]) > 0
+      assert float(hj.solve(p, 0.0).beta[1]) == 0.0
+
+
+def test_float32_centering_is_accurate_when_the_first_rows_are_unrepresentative():
+  # The centering shift comes from the leading rows; here they are a tight cluster far from the rest, so the
+  # shift is far from the Gram's mean. Q and q must still match a float64 H K H reference.
+  rng = np.random.default_rng(3)
+  n, c, d = 96, 6, 5
+  x = rng.normal(size=(n, c, d))
+  x[:16] = 4.0 + 0.01 * rng.normal(size=(16, c, d))
+  y = x[:, 0] @ rng.normal(size=(d, 2))
+  h = np.eye(n) - 1.0 / n
+  gx = np.stack([np.exp(-np.sum((x[:, k, None] - x[None, :, k]) ** 2, -1) / d) for k in range(c)])
+  gy = np.exp(-np.sum((y[:, None] - y[None]) ** 2, -1) / 2)
+  kbar = np.einsum("ij,cjk,kl->cil", h, gx, h)
+  lbar = h @ gy @ h
+  quad_ref = np.einsum("cij,dij->cd", kbar, kbar)
+  lin_ref = np.einsum("cij,ij->c", kbar, lbar)
+  exact = (hj.problem_from_grams(gx.astype(np.float32), gy.astype(np.float32)),
+           hj.problem_from_features(x.astype(np.float32), y.astype(np.float32), y_bandwidth=0.5))
+  streamed = tuple(hj.problem_from_features(x.astype(np.float32), y.astype(np.float32), y_bandwidth=0.5,
+                                            max_block_bytes=c * n * rows * 4 * 3) for rows in (8, 4))  # 12, 24 blocks
+  for problems, rtol in ((exact, 2e-6), (streamed, 5e-6)):
+    for p in problems:
+      np.testing.assert_allclose(np.asarray(p.quad), quad_ref, rtol=0, atol=rtol * np.abs(quad_ref).max())
+      np.testing.assert_allclose(np.asarray(p.lin), lin_ref, rtol=0, atol=rtol * np.abs(lin_ref).max())
+
+
+def test_weak_channel_is_not_mistaken_for_a_constant_one():
+  # Features scaled by 1e-2: centered Gram entries around 1e-5, a few hundred float32 ulps of the kernel's 1.
+  rng = np.random.default_rng(4)
+  n, c, d = 64, 3, 4
+  x = rng.normal(size=(n, c, d)).astype(np.float32)
+  x[:, 1] *= 1e-2
+  y = x[:, 1] @ rng.normal(size=(d, 2)).astype(np.float32)
+  for p in (hj.problem_from_features(x, y, bandwidth=0.25, y_bandwidth=1e4),
+            hj.problem_from_features(x, y, bandwidth=0.25, y_bandwidth=1e4, max_block_bytes=c * n * 4 * 4 * 3)):
+    with jax.enable_x64(True):
+      p64 = hj.problem_from_features(x.astype(np.float64), y.astype(np.float64), bandwidth=0.25, y_bandwidth=1e4,
+                                     dtype=jnp.float64)
+    assert float(p.quad[1, 1]) == pytest.approx(float(p64.quad[1, 1]), rel=0.05)
+    assert float(p.lin[1]) == pytest.approx(float(p64.lin[1]), rel=0.05)
+
+
 def test_all_constant_problem_is_finite():
   res = hj.lasso_select(np.ones((3, 5, 5)), np.eye(5), 0.1)
   assert np.all(np.asarray(res.beta) == 0) and np.isfinite(float(res.objective))
