@@ -171,40 +171,38 @@ def _accumulate(shifted_rows, lbar, *, c: int, n: int, m: int):
   n), either the centered ``K̄_k`` or ``K_k - mu_k``, zero outside the true ``n x n`` (the callers pad ``n`` to a
   multiple of ``m``).
 
-  Returns ``(P, q, row_sums, col_sums)``: ``P_ij = <K'_i, K'_j>``, ``q_i = <K'_i, L̄>`` (which is ``<K̄_i, L̄>`` in
-  both cases, as ``L̄`` is centered), and the row and column sums of every ``K'_k``, each ``(c, n)``. For shifted
-  Grams :func:`_centered_quad` turns ``P`` into ``Q``. The Grams are symmetric, so each block multiplies only its
-  rows' upper-triangle entries: about half the FLOPs of full ``n^2``-long products. Beyond
-  :data:`MAX_UNROLLED_BLOCKS` blocks, full rows are summed in a loop instead.
+  Returns ``(P, q, row_sums)``: ``P_ij = <K'_i, K'_j>``, ``q_i = <K'_i, L̄>`` (which is ``<K̄_i, L̄>`` in both
+  cases, as ``L̄`` is centered), and the row sums of every ``K'_k``, ``(c, n)``. For shifted Grams
+  :func:`_centered_quad` turns ``P`` into ``Q``. The Grams are symmetric, so each block multiplies only its rows'
+  upper-triangle entries: about half the FLOPs of full ``n^2``-long products. Beyond :data:`MAX_UNROLLED_BLOCKS`
+  blocks, full rows are summed in a loop instead.
   """
   nblocks = n // m
   dtype = lbar.dtype
   if nblocks <= MAX_UNROLLED_BLOCKS:
     quad = jnp.zeros((c, c), dtype)
     lin = jnp.zeros((c,), dtype)
-    col_sums = jnp.zeros((c, n), dtype)
     row_sums = []
     for start in range(0, n, m):
       kr = shifted_rows(start)
       row_sums.append(jnp.sum(kr, axis=2))
-      col_sums = col_sums + jnp.sum(kr, axis=1)
       kp = _packed_rows(kr, start)
       lp = _packed_rows(lbar[start:start + m], start)
       quad = quad + _self_products(kp)
       lin = lin + jnp.einsum("ck,k->c", kp, lp, precision=_HIGHEST)
-    return quad, lin, jnp.concatenate(row_sums, axis=1), col_sums
+    return quad, lin, jnp.concatenate(row_sums, axis=1)
 
   def body(carry, start):
-    quad, lin, col_sums = carry
+    quad, lin = carry
     kr = shifted_rows(start)
     lr = jax.lax.dynamic_slice_in_dim(lbar, start, m, axis=0)
     quad = quad + _self_products(kr.reshape(c, -1))
     lin = lin + jnp.einsum("cmn,mn->c", kr, lr, precision=_HIGHEST)
-    return (quad, lin, col_sums + jnp.sum(kr, axis=1)), jnp.sum(kr, axis=2)
+    return (quad, lin), jnp.sum(kr, axis=2)
 
-  init = (jnp.zeros((c, c), dtype), jnp.zeros((c,), dtype), jnp.zeros((c, n), dtype))
-  (quad, lin, col_sums), row_sums = jax.lax.scan(body, init, jnp.arange(nblocks) * m)
-  return quad, lin, jnp.moveaxis(row_sums, 0, 1).reshape(c, n), col_sums
+  init = (jnp.zeros((c, c), dtype), jnp.zeros((c,), dtype))
+  (quad, lin), row_sums = jax.lax.scan(body, init, jnp.arange(nblocks) * m)
+  return quad, lin, jnp.moveaxis(row_sums, 0, 1).reshape(c, n)
 
 
 def _centered_quad(quad, row_sums, n: int):
@@ -286,7 +284,7 @@ def _from_grams_one(gram_x, gram_y, m, normalized):
     return _shift_and_mask(rows - rm[:, :, None] - col_mean[:, None, :], -grand, start, n, pad)
 
   lbar = kernels.center(gram_y)
-  quad, lin, _, _ = _accumulate(kbar_rows, jnp.pad(lbar, ((0, pad), (0, pad))), c=c, n=n + pad, m=m)
+  quad, lin, _ = _accumulate(kbar_rows, jnp.pad(lbar, ((0, pad), (0, pad))), c=c, n=n + pad, m=m)
   # A Gram whose centered entries are all at the level of their rounding errors is constant.
   entry_noise = CONSTANT_CHANNEL_RTOL * jnp.finfo(quad.dtype).eps * jnp.max(jnp.abs(diag), axis=1)
   quad, lin = _without_constant_channels(quad, lin, (n * entry_noise)**2)
@@ -381,7 +379,7 @@ def _from_features_streaming(x, lbar, bandwidth, m, normalized):
   def shifted_rows(start):
     return _shift_and_mask(k_rows(start, m), mu, start, n, pad)
 
-  quad, lin, row_sums, _ = _accumulate(shifted_rows, jnp.pad(lbar, ((0, pad), (0, pad))), c=c, n=n + pad, m=m)
+  quad, lin, row_sums = _accumulate(shifted_rows, jnp.pad(lbar, ((0, pad), (0, pad))), c=c, n=n + pad, m=m)
   centered = _centered_quad(quad, row_sums[:, :n], n)
   # The correction's cancellation leaves a rounding error of about eps * P_kk on Q_kk.
   quad, lin = _without_constant_channels(centered, lin, CONSTANT_CHANNEL_RTOL * jnp.finfo(quad.dtype).eps
