@@ -105,6 +105,21 @@ def raise_for_gram_stats(name: str, x: Any, stats: Any) -> None:
         f"{top:.3g}). A kernel Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only one triangle of it enters Q.")
 
 
+def raise_unless_finite_norms(name: str, x: Any, finite: Any) -> None:
+  """Raises ValueError when a kernel computation reports (``finite`` false) that a squared norm of ``x`` is not
+  finite: a NaN or Inf in ``x`` (located by :func:`check_finite`) or finite values whose squares overflow.
+
+  Reading the flag waits for the computation that produced it; a traced flag (inside ``jit``) is not checked.
+  """
+  if not is_concrete(finite) or bool(finite):
+    return
+  check_finite(name, x)
+  top = float(jnp.max(jnp.abs(x)))
+  raise ValueError(
+      f"{name} holds values up to {top:.3g} whose squared norms overflow {jnp.result_type(x)}: rescale the features "
+      "(e.g. divide by their largest magnitude) or compute in float64.")
+
+
 def check_samples(name: str, n: int) -> None:
   if n < 2:
     raise ValueError(f"{name} must hold at least 2 samples (HSIC needs pairs of samples), got n={n}.")

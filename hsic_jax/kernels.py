@@ -163,15 +163,24 @@ SLICED_CHANNELS_MIN_DIM = 512
 
 @functools.partial(jax.jit, static_argnames=("bandwidth", "centered", "normalized", "batch_size"))
 def _channel_grams(x, bandwidth, centered, normalized, batch_size):
+  """The ``(c, n, n)`` Grams and whether every sample's squared norm in every channel is finite.
+
+  The flag is the validation of ``x``: a NaN or Inf anywhere (or a value whose square overflows) makes its squared
+  norm non-finite. Those norms are what the distances need anyway, so checking costs no extra pass over ``x``.
+  """
   def one(xc):
-    return _gaussian_gram(xc, bandwidth, centered, normalized)
+    finite = jnp.all(jnp.isfinite(jnp.sum(xc * xc, axis=-1)))  # the same expression as sq_distances' norms
+    return _gaussian_gram(xc, bandwidth, centered, normalized), finite
+
   if batch_size is None and x.shape[2] >= SLICED_CHANNELS_MIN_DIM and _checks.one_problem_at_a_time():
     # Long rows: one channel at a time, each read straight out of (n, c, d) (its rows are contiguous d-vectors),
     # rather than a (c, n, d) transposed copy of the whole input first (VGG-16 conv2 at n = 128: 20 ms, not 29).
-    return jax.lax.map(lambda k: one(jax.lax.dynamic_index_in_dim(x, k, axis=1, keepdims=False)),
-                       jnp.arange(x.shape[1]))
-  # lax.map with a batch size vmaps over `batch_size` channels at a time, bounding the live (n, n) intermediates.
-  return jax.lax.map(one, jnp.swapaxes(x, 0, 1), batch_size=batch_size)
+    grams, finite = jax.lax.map(lambda k: one(jax.lax.dynamic_index_in_dim(x, k, axis=1, keepdims=False)),
+                                jnp.arange(x.shape[1]))
+  else:
+    # lax.map with a batch size vmaps over `batch_size` channels at a time, bounding the live (n, n) intermediates.
+    grams, finite = jax.lax.map(one, jnp.swapaxes(x, 0, 1), batch_size=batch_size)
+  return grams, jnp.all(finite)
 
 
 def channel_grams(
@@ -201,11 +210,13 @@ def channel_grams(
     Array of shape ``(c, n, n)``.
   """
   dtype = _checks.resolve_dtype(dtype)
-  x = _checks.as_float_array("x", x, dtype, ndim=3)
+  x = _checks.as_float_array("x", x, dtype, ndim=3, finite=False)  # checked by the computation itself
   _checks.check_samples("x", x.shape[0])
   if x.shape[1] < 1:
     raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}.")
-  return _channel_grams(x, validate_bandwidth(bandwidth), centered, normalized, batch_size)
+  grams, finite = _channel_grams(x, validate_bandwidth(bandwidth), centered, normalized, batch_size)
+  _checks.raise_unless_finite_norms("x", x, finite)
+  return grams
 
 
 def linear_gram(x: Float[ArrayLike, "n d"], *, centered: bool = False, dtype=jnp.float32) -> Float[Array, "n n"]:

@@ -361,7 +361,7 @@ def _from_features_streaming(x, lbar, bandwidth, m, normalized):
   pad = nblocks * m - n
   gammas = _channel_gammas(x, bandwidth)  # (c,)
   xt = jnp.swapaxes(x, 0, 1)  # (c, n, d): transposed once, not in every block
-  sq = jnp.einsum("cnd,cnd->cn", xt, xt)  # (c, n)
+  sq = jnp.einsum("cnd,cnd->cn", xt, xt)  # (c, n); also the validation of x (see kernels._channel_grams)
   xp = jnp.pad(xt, ((0, 0), (0, pad), (0, 0)))
   sqp = jnp.pad(sq, ((0, 0), (0, pad)))
 
@@ -387,7 +387,7 @@ def _from_features_streaming(x, lbar, bandwidth, m, normalized):
   const = jnp.sum(lbar * lbar)
   if normalized:
     quad, lin, const = _normalize(quad, lin, const)
-  return make_problem(quad, lin, const, float(n * n))
+  return make_problem(quad, lin, const, float(n * n)), jnp.all(jnp.isfinite(sq))
 
 
 @functools.partial(jax.jit, static_argnames=("bandwidth",))
@@ -450,7 +450,7 @@ def problem_from_features(
   dtype = _checks.resolve_dtype(dtype)
   bandwidth = kernels.validate_bandwidth(bandwidth)
   y_bandwidth = kernels.validate_bandwidth(bandwidth if y_bandwidth is None else y_bandwidth, "y_bandwidth")
-  x = _checks.as_float_array("x", x, dtype, ndim=3)
+  x = _checks.as_float_array("x", x, dtype, ndim=3, finite=False)  # checked by the computation itself
   n, c, _ = x.shape
   _checks.check_samples("x", n)
   if c < 1:
@@ -460,11 +460,15 @@ def problem_from_features(
     raise ValueError(f"x and y must have the same number of samples n on axis 0: x has shape {tuple(x.shape)}, "
                      f"y has shape {tuple(jnp.shape(y))}.")
   lbar = output_gram(y, kernel=y_kernel, bandwidth=y_bandwidth, dtype=dtype)
-  if c * n * n * dtype.itemsize <= max_block_bytes:
-    grams = kernels._channel_grams(x, bandwidth, False, False, None)  # pylint: disable=protected-access
-    return _from_grams(grams, lbar, _rows_per_block(c, n, dtype.itemsize, max_block_bytes), normalized)[0]
   m = _rows_per_block(c, n, dtype.itemsize, max_block_bytes)
-  return _from_features_streaming(x, lbar, bandwidth, m, normalized)
+  if c * n * n * dtype.itemsize <= max_block_bytes:
+    grams, finite = kernels._channel_grams(x, bandwidth, False, False, None)  # pylint: disable=protected-access
+    problem = _from_grams(grams, lbar, m, normalized)[0]
+  else:
+    problem, finite = _from_features_streaming(x, lbar, bandwidth, m, normalized)
+  # x is validated by the build (its squared norms), not by a pass of its own; see kernels._channel_grams.
+  _checks.raise_unless_finite_norms("x", x, finite)
+  return problem
 
 
 def combine_problems(problems: Sequence[LassoProblem]) -> LassoProblem:

@@ -345,9 +345,9 @@ def test_packed_triangles_give_frobenius_products(n, m):
   from hsic_jax.problem import _packed_rows  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(n + m)
   a = rng.normal(size=(3, n, n))
-  a = a + np.swapaxes(a, 1, 2)  # three symmetric matrices
+  a = (a + np.swapaxes(a, 1, 2)).astype(np.float32)  # three symmetric matrices
   l = rng.normal(size=(n, n))
-  l = l + l.T
+  l = (l + l.T).astype(np.float32)
   quad, lin, length = np.zeros((3, 3)), np.zeros(3), 0
   for start in range(0, n, m):
     kp, lp = (np.asarray(_packed_rows(a[:, start:start + m], start)),

@@ -26,6 +26,32 @@ def test_non_finite_features(value):
     hj.lasso_select(gx, gy, 0.1)
 
 
+@pytest.mark.parametrize("d", [2, 600])  # 600: the one-channel-at-a-time path for long rows
+@pytest.mark.parametrize("max_block_bytes", [None, 512])  # 512: Grams streamed in row blocks
+def test_non_finite_features_on_every_build_path(d, max_block_bytes):
+  # The build validates x from the squared norms it computes anyway. This Inf is one a check of the Grams would
+  # miss: every other sample is negative where it is +Inf, so its distances are +Inf and its kernel row exp(-Inf) = 0
+  # is finite.
+  x = np.abs(np.random.default_rng(2).normal(size=(8, 3, d))).astype(np.float32) * -1.0
+  x[5, 2, 0] = np.inf
+  kw = {} if max_block_bytes is None else {"max_block_bytes": max_block_bytes}
+  with pytest.raises(ValueError, match=r"x contains 1 NaN or Inf .* index \(5, 2, 0\)"):
+    hj.problem_from_features(x, np.ones((8, 2)), **kw)
+  with pytest.raises(ValueError, match=r"x contains 1 NaN or Inf .* index \(5, 2, 0\)"):
+    hj.channel_grams(x)
+
+
+@pytest.mark.parametrize("max_block_bytes", [None, 512])
+def test_features_whose_squares_overflow_are_refused(max_block_bytes):
+  x = np.random.default_rng(3).normal(size=(8, 3, 4)).astype(np.float32)
+  x[1, 0, 2] = 3e19  # finite in float32, its square is not
+  kw = {} if max_block_bytes is None else {"max_block_bytes": max_block_bytes}
+  with pytest.raises(ValueError, match=r"x holds values up to 3e\+19 whose squared norms overflow float32"):
+    hj.problem_from_features(x, np.ones((8, 2)), **kw)
+  with pytest.raises(ValueError, match="squared norms overflow"):
+    hj.channel_grams(x)
+
+
 def test_mismatched_samples():
   gx, gy = _grams(n=6)
   with pytest.raises(ValueError, match="gram_x and gram_y must have the same number of samples"):
