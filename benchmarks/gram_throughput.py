@@ -46,6 +46,10 @@ SHAPES = [
     (1024, 128, 16, "n=1024, c=128, 4x4 (streamed)"),
 ]
 QUICK_SHAPES = [(32, 8, 16, "tiny"), (64, 16, 16, "small")]
+# Timed calls repeat at least REPEATS times and for at least MIN_SECONDS (a median of 3 moved by 10-20% between
+# runs on a shared 2-core VM).
+REPEATS = 5
+MIN_SECONDS = 2.0
 
 
 def useful_flops(n: int, c: int, d: int, q: int) -> float:
@@ -84,14 +88,16 @@ def numpy64_problem(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
   return design.T @ design, design.T @ target
 
 
-def bench_shape(n: int, c: int, d: int, label: str, peak: float, numpy_cap: float) -> dict[str, Any]:
+def bench_shape(n: int, c: int, d: int, label: str, peak: float, numpy_cap: float,
+                min_seconds: float = MIN_SECONDS) -> dict[str, Any]:
   rng = np.random.default_rng(n + c + d)
   x = np.maximum(rng.normal(size=(n, c, d)), 0.0).astype(np.float32)
   q = 64
   y = rng.normal(size=(n, q)).astype(np.float32)
   xj, yj = jnp.asarray(x), jnp.asarray(y)
   jax.block_until_ready(hj.problem_from_features(xj, yj))  # compile
-  ours = _common.time_call(lambda: jax.block_until_ready(hj.problem_from_features(xj, yj)), repeats=3)
+  ours = _common.time_call(lambda: jax.block_until_ready(hj.problem_from_features(xj, yj)), repeats=REPEATS,
+                           min_seconds=min_seconds)
   flops = useful_flops(n, c, d, q)
   row = {"label": label, "n": n, "c": c, "d": d, "q": q, "gflop": flops / 1e9, "ours_seconds": ours,
          "ours_gflops": flops / ours / 1e9, "fraction_of_peak": flops / ours / 1e9 / peak,
@@ -119,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
 
   peak = matmul_peak(512 if args.quick else 2048)
   shapes = QUICK_SHAPES if args.quick else SHAPES
-  rows = [bench_shape(*s, peak=peak, numpy_cap=args.numpy_cap) for s in tqdm(shapes, desc="shapes", unit="shape")]
+  rows = [bench_shape(*s, peak=peak, numpy_cap=args.numpy_cap, min_seconds=0.0 if args.quick else MIN_SECONDS)
+          for s in tqdm(shapes, desc="shapes", unit="shape")]
   headers = ["layer", "GFLOP", "hsic_jax s", "hsic_jax GFLOP/s", "% of matmul peak", "dense-count GFLOP/s",
              "NumPy f64 (H K H) s", "speedup vs NumPy"]
   table = [[r["label"], _common.fmt(r["gflop"]), _common.fmt(r["ours_seconds"]), _common.fmt(r["ours_gflops"]),
@@ -139,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
   if not args.no_readme and not args.quick:
     m = _common.machine()
     _common.update_readme("gram_throughput", (
-        f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPU cores), jax {m['jax']}; median of 3 after "
-        f"compilation. {summary}\n\n" + md))
+        f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPU cores), jax {m['jax']}; median of at least "
+        f"{REPEATS} runs and {MIN_SECONDS:g} s after compilation. {summary}\n\n" + md))
 
 
 if __name__ == "__main__":
