@@ -208,6 +208,10 @@ def channel_grams(
 
   Returns:
     Array of shape ``(c, n, n)``.
+
+  Raises:
+    ValueError: for a bad shape or argument, or (after the computation, which does the check) for NaN/Inf in ``x``
+      or values whose squares overflow its dtype.
   """
   dtype = _checks.resolve_dtype(dtype)
   x = _checks.as_float_array("x", x, dtype, ndim=3, finite=False)  # checked by the computation itself

@@ -446,6 +446,10 @@ def problem_from_features(
 
   Returns:
     A :class:`LassoProblem`.
+
+  Raises:
+    ValueError: for a bad shape or argument, or (after the build, which computes the check) for NaN/Inf in ``x``
+      or values whose squares overflow its dtype.
   """
   dtype = _checks.resolve_dtype(dtype)
   bandwidth = kernels.validate_bandwidth(bandwidth)
