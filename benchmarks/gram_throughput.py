@@ -19,7 +19,7 @@ Two references are measured in the same run:
   useful-FLOP count (its extra ``H`` products are waste, not work).
 
 Goal: hsic_jax at >= 50% of the matmul peak. Shapes include the streaming case (all Grams larger than the memory
-budget), where kernels are computed row block by row block.
+budget), where kernels are computed tile by tile from the features.
 """
 
 from __future__ import annotations

@@ -128,6 +128,31 @@ def test_row_blocks_and_streaming_equal_direct():
       assert float(p.const) == pytest.approx(float(direct.const), rel=1e-12)
 
 
+@pytest.mark.parametrize("n, expected_sides", [(14, {0, 1, 2, 3, 5, 7}), (37, {0, 1, 2, 3, 5, 19, 37})])
+def test_tiles_of_every_side_equal_the_explicit_design(n, expected_sides):
+  # Budgets that take the Grams whole (t = 0), in one tile, in tiles dividing n, and in tiles that do not (the last
+  # tile row and column overlap the ones before and mask what those cover), down to 1 x 1 tiles; from Grams
+  # (exact centering) and streamed from features (shifted kernels, centered at the end).
+  from hsic_jax import problem  # pylint: disable=import-outside-toplevel
+  c = 5
+  x, y = _random_problem(n, n=n, c=c)
+  with jax.enable_x64(True):
+    gx = np.asarray(hj.channel_grams(x, dtype=jnp.float64))
+    gy = np.asarray(hj.gaussian_gram(y, dtype=jnp.float64))
+    a, b = _design(gx, gy)
+    sides = set()
+    for k in (1, 2, 3, 5, n // 2 + 1, n, 2 * n):
+      budget = 3 * c * 8 * k * k
+      sides.add(problem._tiles_for(c, n, 8, budget))  # pylint: disable=protected-access
+      built = [hj.problem_from_grams(gx, gy, max_block_bytes=budget, dtype=jnp.float64)]
+      if c * n * n * 8 > budget:  # streamed from the features
+        built.append(hj.problem_from_features(x, y, max_block_bytes=budget, dtype=jnp.float64))
+      for p in built:
+        np.testing.assert_allclose(np.asarray(p.quad), a.T @ a, rtol=1e-10, atol=1e-12 * np.abs(a.T @ a).max())
+        np.testing.assert_allclose(np.asarray(p.lin), a.T @ b, rtol=1e-10, atol=1e-12 * np.abs(a.T @ b).max())
+    assert sides == expected_sides  # 5 and 3 do not divide 14, nor 2, 3, 5, 19 37; 37 is one tile (odd n)
+
+
 def test_combined_batches_match_sklearn_on_stacked_design():
   x, y = _random_problem(5, n=60)
   with jax.enable_x64(True):
