@@ -89,6 +89,15 @@ def gram_stats(row_mean, col_mean, diag):
   return jnp.stack([finite.astype(row_mean.dtype), asym, scale])
 
 
+def worst_gram_stats(stats):
+  """Traceable: one :func:`gram_stats` row for a batch ``(b, 3)`` of them: finite only when every layer is, and
+  the asymmetry and scale of the layer whose asymmetry is largest relative to its own scale."""
+  finite = jnp.min(stats[:, 0])
+  ratio = stats[:, 1] / jnp.maximum(stats[:, 2], jnp.finfo(stats.dtype).tiny)
+  worst = jnp.argmax(jnp.where(jnp.isnan(ratio), jnp.inf, ratio))
+  return jnp.stack([finite, stats[worst, 1], stats[worst, 2]])
+
+
 # Gram matrices computed in floating point are symmetric only up to rounding.
 SYMMETRY_RTOL = 1e-4
 
@@ -125,6 +134,13 @@ def check_samples(name: str, n: int) -> None:
     raise ValueError(f"{name} must hold at least 2 samples (HSIC needs pairs of samples), got n={n}.")
 
 
+def check_values_per_sample(name: str, shape: tuple[int, ...]) -> None:
+  """Raises ValueError when the samples of features of ``shape`` (samples on axis 0, values after the channel axis
+  for ``(n, c, d)``) hold no values: a kernel of empty vectors is meaningless and its bandwidth undefined."""
+  if 0 in shape[1:]:
+    raise ValueError(f"{name} must hold at least one value per sample (and per channel), got shape {tuple(shape)}.")
+
+
 def check_square(name: str, shape: tuple[int, ...]) -> None:
   if shape[-1] != shape[-2]:
     raise ValueError(f"{name} must hold square (n, n) Gram matrices, got shape {tuple(shape)}.")
@@ -132,9 +148,16 @@ def check_square(name: str, shape: tuple[int, ...]) -> None:
 
 def check_nonnegative_scalar(name: str, value: Any) -> None:
   """Raises ValueError for a negative or non-finite concrete scalar (or any negative entry of an array)."""
+  if value is None:
+    raise ValueError(f"{name} is required, got None.")
   if not is_concrete(value):
     return
-  host = np.asarray(value)
+  try:
+    host = np.asarray(value)
+  except Exception as err:  # noqa: BLE001 - anything that is not array-like
+    raise ValueError(f"{name} must be a number or an array of numbers, got {type(value).__name__}.") from err
+  if not (np.issubdtype(host.dtype, np.floating) or np.issubdtype(host.dtype, np.integer)):
+    raise ValueError(f"{name} must be a number or an array of numbers, got {value!r} (dtype {host.dtype}).")
   if not np.all(np.isfinite(host)):
     raise ValueError(f"{name} must be finite, got {host}.")
   if np.any(host < 0):

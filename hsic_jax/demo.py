@@ -109,7 +109,7 @@ def _plot(path: pathlib.Path, masks: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m hsic_jax.demo", description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/demo"))
   parser.add_argument("--k", type=int, nargs="+", default=[4, 8, 16, 24])
   parser.add_argument("--seed", type=int, default=0)
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
   bad = [k for k in args.k if not 1 <= k <= 64]
   if bad:
     parser.error(f"--k values must be in [1, 64] (pixels of an 8x8 image), got {bad}")
+  if args.seed < 0:
+    parser.error(f"--seed must be >= 0, got {args.seed}")
   if not 2 <= args.calib <= 1347:
     parser.error(f"--calib must be in [2, 1347] (the training split), got {args.calib}")
   report = run(args.out, args.k, args.seed, args.calib)

@@ -21,6 +21,7 @@ from typing import Literal, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from hsic_jax import _checks
@@ -52,13 +53,21 @@ def validate_bandwidth(bandwidth: Bandwidth, name: str = "bandwidth") -> Bandwid
 
 
 def sq_distances(x: Float[Array, "n d"], z: Float[Array, "m d"] | None = None) -> Float[Array, "n m"]:
-  """Squared Euclidean distances ``||x_i - z_j||^2`` by one matrix product, clamped at 0."""
+  """Squared Euclidean distances ``||x_i - z_j||^2`` by one matrix product, clamped at 0.
+
+  Both sets are first shifted by ``x``'s mean over samples, which leaves the distances unchanged: the expansion
+  would otherwise cancel away, in float32, the differences between samples that share a large offset (features
+  around 1000 that differ by 1).
+  """
+  mean = jnp.mean(x, axis=0, keepdims=True)
+  x = x - mean
   sx = jnp.sum(x * x, axis=-1)
   if z is None:
     d2 = sx[:, None] + sx[None, :] - 2.0 * jnp.matmul(x, x.T, precision=_HIGHEST)
     # The diagonal is exactly zero; rounding of the expansion would otherwise leave noise there.
     d2 = jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, d2)
   else:
+    z = z - mean
     sz = jnp.sum(z * z, axis=-1)
     d2 = sx[:, None] + sz[None, :] - 2.0 * jnp.matmul(x, z.T, precision=_HIGHEST)
   return jnp.maximum(d2, 0.0)
@@ -72,7 +81,7 @@ def gamma_of(x: Float[Array, "n d"], bandwidth: Bandwidth, d2: Float[Array, "n n
   if bandwidth == "apib":
     return jnp.asarray(1.0 / d, x.dtype)
   if bandwidth == "pyhsiclasso":
-    var = jnp.mean(x * x) - jnp.mean(x) ** 2
+    var = jnp.var(x)
     # A constant feature has a constant kernel whatever gamma is; any finite value will do.
     return jnp.where(var > 0, 1.0 / (2.0 * d * jnp.where(var > 0, var, 1.0)), 1.0)
   # Median heuristic over the n(n-1)/2 distinct pairs.
@@ -154,6 +163,7 @@ def gaussian_gram(
   if x.ndim == 1:
     x = x[:, None]
   _checks.check_samples("x", x.shape[0])
+  _checks.check_values_per_sample("x", x.shape)
   return _gaussian_gram(x, validate_bandwidth(bandwidth), centered, normalized)
 
 
@@ -169,7 +179,8 @@ def _channel_grams(x, bandwidth, centered, normalized, batch_size):
   norm non-finite. Those norms are what the distances need anyway, so checking costs no extra pass over ``x``.
   """
   def one(xc):
-    finite = jnp.all(jnp.isfinite(jnp.sum(xc * xc, axis=-1)))  # the same expression as sq_distances' norms
+    xm = xc - jnp.mean(xc, axis=0, keepdims=True)
+    finite = jnp.all(jnp.isfinite(jnp.sum(xm * xm, axis=-1)))  # the same expressions as sq_distances' norms
     return _gaussian_gram(xc, bandwidth, centered, normalized), finite
 
   if batch_size is None and x.shape[2] >= SLICED_CHANNELS_MIN_DIM and _checks.one_problem_at_a_time():
@@ -218,6 +229,10 @@ def channel_grams(
   _checks.check_samples("x", x.shape[0])
   if x.shape[1] < 1:
     raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}.")
+  _checks.check_values_per_sample("x", x.shape)
+  if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
+                                 or batch_size < 1):
+    raise ValueError(f"batch_size must be a positive number of channels or None, got {batch_size!r}.")
   grams, finite = _channel_grams(x, validate_bandwidth(bandwidth), centered, normalized, batch_size)
   _checks.raise_unless_finite_norms("x", x, finite)
   return grams
@@ -229,8 +244,12 @@ def linear_gram(x: Float[ArrayLike, "n d"], *, centered: bool = False, dtype=jnp
   x = _checks.as_float_array("x", x, dtype, ndim=tuple(range(1, 9)))
   x = x.reshape(x.shape[0], -1)
   _checks.check_samples("x", x.shape[0])
-  k = x @ x.T
-  return center(k) if centered else k
+  if not centered:
+    return jnp.matmul(x, x.T, precision=_HIGHEST)
+  # H X X^T H = (HX)(HX)^T: centering the features first keeps the differences that a large offset would cancel;
+  # centering the product too removes what the rounding of the mean leaves.
+  x = x - jnp.mean(x, axis=0, keepdims=True)
+  return center(jnp.matmul(x, x.T, precision=_HIGHEST))
 
 
 def delta_gram(labels: Int[ArrayLike, " n"], *, centered: bool = False, dtype=jnp.float32) -> Float[Array, "n n"]:
@@ -241,14 +260,24 @@ def delta_gram(labels: Int[ArrayLike, " n"], *, centered: bool = False, dtype=jn
   >>> delta_gram([0, 0, 1]).tolist()
   [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]
   """
-  dtype = _checks.resolve_dtype(dtype)
-  labels = jnp.asarray(labels)
+  return labels_gram("labels", labels, centered=centered, dtype=_checks.resolve_dtype(dtype))
+
+
+def labels_gram(name: str, labels: ArrayLike, *, centered: bool, dtype: jnp.dtype) -> Float[Array, "n n"]:
+  """:func:`delta_gram` with errors that name the argument ``name`` (``labels``, or ``y`` of the problem builders)."""
+  if labels is None:
+    raise ValueError(f"{name} is required, got None.")
+  if not isinstance(labels, jax.Array):
+    try:
+      labels = np.asarray(labels)
+    except Exception as err:  # noqa: BLE001 - anything that is not array-like
+      raise ValueError(f"{name} must be an array of class ids, got {type(labels).__name__}.") from err
   if labels.ndim != 1:
-    raise ValueError(f"labels must be a 1-D array of class ids, got shape {tuple(labels.shape)}.")
+    raise ValueError(f"{name} must be a 1-D array of class ids, got shape {tuple(labels.shape)}.")
   if not (jnp.issubdtype(labels.dtype, jnp.integer) or jnp.issubdtype(labels.dtype, jnp.bool_)):
-    raise ValueError(f"labels must hold integer class ids, got dtype {labels.dtype}.")
-  _checks.check_samples("labels", labels.shape[0])
-  k = delta_from_labels(labels).astype(dtype)
+    raise ValueError(f"{name} must hold integer class ids, got dtype {labels.dtype}.")
+  _checks.check_samples(name, labels.shape[0])
+  k = delta_from_labels(jnp.asarray(labels)).astype(dtype)
   return center(k) if centered else k
 
 
@@ -342,7 +371,11 @@ def gaussian_cka(x: ArrayLike, y: ArrayLike, *, bandwidth: Bandwidth = "median",
 @functools.partial(jax.jit, static_argnames=("kernel", "bandwidth", "normalized"))
 def _layer_gram(x, kernel, bandwidth, normalized):
   x = x.reshape(x.shape[0], -1)
-  k = x @ x.T if kernel == "linear" else gaussian_from_features(x, bandwidth)
+  if kernel == "linear":  # centered features give the centered Gram, without the cancellation of a large offset
+    x = x - jnp.mean(x, axis=0, keepdims=True)
+    k = jnp.matmul(x, x.T, precision=_HIGHEST)
+  else:
+    k = gaussian_from_features(x, bandwidth)
   k = center(k)
   return frobenius_normalize(k) if normalized else k
 
@@ -389,5 +422,5 @@ def hsic_matrix(
       raise ValueError(f"features[{i}] has {f.shape[0]} samples on axis 0, but features[0] has {n}.")
     grams.append(_layer_gram(f, kernel, bandwidth, normalized))
   g = jnp.stack(grams)
-  s = jnp.einsum("inm,jnm->ij", g, g)
+  s = jnp.einsum("inm,jnm->ij", g, g, precision=_HIGHEST)
   return s if normalized else s / (n - 1) ** 2

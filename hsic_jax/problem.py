@@ -81,17 +81,23 @@ def _lipschitz_bound(quad):
   above. The step only sets the speed of the
   gradient phase; convergence is judged by the duality gap.
   """
-  start = jnp.sqrt(jnp.maximum(jnp.diagonal(quad, axis1=-2, axis2=-1), 0.0)) + jnp.finfo(quad.dtype).tiny
+  # Everything is computed on Q / max|Q|: Q's entries scale with the fourth power of the features, and squares of
+  # tiny ones (features around 1e-6) would underflow to zero.
+  scale = jnp.max(jnp.abs(quad), axis=(-2, -1))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  unit = quad / scale[..., None, None]
+  # The start is never zero (an all-zero Q, every channel constant, would leave it so).
+  start = jnp.sqrt(jnp.maximum(jnp.diagonal(unit, axis1=-2, axis2=-1), 0.0)) + jnp.finfo(quad.dtype).eps
 
   def body(_, v):
-    w = jnp.einsum("...ij,...j->...i", quad, v)
-    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), jnp.finfo(quad.dtype).tiny)
+    w = jnp.einsum("...ij,...j->...i", unit, v)
+    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), jnp.finfo(quad.dtype).eps)
 
   v = jax.lax.fori_loop(0, POWER_ITERATIONS, body, start / jnp.linalg.norm(start, axis=-1, keepdims=True))
-  rayleigh = jnp.einsum("...i,...ij,...j->...", v, quad, v)
-  frobenius = jnp.sqrt(jnp.sum(quad * quad, axis=(-2, -1)))
-  top = jnp.minimum(LIPSCHITZ_MARGIN * rayleigh, frobenius)
-  # An all-zero Q (every channel constant) would give a zero step denominator.
+  rayleigh = jnp.einsum("...i,...ij,...j->...", v, unit, v)
+  frobenius = jnp.sqrt(jnp.sum(unit * unit, axis=(-2, -1)))
+  top = jnp.minimum(LIPSCHITZ_MARGIN * rayleigh, frobenius) * scale
+  # An all-zero Q would give a zero step denominator.
   return jnp.maximum(top, jnp.finfo(quad.dtype).tiny)
 
 
@@ -272,7 +278,7 @@ def _from_grams(gram_x, gram_y, t, normalized):
   if gram_x.ndim == 3:
     return one(gram_x, gram_y)
   problem, stats = _checks.map_batch(one, (gram_x, gram_y))
-  return problem, jax.tree.map(lambda s: jnp.max(s, axis=0), stats)
+  return problem, jax.tree.map(_checks.worst_gram_stats, stats)
 
 
 def _from_grams_one(gram_x, gram_y, t, normalized):
@@ -380,6 +386,7 @@ def _from_features_streaming(x, lbar, bandwidth, t, normalized):
   n, c, _ = x.shape
   gammas = _channel_gammas(x, bandwidth)  # (c,)
   xt = jnp.swapaxes(x, 0, 1)  # (c, n, d): transposed once, not in every tile
+  xt = xt - jnp.mean(xt, axis=1, keepdims=True)  # distances do not change; see kernels.sq_distances
   sq = jnp.einsum("cnd,cnd->cn", xt, xt)  # (c, n); also the validation of x (see kernels._channel_grams)
 
   def kernel_block(r0, rows, c0, cols):
@@ -428,11 +435,12 @@ def output_gram(
   """
   dtype = _checks.resolve_dtype(dtype)
   if kernel == "delta":
-    return kernels.delta_gram(y, centered=True, dtype=dtype)
+    return kernels.labels_gram("y", y, centered=True, dtype=dtype)
   if kernel != "gaussian":
     raise ValueError(f"kernel must be 'gaussian' or 'delta', got {kernel!r}.")
   y = _checks.as_float_array("y", y, dtype, ndim=tuple(range(1, 9)))
   _checks.check_samples("y", y.shape[0])
+  _checks.check_values_per_sample("y", y.shape)
   return _output_gram(y, kernels.validate_bandwidth(bandwidth))
 
 
@@ -476,6 +484,7 @@ def problem_from_features(
   _checks.check_samples("x", n)
   if c < 1:
     raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)} (n, c, d).")
+  _checks.check_values_per_sample("x", x.shape)
   y_n = jnp.shape(y)[0] if jnp.ndim(y) > 0 else None
   if y_n != n:
     raise ValueError(f"x and y must have the same number of samples n on axis 0: x has shape {tuple(x.shape)}, "
@@ -492,13 +501,25 @@ def problem_from_features(
   return problem
 
 
+def _check_unbatched(problems: Sequence[LassoProblem], fn: str) -> None:
+  if isinstance(problems, LassoProblem) or not isinstance(problems, Sequence):
+    raise ValueError(f"{fn} takes a list of LassoProblems, got {type(problems).__name__}.")
+  if not problems:
+    raise ValueError("problems must hold at least one LassoProblem, got an empty sequence.")
+  for i, p in enumerate(problems):
+    if not isinstance(p, LassoProblem):
+      raise ValueError(f"problems[{i}] must be a LassoProblem (see problem_from_grams), got {type(p).__name__}.")
+    if p.lin.ndim != 1:
+      raise ValueError(f"problems[{i}] is a batch of problems (q of shape {tuple(p.lin.shape)}); {fn} takes "
+                       "single-layer problems.")
+
+
 def combine_problems(problems: Sequence[LassoProblem]) -> LassoProblem:
   """Sums problems built on different calibration batches of the same layer (block HSIC Lasso, one block a batch).
 
   ``Q``, ``q``, ``||L̄||^2`` and the row counts add; the Lipschitz constant is recomputed.
   """
-  if not problems:
-    raise ValueError("problems must hold at least one LassoProblem, got an empty sequence.")
+  _check_unbatched(problems, "combine_problems")
   c = problems[0].num_channels
   for i, p in enumerate(problems):
     if p.quad.shape != (c, c):
@@ -511,10 +532,9 @@ def stack_problems(problems: Sequence[LassoProblem]) -> tuple[LassoProblem, Int[
   """Stacks problems of different widths into one batch, zero-padded to the widest.
 
   A padded channel has ``Q`` row/column and ``q`` entry 0, so its coefficient stays 0 for any ``lam >= 0`` and it is
-  never selected. Returns the batched problem and the true width of each.
+  never selected. Returns the batched problem and the true width of each (for :func:`~hsic_jax.select_k`).
   """
-  if not problems:
-    raise ValueError("problems must hold at least one LassoProblem, got an empty sequence.")
+  _check_unbatched(problems, "stack_problems")
   widths = [p.num_channels for p in problems]
   cmax = max(widths)
 

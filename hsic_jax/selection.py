@@ -91,6 +91,9 @@ def lambda_grid(problem: LassoProblem, *, num: int = 50, ratio: float = 1e-3,
   """Log-spaced penalties from ``lambda_max`` down to ``ratio * lambda_max`` (unbatched problem)."""
   if num < 1 or not 0 < ratio < 1:
     raise ValueError(f"num must be >= 1 and ratio in (0, 1), got num={num}, ratio={ratio}.")
+  solver.check_problem(problem)
+  if problem.lin.ndim != 1:
+    raise ValueError(f"lambda_grid takes one unbatched problem; got q of shape {tuple(problem.lin.shape)}.")
   top = solver.lambda_max(problem, positive=positive)
   return top * jnp.logspace(0.0, np.log10(ratio), num, dtype=problem.lin.dtype)
 
@@ -131,8 +134,9 @@ class KSelection(NamedTuple):
     selected: boolean mask with exactly ``k`` True entries.
     lam: the penalty found by bisection.
     exact: whether the Lasso support at ``lam`` has exactly ``k`` channels. When False (ties, or ``k`` larger than
-      any Lasso support), ``selected`` is the top ``k`` by coefficient, then by ``q`` (relevance), from the nearest
-      solution with more than ``k`` channels (or the smallest ``lam`` tried).
+      any Lasso support), ``selected`` is the top ``k`` by coefficient magnitude, then by ``q`` (relevance), from
+      the solution with more than ``k`` channels nearest to ``lam`` (or, when no solution tried had more, from the
+      one with the most).
     result: the Lasso solution at ``lam``.
   """
 
@@ -142,14 +146,16 @@ class KSelection(NamedTuple):
   result: LassoResult
 
 
-def _top_k_mask(beta, lin, k):
-  # Primary key: coefficient (descending); secondary: relevance q (descending).
-  order = jnp.lexsort((-lin, -beta))
+def _top_k_mask(beta, lin, k, width):
+  # Primary key: a true channel before padding; then coefficient magnitude (descending: the signed Lasso keeps
+  # negative ones too); then relevance q (descending).
+  padding = jnp.arange(beta.shape[0]) >= width
+  order = jnp.lexsort((-lin, -jnp.abs(beta), padding))
   ranks = jnp.empty_like(order).at[order].set(jnp.arange(order.shape[0]))
   return ranks < k
 
 
-def _select_k_one(quad, lin, const, lip, k, tol, max_iter, max_steps, positive, compact=False):
+def _select_k_one(quad, lin, const, lip, k, width, tol, max_iter, max_steps, positive, compact=False):
   solve_at = functools.partial(solver._solve_one, quad, lin, const, lip,  # pylint: disable=protected-access
                                tol=tol, max_iter=max_iter, check_every=solver.CHECK_EVERY, positive=positive,
                                compact=compact)
@@ -158,6 +164,10 @@ def _select_k_one(quad, lin, const, lip, k, tol, max_iter, max_steps, positive, 
 
   def count(res):
     return jnp.sum(res.selected)
+
+  def better(res, best):
+    # The fallback: the latest (nearest) solution with more than k channels; until there is one, the largest.
+    return (count(res) > k) | ((count(best) <= k) & (count(res) >= count(best)))
 
   def cond(st):
     lo, hi, res, best, step = st
@@ -168,24 +178,23 @@ def _select_k_one(quad, lin, const, lip, k, tol, max_iter, max_steps, positive, 
     cnt = count(res)
     lo = jnp.where(cnt > k, res.lam, lo)
     hi = jnp.where(cnt < k, res.lam, hi)
-    # The nearest solution with more than k channels is the fallback.
-    best = jax.tree.map(lambda b, r: jnp.where(cnt > k, r, b), best, res)
+    best = jax.tree.map(lambda b, r: jnp.where(better(res, best), r, b), best, res)
     new = solve_at(0.5 * (lo + hi), res.beta)
     return lo, hi, new, best, step + 1
 
   zero = jnp.zeros((), lin.dtype)
   lo, hi, res, best, _ = jax.lax.while_loop(cond, body, (zero, top, first, first, jnp.zeros((), jnp.int32)))
   exact = count(res) == k
-  fallback = jax.tree.map(lambda r, b: jnp.where(count(res) > k, r, b), res, best)
-  mask = jnp.where(exact, res.selected, _top_k_mask(fallback.beta, lin, k))
+  fallback = jax.tree.map(lambda r, b: jnp.where(better(res, best), r, b), res, best)
+  mask = jnp.where(exact, res.selected, _top_k_mask(fallback.beta, lin, k, width))
   return KSelection(mask, res.lam, exact, res)
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "max_steps", "positive"))
-def _select_k(problem, k, tol, max_iter, max_steps, positive):
+def _select_k(problem, k, widths, tol, max_iter, max_steps, positive):
   fn = functools.partial(_select_k_one, tol=tol, max_iter=max_iter, max_steps=max_steps, positive=positive,
                          compact=_checks.one_problem_at_a_time())
-  args = (problem.quad, problem.lin, problem.const, problem.lipschitz, k)
+  args = (problem.quad, problem.lin, problem.const, problem.lipschitz, k, widths)
   return fn(*args) if problem.lin.ndim == 1 else _checks.map_batch(fn, args)
 
 
@@ -193,6 +202,7 @@ def select_k(
     problem: LassoProblem,
     k: int | Int[ArrayLike, " b"],
     *,
+    widths: Int[ArrayLike, " b"] | None = None,
     positive: bool = True,
     tol: float | None = None,
     max_iter: int = solver.DEFAULT_MAX_ITER,
@@ -201,11 +211,13 @@ def select_k(
   """Keeps exactly ``k`` channels: bisection on ``lam`` in ``[0, lambda_max]`` until the support has ``k`` entries.
 
   Each bisection step warm-starts from the previous solution; the whole search is one compiled loop. A batch of
-  problems (from :func:`hsic_jax.stack_problems`) takes one ``k`` per problem.
+  problems (from :func:`hsic_jax.stack_problems`) takes one ``k`` per problem, and the true widths that
+  :func:`~hsic_jax.stack_problems` returns with it, so that a padding channel is never among the ``k``.
 
   Args:
     problem: one problem, or a stacked batch.
-    k: channels to keep, ``1 <= k <= c`` (per problem for a batch).
+    k: channels to keep, ``1 <= k <= width`` (per problem for a batch).
+    widths: true number of channels of each problem of a zero-padded batch (default: all ``c``).
     positive: nonnegative (default) or signed Lasso.
     tol, max_iter: solver settings for every step.
     max_steps: cap on bisection steps.
@@ -215,8 +227,19 @@ def select_k(
   k_arr = np.asarray(k)
   if k_arr.shape != problem.lin.shape[:-1]:
     raise ValueError(f"k must have shape {problem.lin.shape[:-1]} (one per problem), got {k_arr.shape}.")
-  if not np.issubdtype(k_arr.dtype, np.integer) or np.any(k_arr < 1) or np.any(k_arr > c):
-    raise ValueError(f"k must be an integer in [1, {c}] (never an empty layer), got {k}.")
+  if widths is None:
+    widths_arr = np.full(k_arr.shape, c)
+  else:
+    widths_arr = np.asarray(widths)
+    if (widths_arr.shape != k_arr.shape or not np.issubdtype(widths_arr.dtype, np.integer)
+        or np.any(widths_arr < 1) or np.any(widths_arr > c)):
+      raise ValueError(f"widths must be integers in [1, {c}] of shape {k_arr.shape} (one per problem, as "
+                       f"stack_problems returns them), got {widths}.")
+  if not np.issubdtype(k_arr.dtype, np.integer) or np.any(k_arr < 1) or np.any(k_arr > widths_arr):
+    if k_arr.ndim == 0:
+      raise ValueError(f"k must be an integer in [1, {int(widths_arr)}] (never an empty layer), got {k!r}.")
+    raise ValueError(f"k must hold an integer in [1, width] per problem (never an empty layer, never more channels "
+                     f"than it has), got k={k_arr.tolist()} for widths {widths_arr.tolist()}.")
   tol = solver.default_tol(problem.lin.dtype) if tol is None else tol
-  return _select_k(problem, jnp.asarray(k_arr, jnp.int32), jnp.asarray(tol, problem.lin.dtype), int(max_iter),
-                   int(max_steps), bool(positive))
+  return _select_k(problem, jnp.asarray(k_arr, jnp.int32), jnp.asarray(widths_arr, jnp.int32),
+                   jnp.asarray(tol, problem.lin.dtype), int(max_iter), int(max_steps), bool(positive))

@@ -67,7 +67,8 @@ class LassoResult(NamedTuple):
     beta: coefficients, ``(..., c)``; ``>= 0`` in the nonnegative mode.
     selected: boolean mask of kept channels, ``beta > 0`` (``beta != 0`` in the signed mode).
     objective: ``F(beta)`` on the scale stated in the module docstring.
-    gap: duality gap at ``beta`` (an upper bound on ``F(beta) - min F``).
+    gap: duality gap at ``beta`` (an upper bound on ``F(beta) - min F``). At ``lam = 0`` the dual point is 0 and
+      the gap equals the objective, which certifies nothing; ``converged`` then comes from the KKT residual.
     iterations: proximal-gradient steps taken.
     converged: whether a stopping test was met before ``max_iter``.
     lam: the penalty this result was solved at.
@@ -345,6 +346,11 @@ def solve(
   """
   check_problem(problem)
   _checks.check_nonnegative_scalar("lam", lam)
+  try:
+    jnp.broadcast_shapes(problem.lin.shape[:-1], jnp.shape(lam))
+  except ValueError as err:
+    raise ValueError(f"lam of shape {jnp.shape(lam)} does not broadcast against the problem's batch shape "
+                     f"{problem.lin.shape[:-1]}: pass a scalar, one lam per problem, or a grid for one problem.") from err
   tol = default_tol(problem.lin.dtype) if tol is None else tol
   if not tol > 0:
     raise ValueError(f"tol must be > 0, got {tol}.")

@@ -84,10 +84,12 @@ class PrunePlan:
       if data.get("format") != _PLAN_FORMAT:
         raise ValueError(f"plan format {data.get('format')!r} is not supported; expected {_PLAN_FORMAT}")
       sizes = {g["name"]: int(g["size"]) for g in data["groups"]}
+      if any(size < 1 for size in sizes.values()):
+        raise ValueError(f"group sizes must be >= 1, got {sizes}")
       keep = {g["name"]: tuple(int(i) for i in g["keep"]) for g in data["groups"]}
       widths = None if data["widths"] is None else tuple(int(w) for w in data["widths"])
       new_widths = None if data["new_widths"] is None else tuple(int(w) for w in data["new_widths"])
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # JSONDecodeError is a ValueError
       raise ValueError(f"text is not a PrunePlan JSON ({e!r}); expected the output of PrunePlan.to_json") from e
     return cls(sizes, keep, widths, new_widths)
 
@@ -237,8 +239,10 @@ def _validate_keep(keep: Mapping[str, Any], by_name: Mapping[str, ChannelGroup])
       raise ValueError(f"keep[{name!r}] is empty; a group is never emptied (keep at least 1 of {g.size} channels)")
     if arr.dtype == np.bool_:
       raise ValueError(f"keep[{name!r}] is a boolean mask; expected channel indices (np.flatnonzero(mask))")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+      raise ValueError(f"keep[{name!r}] must hold integer channel indices, got {arr.tolist()[:10]}")
     if not np.issubdtype(arr.dtype, np.integer):
-      if not np.all(np.equal(np.mod(arr, 1), 0)):
+      if not np.all(np.isfinite(arr)) or not np.all(np.equal(np.mod(arr, 1), 0)):
         raise ValueError(f"keep[{name!r}] must hold integer channel indices, got {arr.tolist()[:10]}")
       arr = arr.astype(np.int64)
     bad = arr[(arr < 0) | (arr >= g.size)]
@@ -340,15 +344,18 @@ def _new_widths(widths: Sequence[int] | None, groups: Mapping[str, ChannelGroup]
   if widths is None:
     return None
   new = [int(w) for w in widths]
+  for name, g in groups.items():  # every group, cut or not, must describe this width list
+    for i in g.width_indices:
+      if not 0 <= i < len(new):
+        raise ValueError(f"group {name!r} sets width index {i}, but widths has {len(new)} entries; expected the "
+                         "width list of the model the groups describe")
+      if new[i] != g.size:
+        raise ValueError(f"widths[{i}] is {widths[i]} but group {name!r}, which sets it, has {g.size} channels; "
+                         f"expected the width list of the model the groups describe")
   set_by: dict[int, str] = {}
   for name, kept in keep.items():
     g = groups[name]
     for i in g.width_indices:
-      if not 0 <= i < len(new):
-        raise ValueError(f"group {name!r} sets width index {i}, but widths has {len(new)} entries")
-      if int(widths[i]) != g.size:
-        raise ValueError(f"widths[{i}] is {widths[i]} but group {name!r}, which sets it, has {g.size} channels; "
-                         f"expected the width list of the model the groups describe")
       if i in set_by and new[i] != kept.size:
         raise ValueError(f"groups {set_by[i]!r} and {name!r} both set widths[{i}] but keep different counts "
                          f"({new[i]} and {kept.size})")

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from flax import nnx
 
-from models import googlenet, mobilenetv2, resnet50, resnet_cifar, vgg
+from models import _common, googlenet, mobilenetv2, resnet50, resnet_cifar, vgg
 from models._common import Tap, Taps
 from models.googlenet import GoogLeNet
 from models.mobilenetv2 import MobileNetV2
@@ -107,10 +107,12 @@ def get_model(name: str, widths: Sequence[int] | None = None, *, num_classes: in
     rngs: parameter initialisation keys.
 
   Raises:
-    ValueError: unknown name, or widths of the wrong length, with entries < 1, or unequal residual widths within a
-      stage.
+    ValueError: unknown name, ``num_classes`` not a whole number >= 1, or widths of the wrong length, with entries
+      < 1, or unequal residual widths within a stage.
   """
   _check_name(name)
+  if num_classes is not None:
+    num_classes = _common.check_num_classes(num_classes)
   return MODELS[name].build(widths, num_classes, rngs)
 
 

@@ -9,10 +9,11 @@ BatchNorm ``y = scale * (x - mean) / sqrt(var + 1e-5) + bias`` with running stat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hsic_jax.groups import ChannelGroup, ChannelSlice, Path
@@ -83,6 +84,13 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------------------------------------------
 # Width validation.
+
+
+def check_num_classes(num_classes: Any) -> int:
+  """Returns ``num_classes`` as an int, or raises ValueError unless it is a whole number >= 1."""
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+  return int(num_classes)
 
 
 def check_widths(model: str, widths: Sequence[int], expected_len: int, layout: str) -> list[int]:
@@ -163,9 +171,7 @@ class WidthModel(nnx.Module):
   """Base of the architectures: keeps the width list and class count a model was built with."""
 
   def _set_widths(self, widths: Sequence[int], num_classes: int) -> None:
-    if num_classes < 1:
-      raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    self.num_classes = num_classes
+    self.num_classes = check_num_classes(num_classes)
     self._widths = tuple(widths)
 
   @property

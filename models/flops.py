@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import models as registry
+from models._common import check_num_classes
 
 Path = tuple[str, ...]
 
@@ -291,7 +292,7 @@ def count(name: str, widths: Sequence[int] | None = None, *, num_classes: int | 
     model = nnx.eval_shape(lambda: registry.get_model(name, widths, num_classes=num_classes, rngs=nnx.Rngs(0)))
     return count_model(model, registry.input_size(name), name=name)
   ws = registry.validate_widths(name, widths)
-  st = _structure(name, num_classes)
+  st = _structure(name, None if num_classes is None else check_num_classes(num_classes))
   shapes = {pth: tuple(const + sum(ws[i] * m for i, m in terms) for const, terms in ax)
             for pth, ax in st.axes.items()}
   ops = [dataclasses.replace(op, kernel_shape=shapes[op.kernel_path],

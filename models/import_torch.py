@@ -26,6 +26,7 @@ import argparse
 import os
 import re
 import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -173,13 +174,53 @@ def import_torch_state(model_name: str, state_dict: Mapping[str, np.ndarray]) ->
 
 
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-  """Reads a ``.npz`` of PyTorch-named arrays into a dict."""
-  with np.load(path) as data:
-    return {k: data[k] for k in data.files}
+  """Reads a ``.npz`` of PyTorch-named arrays into a dict.
+
+  Raises:
+    FileNotFoundError: ``path`` does not exist.
+    ValueError: ``path`` is not an ``.npz`` archive (a directory, a single ``.npy`` array, text, a truncated file).
+  """
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"weights file {path} does not exist")
+  if not path.is_file():
+    raise ValueError(f"weights {path} is not a file; expected an .npz of PyTorch state_dict arrays")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"weights {path} is not an .npz archive; expected an .npz of PyTorch state_dict arrays "
+                     "(np.savez(path, **{k: v.numpy() for k, v in state_dict.items()}))") from e
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise ValueError(f"weights {path} holds a single array, not an .npz archive of named arrays; expected an .npz "
+                     "of PyTorch state_dict arrays")
+  try:
+    with data:
+      return {k: data[k] for k in data.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"weights {path} is a damaged .npz archive ({e})") from e
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Orbax checkpoints.
+
+
+def _check_state_matches_widths(model: nnx.Module) -> None:
+  """Raises ValueError when ``model``'s parameters do not have the shapes its width list builds (a state cut by
+  surgery but put back in a model of the old widths, or the reverse), which would only surface on loading."""
+  name = registry.model_name(model)
+  fresh = nnx.eval_shape(lambda: registry.get_model(name, model.widths, num_classes=int(model.num_classes),
+                                                    rngs=nnx.Rngs(0)))
+  want = jax.tree_util.tree_map(lambda v: tuple(v.shape), nnx.to_pure_dict(nnx.state(fresh)))
+  have = jax.tree_util.tree_map(lambda v: tuple(np.shape(v)), nnx.to_pure_dict(nnx.state(model)))
+  want_flat = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0])
+  have_flat = dict(jax.tree_util.tree_flatten_with_path(have, is_leaf=lambda x: isinstance(x, tuple))[0])
+  for key in sorted(set(want_flat) | set(have_flat), key=str):
+    w, h = want_flat.get(key), have_flat.get(key)
+    if w != h:
+      where = jax.tree_util.keystr(key)
+      raise ValueError(f"{name} with widths {list(model.widths)} has {where} of shape {w}, but the model's state holds "
+                       f"{h}; its parameters and width list disagree (rebuild the model with the pruned widths: "
+                       "get_model(name, result.widths) and nnx.update with the pruned state)")
 
 
 def save_checkpoint(model: nnx.Module, path: str | os.PathLike[str], *, force: bool = False) -> Path:
@@ -195,7 +236,9 @@ def save_checkpoint(model: nnx.Module, path: str | os.PathLike[str], *, force: b
 
   Raises:
     FileExistsError: ``path`` exists and ``force`` is false.
+    ValueError: the model's parameter shapes are not those its width list builds.
   """
+  _check_state_matches_widths(model)
   path = Path(path).resolve()
   if path.exists() and not force:
     raise FileExistsError(f"checkpoint directory {path} already exists; pass force=True (CLI: --force) to overwrite")
@@ -237,11 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="checkpoint directory to write")
   parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
   args = parser.parse_args(argv)
-  if not Path(args.weights).exists():
-    parser.error(f"--weights {args.weights} does not exist")
   try:
     model = import_torch_state(args.model, load_npz(args.weights))
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   try:
     out = save_checkpoint(model, args.out, force=args.force)

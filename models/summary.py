@@ -22,8 +22,9 @@ def _fmt_hw(hw: tuple[int, int] | None) -> str:
   return "-" if hw is None else f"{hw[0]}x{hw[1]}"
 
 
-def format_table(count: flops.Count) -> str:
-  """Renders a :class:`models.flops.Count` as a fixed-width text table with totals."""
+def format_table(count: flops.Count, *, num_classes: int | None = None) -> str:
+  """Renders a :class:`models.flops.Count` as a fixed-width text table with totals, compared with the dense model
+  of the same class count (``num_classes``, as ``count`` was made with)."""
   header = ("layer", "kind", "in", "out", "kernel", "out HxW", "MACs", "params")
   rows = [(r.name, r.kind, str(r.in_ch), str(r.out_ch), _fmt_hw(r.kernel), _fmt_hw(r.out_hw), f"{r.macs:,}",
            f"{r.params:,}") for r in count.layers]
@@ -34,7 +35,7 @@ def format_table(count: flops.Count) -> str:
     return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
   out = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-  dense = flops.count(count.model) if count.model else None
+  dense = flops.count(count.model, num_classes=num_classes) if count.model else None
   out.append("")
   out.append(f"model {count.model}: {count.macs:,} MACs ({count.macs / 1e6:.2f}M), "
              f"{count.params:,} params ({count.params / 1e6:.3f}M)")
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     json.dump(count.to_dict(), sys.stdout, indent=1)
     sys.stdout.write("\n")
   else:
-    print(format_table(count))
+    print(format_table(count, num_classes=args.num_classes))
   return 0
 
 

@@ -247,3 +247,13 @@ def test_summary_cli(capsys: pytest.CaptureFixture[str]):
   with pytest.raises(SystemExit):
     summary.main(["--model", "resnet20", "--widths", "1,2,3"])
   assert "must have 19 entries" in capsys.readouterr().err
+  # With another class count the comparison is with the dense model of that class count: the dense 100-class
+  # model is not "pruned" against the 10-class one, and a pruned 100-class one is compared with its own dense model.
+  assert summary.main(["--model", "resnet20", "--num-classes", "100"]) == 0
+  assert "vs dense" not in capsys.readouterr().out
+  assert summary.main(["--model", "resnet20", "--num-classes", "100", "--widths", ",".join(map(str, ws))]) == 0
+  ratio = flops.count("resnet20", ws, num_classes=100).params / flops.count("resnet20", num_classes=100).params
+  assert f"{ratio:.4f} of params" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    summary.main(["--model", "resnet20", "--num-classes", "0"])
+  assert "num_classes must be an integer >= 1" in capsys.readouterr().err

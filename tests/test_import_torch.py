@@ -291,6 +291,44 @@ def test_checkpoint_keeps_pruned_widths(tmp_path: Path):
                                 np.asarray(model.stage1.block0.conv1.kernel[...]))
 
 
+def test_checkpoint_of_parameters_that_disagree_with_the_widths_is_refused(tmp_path: Path):
+  # A pruned state put back into a model of the dense widths would save, then fail to load; it is refused at save,
+  # writing nothing, and the model built with the pruned widths saves and loads.
+  from hsic_jax import surgery
+  from models import get_model
+  dense = get_model("resnet20", rngs=nnx.Rngs(0))
+  groups = dense.channel_groups()
+  g = next(g for g in groups if g.prunable)
+  res = surgery.prune(nnx.to_pure_dict(nnx.state(dense)), groups, {g.name: [0, 2, 5]}, widths=dense.widths)
+  state = nnx.state(dense)
+  nnx.replace_by_pure_dict(state, res.state)
+  nnx.update(dense, state)
+  with pytest.raises(ValueError, match=r"has .* of shape \(16,\), but the model's state holds \(3,\)"):
+    import_torch.save_checkpoint(dense, tmp_path / "bad")
+  assert not (tmp_path / "bad").exists()
+  pruned = get_model("resnet20", res.widths, rngs=nnx.Rngs(0))
+  state = nnx.state(pruned)
+  nnx.replace_by_pure_dict(state, res.state)
+  nnx.update(pruned, state)
+  assert import_torch.load_checkpoint(import_torch.save_checkpoint(pruned, tmp_path / "good")).widths == res.widths
+
+
+def test_weights_that_are_not_an_npz_get_a_clear_error(tmp_path: Path, capsys):
+  np.save(tmp_path / "one.npy", np.ones(3))
+  (tmp_path / "notes.txt").write_text("not weights")
+  (tmp_path / "cut.npz").write_bytes((WEIGHTS / "resnet20_cifar10.npz").read_bytes()[:5000]
+                                     if (WEIGHTS / "resnet20_cifar10.npz").exists() else b"PK\x03\x04broken")
+  cases = {tmp_path: "is not a file", tmp_path / "one.npy": "holds a single array",
+           tmp_path / "notes.txt": "is not an .npz archive", tmp_path / "cut.npz": "npz archive",
+           tmp_path / "nope.npz": "does not exist"}
+  for path, msg in cases.items():
+    with pytest.raises(SystemExit):
+      import_torch.main(["--model", "resnet20", "--weights", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err, err
+  assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # CIFAR-10 reader.
 

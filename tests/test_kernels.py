@@ -175,3 +175,32 @@ def test_bad_bandwidth(bad):
 def test_sq_distances_nonnegative_under_cancellation():
   x = np.full((5, 300), 1e4, np.float32)
   assert float(np.min(np.asarray(kernels.sq_distances(x)))) >= 0.0
+
+
+def test_a_large_common_offset_does_not_cancel_the_differences():
+  # Features around 1000 that differ by about 1: ||a||^2 + ||b||^2 - 2<a, b> in float32 loses the differences to
+  # rounding (entries of 1e6 * d carry errors of 0.1 * d). Distances, and so every kernel, are translation invariant:
+  # float32 on the offset features must agree with float64 on the differences alone.
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(24, 3, 16))
+  shifted = (x + 1000.0).astype(np.float32)
+  xr = shifted.astype(np.float64) - 1000.0  # what float32 holds, offset removed exactly
+  gamma = 1.0 / 16
+  d2 = ((xr[:, None] - xr[None, :]) ** 2).sum(-1)  # (n, n, c)
+  want = np.exp(-gamma * np.moveaxis(d2, -1, 0))
+  np.testing.assert_allclose(np.asarray(hj.channel_grams(shifted)), want, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(hj.gaussian_gram(shifted[:, 0], bandwidth=gamma)), want[0], atol=2e-5)
+  flat = xr.reshape(24, -1)
+  lin = _h(24) @ flat @ flat.T @ _h(24)
+  np.testing.assert_allclose(np.asarray(hj.linear_gram(shifted, centered=True)), lin, rtol=1e-4, atol=1e-3)
+  # The problem, whole and streamed in tiles, equals the one from the float64 differences.
+  y = np.tanh(xr[:, 0])
+  ref = hj.problem_from_features(xr.astype(np.float32), y)
+  for kw in ({}, {"max_block_bytes": 4096}):
+    p = hj.problem_from_features(shifted, y, **kw)
+    np.testing.assert_allclose(np.asarray(p.quad), np.asarray(ref.quad), rtol=1e-4, atol=1e-4 * float(ref.quad.max()))
+    np.testing.assert_allclose(np.asarray(p.lin), np.asarray(ref.lin), rtol=1e-4, atol=1e-4 * float(ref.lin.max()))
+  cka = hj.hsic_matrix([shifted, shifted[:, :1] * 2.0 - 5.0])
+  want_cka = np.trace(lin @ _h(24) @ (flat[:, :16] @ flat[:, :16].T) @ _h(24)) / np.sqrt(
+      np.sum(lin * lin) * np.sum((_h(24) @ flat[:, :16] @ flat[:, :16].T @ _h(24)) ** 2))
+  np.testing.assert_allclose(np.asarray(cka)[0, 1], want_cka, rtol=1e-4)

@@ -373,6 +373,9 @@ def test_param_count_with_num_classes():
   model = abstract("resnet20", num_classes=100)
   assert pure_shapes(model)[("fc", "kernel")] == (64, 100)
   assert model.num_classes == 100
+  for bad in (2.5, 0, True, "10"):
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):
+      abstract("resnet20", num_classes=bad)
 
 
 # ------------------------------------------------------------------------------------------------------------------

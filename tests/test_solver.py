@@ -209,6 +209,25 @@ def test_select_k_keeps_exactly_k():
   assert int(np.asarray(hj.select_k(p, 12).selected).sum()) == 12
 
 
+def test_select_k_never_keeps_padding_of_a_stacked_batch():
+  # A layer of 5 channels stacked with one of 12 is padded with 7 channels of zero Q and q. Keeping all 5 needs
+  # the fallback (k beyond the Lasso support), whose top-k ranking must put the padding last.
+  x, y = _random_problem(8)
+  x2, y2 = _random_problem(9, c=5)
+  p2 = hj.problem_from_features(x2, y2)
+  stacked, widths = hj.stack_problems([hj.problem_from_features(x, y), p2])
+  sel = hj.select_k(stacked, np.array([12, 5]), widths=widths)
+  mask = np.asarray(sel.selected)
+  assert mask[0].all() and mask[1, :5].all() and not mask[1, 5:].any()
+  np.testing.assert_array_equal(mask[1, :5], np.asarray(hj.select_k(p2, 5).selected))
+  sel3 = hj.select_k(stacked, np.array([4, 3]), widths=widths)
+  np.testing.assert_array_equal(np.asarray(sel3.selected[1, :5]), np.asarray(hj.select_k(p2, 3).selected))
+  with pytest.raises(ValueError, match=r"than it has\), got k=\[12, 6\] for widths \[12, 5\]"):
+    hj.select_k(stacked, np.array([12, 6]), widths=widths)
+  with pytest.raises(ValueError, match="widths must be integers in"):
+    hj.select_k(stacked, np.array([2, 2]), widths=[12, 13])
+
+
 def test_constant_channel_gets_zero_never_nan():
   x, y = _random_problem(9, c=4)
   x[:, 2] = 5.0
@@ -279,8 +298,31 @@ def test_weak_channel_is_not_mistaken_for_a_constant_one():
 
 
 def test_all_constant_problem_is_finite():
-  res = hj.lasso_select(np.ones((3, 5, 5)), np.eye(5), 0.1)
-  assert np.all(np.asarray(res.beta) == 0) and np.isfinite(float(res.objective))
+  # Every centered Gram is zero: Q = 0, q = 0, so beta = 0 and the objective is ||L̄||^2 / 2, from any start.
+  lbar = np.eye(5) - 1.0 / 5
+  for init in (None, np.ones(3, np.float32)):
+    res = hj.solve(hj.problem_from_grams(np.ones((3, 5, 5)), np.eye(5)), 0.1, init=init)
+    np.testing.assert_array_equal(np.asarray(res.beta), 0.0)
+    np.testing.assert_allclose(float(res.objective), 0.5 * np.sum(lbar * lbar), rtol=1e-6)
+    assert bool(res.converged)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e4])
+def test_solution_does_not_depend_on_the_scale_of_the_features(scale):
+  # Linear Grams of features times s are the Grams times s^2, so Q and q scale by s^4 and so does lambda_max: at the
+  # same fraction of lambda_max the coefficients are the same. At s = 1e-6, Q's entries are about 1e-21 and their
+  # squares underflow float32, which the step size must survive.
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(32, 4, 3))
+  def solved(s):
+    xs = (x * s).astype(np.float32)
+    gx = np.einsum("nkd,mkd->knm", xs, xs)
+    p = hj.problem_from_grams(gx, gx[0] + 0.5 * gx[2])
+    return hj.solve(p, 0.01 * float(hj.lambda_max(p)))
+  ref, res = solved(1.0), solved(scale)
+  assert bool(res.converged)
+  np.testing.assert_allclose(np.asarray(res.beta), np.asarray(ref.beta), rtol=1e-3, atol=1e-4)
+  np.testing.assert_array_equal(res.indices(), [0, 2])
 
 
 def test_repeated_calls_do_not_retrace(monkeypatch):

@@ -517,6 +517,12 @@ def test_apply_plan_rejects_other_groups() -> None:
     PrunePlan.from_json('{"format": 1}')
   with pytest.raises(ValueError, match="format"):
     PrunePlan.from_json('{"format": 99, "groups": []}')
+  for bad in ('{"format": 1, "groups": [{"name": "a", "size": "six", "keep": [0]}], "widths": null, '
+              '"new_widths": null}',
+              '{"format": 1, "groups": [{"name": "a", "size": 0, "keep": []}], "widths": null, "new_widths": null}',
+              'not json'):
+    with pytest.raises(ValueError, match="is not a PrunePlan JSON"):
+      PrunePlan.from_json(bad)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -538,6 +544,8 @@ def chain() -> tuple[dict[str, Any], list[ChannelGroup], list[int]]:
     ({"conv1": [[0, 1]]}, "1-D"),
     ({"conv1": [0.5]}, "integer"),
     ({"conv1": np.ones(6, bool)}, "boolean mask"),
+    ({"conv1": ["a"]}, "integer channel indices"),
+    ({"conv1": [0, np.nan]}, "integer channel indices"),
 ])
 def test_bad_keep_is_rejected(chain: Any, keep: dict[str, Any], match: str) -> None:
   state, groups, widths = chain
@@ -568,6 +576,11 @@ def test_state_of_another_model_is_rejected(chain: Any) -> None:
     prune(renamed, groups, {"conv2": [0]})
   with pytest.raises(ValueError, match="widths\\[0\\] is 5"):
     prune(state, groups, {"conv1": [0]}, widths=[5, 8])
+  # A width list that disagrees with a group left uncut, or is too short for one, is refused as well.
+  with pytest.raises(ValueError, match="widths\\[1\\] is 9 but group 'conv2'"):
+    prune(state, groups, {"conv1": [0]}, widths=[6, 9])
+  with pytest.raises(ValueError, match="group 'conv2' sets width index 1, but widths has 1 entries"):
+    prune(state, groups, {"conv1": [0]}, widths=[6])
   bad_axis = [dataclasses.replace(groups[0], members=(ChannelSlice(("conv1", "kernel"), 4, "out"),))]
   with pytest.raises(ValueError, match="no axis 4"):
     prune(state, bad_axis, {"conv1": [0]})

@@ -118,6 +118,29 @@ def test_bad_k_and_options():
     hj.solve((1, 2), 0.1)
   with pytest.raises(ValueError, match="problems\\[1\\] has Q of shape"):
     hj.combine_problems([p, hj.problem_from_grams(gx[:2], gy)])
+  with pytest.raises(ValueError, match=r"problems\[1\] must be a LassoProblem"):
+    hj.combine_problems([p, None])
+  stacked, widths = hj.stack_problems([p, p])
+  with pytest.raises(ValueError, match=r"problems\[0\] is a batch of problems"):
+    hj.stack_problems([stacked])
+  with pytest.raises(ValueError, match="lambda_grid takes one unbatched problem"):
+    hj.lambda_grid(stacked)
+  with pytest.raises(ValueError, match=r"lam of shape \(3,\) does not broadcast against the problem's batch shape"):
+    hj.solve(stacked, np.ones(3))
+  for lam, msg in ((None, "lam is required"), ("a", "lam must be a number")):
+    with pytest.raises(ValueError, match=msg):
+      hj.solve(p, lam)
+  with pytest.raises(ValueError, match=r"^x must hold at least one value per sample"):
+    hj.problem_from_features(np.ones((6, 2, 0)), np.ones((6, 1)))
+  with pytest.raises(ValueError, match=r"^x must hold at least one value per sample"):
+    hj.channel_grams(np.ones((6, 2, 0)))
+  with pytest.raises(ValueError, match=r"^y must hold at least one value per sample"):
+    hj.problem_from_features(np.ones((6, 2, 2)), np.ones((6, 0)))
+  for batch_size in (0, -1, 1.5):
+    with pytest.raises(ValueError, match="batch_size must be a positive number of channels"):
+      hj.channel_grams(np.ones((6, 2, 2)), batch_size=batch_size)
+  with pytest.raises(ValueError, match="^y must hold integer class ids"):  # named as the caller's argument
+    hj.problem_from_features(np.ones((6, 2, 2)), np.linspace(0, 1, 6), y_kernel="delta")
 
 
 def test_large_layer_peak_memory_under_2gb(tmp_path):
@@ -172,3 +195,25 @@ def test_non_finite_problem_is_refused():
   with pytest.raises(ValueError, match=r"problem\.lin contains 1 NaN or Inf"):
     hj.solve(bad, 0.1)
   assert np.isfinite(float(hj.solve(p, 0.1).objective))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_gram_in_one_layer_of_a_batch(value):
+  # A batch of layers is validated as a whole: one bad layer among good ones is found, and named as non-finite
+  # (not as asymmetric, which a NaN row mean would also look like).
+  gx, gy = _grams()
+  gxs, gys = np.stack([gx, gx, gx]), np.stack([gy, gy, gy])
+  bad = gxs.copy()
+  bad[1, 2, 3, 4] = value
+  with pytest.raises(ValueError, match=r"^gram_x contains 1 NaN or Inf .* index \(1, 2, 3, 4\)"):
+    hj.problem_from_grams(bad, gys)
+  bad = gys.copy()
+  bad[2, 0, 5] = value
+  with pytest.raises(ValueError, match=r"^gram_y contains 1 NaN or Inf .* index \(2, 0, 5\)"):
+    hj.problem_from_grams(gxs, bad)
+  # The asymmetry of a small-scale layer is judged against its own scale, not the largest one in the batch.
+  big = gxs.copy()
+  big[0] *= 1e4
+  big[2, 1, 0, 3] += 0.5
+  with pytest.raises(ValueError, match="gram_x must hold symmetric"):
+    hj.problem_from_grams(big, gys)
