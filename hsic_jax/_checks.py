@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -162,6 +163,16 @@ def check_nonnegative_scalar(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be finite, got {host}.")
   if np.any(host < 0):
     raise ValueError(f"{name} must be >= 0, got {host}.")
+
+
+def highest_precision(fn):
+  """Traces ``fn`` with every float32 matrix product at full precision: the default on TPUs (bfloat16 passes) and
+  TF32 on GPUs would stall a solver whose gradients are differences of nearly equal products."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision("highest"):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def one_problem_at_a_time() -> bool:

@@ -71,6 +71,7 @@ LIPSCHITZ_MARGIN = 1.05
 
 
 @jax.jit
+@_checks.highest_precision
 def _lipschitz_bound(quad):
   """An estimate of ``Q``'s largest eigenvalue from above, for the proximal-gradient step.
 
@@ -387,7 +388,8 @@ def _from_features_streaming(x, lbar, bandwidth, t, normalized):
   gammas = _channel_gammas(x, bandwidth)  # (c,)
   xt = jnp.swapaxes(x, 0, 1)  # (c, n, d): transposed once, not in every tile
   xt = xt - jnp.mean(xt, axis=1, keepdims=True)  # distances do not change; see kernels.sq_distances
-  sq = jnp.einsum("cnd,cnd->cn", xt, xt)  # (c, n); also the validation of x (see kernels._channel_grams)
+  # (c, n); also the validation of x (see kernels._channel_grams)
+  sq = jnp.einsum("cnd,cnd->cn", xt, xt, precision=_HIGHEST)
 
   def kernel_block(r0, rows, c0, cols):
     """``K_k[r0:r0+rows, c0:c0+cols]`` for every channel ``k``, ``(c, rows, cols)``."""

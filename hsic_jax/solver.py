@@ -94,6 +94,7 @@ def _penalty(beta, positive):
   return jnp.sum(beta, -1) if positive else jnp.sum(jnp.abs(beta), -1)
 
 
+@_checks.highest_precision
 def objective(problem: LassoProblem, beta, lam, *, positive: bool = True):
   """``F(beta)`` of the module docstring (traceable)."""
   qb = jnp.einsum("...ij,...j->...i", problem.quad, beta)
@@ -209,6 +210,7 @@ def _active_set_step(quad, lin, lam, x, step, max_newton, positive, compact):
   return best, f_best
 
 
+@_checks.highest_precision
 def _solve_one(quad, lin, const, lipschitz, lam, init, tol, max_iter, check_every, positive, compact=False):
   """FISTA with adaptive restart on one problem (vmapped for batches), with periodic active-set steps."""
   step = 1.0 / lipschitz

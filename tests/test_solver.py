@@ -468,3 +468,41 @@ def test_vmapped_batches_equal_one_at_a_time(monkeypatch):
   np.testing.assert_array_equal(np.asarray(vmapped_k.selected), np.asarray(looped_k.selected))
   assert np.asarray(vmapped.converged).all()
   jax.clear_caches()
+
+
+def _dot_precisions(jaxpr):
+  """Every dot_general's precision in a closed jaxpr, sub-jaxprs (jit, loops, conds, maps) included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append((eqn.params["precision"], str(eqn.source_info.traceback).splitlines()[-1:]))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found += _dot_precisions(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          found += _dot_precisions(sub)
+  return found
+
+
+def test_every_matrix_product_runs_at_full_precision():
+  # On TPUs float32 products default to bfloat16 passes and on GPUs to TF32; the Gram builds and the solver need
+  # full float32. The CPU computes full precision whatever is asked, so the request itself is what is checked.
+  x, y = _random_problem(3, n=16, c=4)
+  x, y = x.astype(np.float32), y.astype(np.float32)
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  calls = {
+      "problem_from_features": lambda x, y: hj.problem_from_features(x, y),
+      "problem_from_features (tiles)": lambda x, y: hj.problem_from_features(x, y, max_block_bytes=2048),
+      "problem_from_grams + solve": lambda x, y: hj.solve(
+          hj.problem_from_grams(hj.channel_grams(x), hj.gaussian_gram(y)), 0.1),
+      "select_k": lambda x, y: hj.select_k(hj.problem_from_features(x, y), 2).selected,
+      "lasso_path": lambda x, y: hj.lasso_path(hj.problem_from_features(x, y), jnp.array([0.1, 0.2])).beta,
+      "hsic_matrix": lambda x, y: (hj.hsic_matrix([x, y]), hj.hsic_matrix([x, y], kernel="gaussian")),
+      "linear_gram": lambda x, y: (hj.linear_gram(x), hj.linear_gram(x, centered=True)),
+  }
+  for name, fn in calls.items():
+    dots = _dot_precisions(jax.make_jaxpr(fn)(x, y).jaxpr)
+    assert dots, name
+    low = [where for precision, where in dots if precision != highest]
+    assert not low, f"{name}: products below full precision at {low}"
