@@ -76,18 +76,19 @@ def check_finite(name: str, x: Any) -> None:
         "Check the features for overflow or a diverged model; non-finite values would make every kernel NaN.")
 
 
-def gram_stats(row_mean, col_mean, diag):
-  """Traceable: ``[all finite, max |row mean - column mean|, scale]`` of square matrices, as one float array.
+def gram_stats(rows, cols, diag):
+  """Traceable: ``[all finite, max |rows - cols|, scale]`` of square matrices ``G``, as one float array.
 
-  Computed from the row and column means that centering needs anyway, so validation costs no pass over the data:
-  a NaN or Inf anywhere makes its row's mean non-finite, and a symmetric matrix has equal row and column means
-  (a necessary condition, which catches triangular, transposed-block or single-entry corruption). The scale is the
-  largest absolute diagonal entry or mean; a positive semidefinite Gram's largest entry is on its diagonal.
+  ``rows`` and ``cols`` are ``G w`` and ``w^T G`` for the same weight vectors ``w`` (the row and column means and a
+  random projection, which centering computes in the same two passes), so validation costs no pass over the data:
+  a NaN or Inf anywhere makes its row's entries non-finite, and a symmetric matrix has ``G w = w^T G`` (a necessary
+  condition; with a random ``w`` it fails for almost every asymmetric ``G``). The scale is the largest absolute
+  diagonal entry or product; a positive semidefinite Gram's largest entry is on its diagonal.
   """
-  finite = jnp.all(jnp.isfinite(row_mean)) & jnp.all(jnp.isfinite(col_mean))
-  asym = jnp.max(jnp.abs(row_mean - col_mean))
-  scale = jnp.maximum(jnp.max(jnp.abs(diag)), jnp.max(jnp.abs(row_mean)))
-  return jnp.stack([finite.astype(row_mean.dtype), asym, scale])
+  finite = jnp.all(jnp.isfinite(rows)) & jnp.all(jnp.isfinite(cols))
+  asym = jnp.max(jnp.abs(rows - cols))
+  scale = jnp.maximum(jnp.max(jnp.abs(diag)), jnp.max(jnp.abs(rows)))
+  return jnp.stack([finite.astype(rows.dtype), asym, scale])
 
 
 def worst_gram_stats(stats):
@@ -111,8 +112,9 @@ def raise_for_gram_stats(name: str, x: Any, stats: Any) -> None:
     return
   if not asym <= SYMMETRY_RTOL * top:
     raise ValueError(
-        f"{name} must hold symmetric Gram matrices: its row and column means differ by up to {asym:.3g} (scale "
-        f"{top:.3g}). A kernel Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only one triangle of it enters Q.")
+        f"{name} must hold symmetric Gram matrices: G w and w^T G differ by up to {asym:.3g} (scale {top:.3g}) for "
+        "the row means and a random w. A kernel Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only one triangle of "
+        "it enters Q.")
 
 
 def raise_unless_finite_norms(name: str, x: Any, finite: Any) -> None:

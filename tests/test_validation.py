@@ -183,6 +183,14 @@ def test_asymmetric_gram_is_refused():
     hj.lasso_select(bad, gy, 0.1)
   with pytest.raises(ValueError, match="gram_y must hold symmetric"):
     hj.lasso_select(gx, np.triu(gy), 0.1)
+  # An antisymmetric perturbation with zero row and column sums (a cyclic shift minus its transpose) leaves the row
+  # and column means equal; it is still refused, in the whole and the tiled build.
+  shift = np.roll(np.eye(gx.shape[1], dtype=np.float32), 1, axis=1)
+  for kw in ({}, {"max_block_bytes": 200}):
+    with pytest.raises(ValueError, match="gram_x must hold symmetric Gram matrices"):
+      hj.problem_from_grams(gx + 0.05 * (shift - shift.T), gy, **kw)
+    with pytest.raises(ValueError, match="gram_y must hold symmetric"):
+      hj.problem_from_grams(gx, gy + 0.05 * (shift - shift.T), **kw)
   # Rounding-level asymmetry (a Gram computed as X X^T in float32) is accepted.
   noisy = gx + 1e-7 * np.random.default_rng(0).normal(size=gx.shape).astype(np.float32)
   assert np.isfinite(float(hj.lasso_select(noisy, gy, 0.1).objective))
