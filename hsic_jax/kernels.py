@@ -48,6 +48,23 @@ def validate_bandwidth(bandwidth: Bandwidth, name: str = "bandwidth") -> Bandwid
   return gamma
 
 
+# An explicit gamma enters jitted functions as a traced value (``rule`` static, ``gamma`` traced), so that a sweep
+# over gamma compiles once; a rule name is static.
+EXPLICIT = "explicit"
+
+
+def jit_bandwidth(bandwidth: Bandwidth) -> tuple[str, np.ndarray]:
+  """``(rule, gamma)`` for a jitted function: a rule name and a dummy, or ``"explicit"`` and the gamma."""
+  if isinstance(bandwidth, str):
+    return bandwidth, np.zeros((), np.float64)
+  return EXPLICIT, np.asarray(bandwidth, np.float64)
+
+
+def from_jit(rule: str, gamma: jax.Array) -> Bandwidth | jax.Array:
+  """Inverse of :func:`jit_bandwidth` inside the jitted function: the rule name or the traced gamma."""
+  return gamma if rule == EXPLICIT else rule
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks (traceable; no validation).
 
@@ -123,9 +140,9 @@ def delta_from_labels(labels: Int[Array, " n"]) -> Float[Array, "n n"]:
 # Public Gram matrices.
 
 
-@functools.partial(jax.jit, static_argnames=("bandwidth", "centered", "normalized"))
-def _gaussian_gram(x, bandwidth, centered, normalized):
-  k = gaussian_from_features(x, bandwidth)
+@functools.partial(jax.jit, static_argnames=("rule", "centered", "normalized"))
+def _gaussian_gram(x, rule, gamma, centered, normalized):
+  k = gaussian_from_features(x, from_jit(rule, gamma))
   if centered:
     k = center(k)
   if normalized:
@@ -164,15 +181,15 @@ def gaussian_gram(
     x = x[:, None]
   _checks.check_samples("x", x.shape[0])
   _checks.check_values_per_sample("x", x.shape)
-  return _gaussian_gram(x, validate_bandwidth(bandwidth), centered, normalized)
+  return _gaussian_gram(x, *jit_bandwidth(validate_bandwidth(bandwidth)), centered, normalized)
 
 
 # On CPU, channels with at least this many values per sample are computed one at a time (see _channel_grams).
 SLICED_CHANNELS_MIN_DIM = 512
 
 
-@functools.partial(jax.jit, static_argnames=("bandwidth", "centered", "normalized", "batch_size"))
-def _channel_grams(x, bandwidth, centered, normalized, batch_size):
+@functools.partial(jax.jit, static_argnames=("rule", "centered", "normalized", "batch_size"))
+def _channel_grams(x, rule, gamma, centered, normalized, batch_size):
   """The ``(c, n, n)`` Grams and whether every sample's squared norm in every channel is finite.
 
   The flag is the validation of ``x``: a NaN or Inf anywhere (or a value whose square overflows) makes its squared
@@ -181,7 +198,7 @@ def _channel_grams(x, bandwidth, centered, normalized, batch_size):
   def one(xc):
     xm = xc - jnp.mean(xc, axis=0, keepdims=True)
     finite = jnp.all(jnp.isfinite(jnp.sum(xm * xm, axis=-1)))  # the same expressions as sq_distances' norms
-    return _gaussian_gram(xc, bandwidth, centered, normalized), finite
+    return _gaussian_gram(xc, rule, gamma, centered, normalized), finite
 
   if batch_size is None and x.shape[2] >= SLICED_CHANNELS_MIN_DIM and _checks.one_problem_at_a_time():
     # Long rows: one channel at a time, each read straight out of (n, c, d) (its rows are contiguous d-vectors),
@@ -233,7 +250,7 @@ def channel_grams(
   if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
                                  or batch_size < 1):
     raise ValueError(f"batch_size must be a positive number of channels or None, got {batch_size!r}.")
-  grams, finite = _channel_grams(x, validate_bandwidth(bandwidth), centered, normalized, batch_size)
+  grams, finite = _channel_grams(x, *jit_bandwidth(validate_bandwidth(bandwidth)), centered, normalized, batch_size)
   _checks.raise_unless_finite_norms("x", x, finite)
   return grams
 
@@ -368,14 +385,14 @@ def gaussian_cka(x: ArrayLike, y: ArrayLike, *, bandwidth: Bandwidth = "median",
              gaussian_gram(flat(y, "y"), bandwidth=bandwidth, dtype=dtype), dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "bandwidth", "normalized"))
-def _layer_gram(x, kernel, bandwidth, normalized):
+@functools.partial(jax.jit, static_argnames=("kernel", "rule", "normalized"))
+def _layer_gram(x, kernel, rule, gamma, normalized):
   x = x.reshape(x.shape[0], -1)
   if kernel == "linear":  # centered features give the centered Gram, without the cancellation of a large offset
     x = x - jnp.mean(x, axis=0, keepdims=True)
     k = jnp.matmul(x, x.T, precision=_HIGHEST)
   else:
-    k = gaussian_from_features(x, bandwidth)
+    k = gaussian_from_features(x, from_jit(rule, gamma))
   k = center(k)
   return frobenius_normalize(k) if normalized else k
 
@@ -420,7 +437,7 @@ def hsic_matrix(
       _checks.check_samples("features[0]", n)
     elif f.shape[0] != n:
       raise ValueError(f"features[{i}] has {f.shape[0]} samples on axis 0, but features[0] has {n}.")
-    grams.append(_layer_gram(f, kernel, bandwidth, normalized))
+    grams.append(_layer_gram(f, kernel, *jit_bandwidth(bandwidth), normalized))
   g = jnp.stack(grams)
   s = jnp.einsum("inm,jnm->ij", g, g, precision=_HIGHEST)
   return s if normalized else s / (n - 1) ** 2

@@ -397,8 +397,8 @@ def _channel_gammas(x, bandwidth):
   return jax.vmap(lambda xc: kernels.gamma_of(xc, bandwidth), in_axes=1)(x)
 
 
-@functools.partial(jax.jit, static_argnames=("bandwidth", "t", "normalized"))
-def _from_features_streaming(x, lbar, bandwidth, t, normalized):
+@functools.partial(jax.jit, static_argnames=("rule", "t", "normalized"))
+def _from_features_streaming(x, lbar, rule, gamma, t, normalized):
   """The problem from features, one ``t x t`` tile of every channel's Gram at a time.
 
   Only the upper triangle of tiles is computed (the Grams are symmetric): each kernel entry once, and an
@@ -406,7 +406,7 @@ def _from_features_streaming(x, lbar, bandwidth, t, normalized):
   :func:`_centered_quad`); their row and column sums accumulate the row sums that center ``Q`` at the end.
   """
   n, c, _ = x.shape
-  gammas = _channel_gammas(x, bandwidth)  # (c,)
+  gammas = _channel_gammas(x, kernels.from_jit(rule, gamma))  # (c,)
   xt = jnp.swapaxes(x, 0, 1)  # (c, n, d): transposed once, not in every tile
   xt = xt - jnp.mean(xt, axis=1, keepdims=True)  # distances do not change; see kernels.sq_distances
   # (c, n); also the validation of x (see kernels._channel_grams)
@@ -436,9 +436,9 @@ def _from_features_streaming(x, lbar, bandwidth, t, normalized):
   return make_problem(quad, lin, const, float(n * n)), jnp.all(jnp.isfinite(sq))
 
 
-@functools.partial(jax.jit, static_argnames=("bandwidth",))
-def _output_gram(y, bandwidth):
-  return kernels.center(kernels.gaussian_from_features(y.reshape(y.shape[0], -1), bandwidth))
+@functools.partial(jax.jit, static_argnames=("rule",))
+def _output_gram(y, rule, gamma):
+  return kernels.center(kernels.gaussian_from_features(y.reshape(y.shape[0], -1), kernels.from_jit(rule, gamma)))
 
 
 def output_gram(
@@ -464,7 +464,7 @@ def output_gram(
   y = _checks.as_float_array("y", y, dtype, ndim=tuple(range(1, 9)))
   _checks.check_samples("y", y.shape[0])
   _checks.check_values_per_sample("y", y.shape)
-  return _output_gram(y, kernels.validate_bandwidth(bandwidth))
+  return _output_gram(y, *kernels.jit_bandwidth(kernels.validate_bandwidth(bandwidth)))
 
 
 def problem_from_features(
@@ -514,11 +514,12 @@ def problem_from_features(
                      f"y has shape {tuple(jnp.shape(y))}.")
   lbar = output_gram(y, kernel=y_kernel, bandwidth=y_bandwidth, dtype=dtype)
   if c * n * n * dtype.itemsize <= max_block_bytes:
-    grams, finite = kernels._channel_grams(x, bandwidth, False, False, None)  # pylint: disable=protected-access
+    grams, finite = kernels._channel_grams(  # pylint: disable=protected-access
+        x, *kernels.jit_bandwidth(bandwidth), False, False, None)
     problem = _from_grams(grams, lbar, _tiles_for(c, n, dtype.itemsize, max_block_bytes), normalized, False)[0]
   else:
-    problem, finite = _from_features_streaming(x, lbar, bandwidth, _tile_side(c, n, dtype.itemsize, max_block_bytes),
-                                               normalized)
+    problem, finite = _from_features_streaming(x, lbar, *kernels.jit_bandwidth(bandwidth),
+                                               _tile_side(c, n, dtype.itemsize, max_block_bytes), normalized)
   # x is validated by the build (its squared norms), not by a pass of its own; see kernels._channel_grams.
   _checks.raise_unless_finite_norms("x", x, finite)
   return problem

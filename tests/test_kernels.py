@@ -204,3 +204,21 @@ def test_a_large_common_offset_does_not_cancel_the_differences():
   want_cka = np.trace(lin @ _h(24) @ (flat[:, :16] @ flat[:, :16].T) @ _h(24)) / np.sqrt(
       np.sum(lin * lin) * np.sum((_h(24) @ flat[:, :16] @ flat[:, :16].T @ _h(24)) ** 2))
   np.testing.assert_allclose(np.asarray(cka)[0, 1], want_cka, rtol=1e-4)
+
+
+def test_a_sweep_over_explicit_gammas_compiles_once():
+  # An explicit gamma is a traced value: each new value reuses the compiled kernel (a rule name is static).
+  from hsic_jax import problem as problem_lib  # pylint: disable=import-outside-toplevel
+  jax.clear_caches()
+  x = np.array([[0.0], [1.0], [3.0]], np.float32)
+  feats = np.random.default_rng(0).normal(size=(12, 3, 2)).astype(np.float32)
+  quads = []
+  for gamma in (0.5, 0.25, 2.0):
+    k = np.asarray(hj.gaussian_gram(x, bandwidth=gamma))
+    np.testing.assert_allclose(k[0, 1:], np.exp(-gamma * np.array([1.0, 9.0])), rtol=1e-6)
+    quads.append(np.asarray(hj.problem_from_features(feats, feats[:, 0], bandwidth=gamma, y_bandwidth=1.0,
+                                                     max_block_bytes=1024).quad))
+  assert not np.allclose(quads[0], quads[1])  # the gamma did reach the kernels
+  # pylint: disable=protected-access
+  assert kernels._gaussian_gram._cache_size() == 1
+  assert problem_lib._from_features_streaming._cache_size() == 1
