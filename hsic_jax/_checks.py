@@ -77,49 +77,58 @@ def check_finite(name: str, x: Any) -> None:
 
 
 def gram_stats(rows, cols, diag):
-  """Traceable: ``[all finite, max |rows - cols|, scale]`` of square matrices ``G``, as one float array.
+  """Traceable: ``[all finite, max |mean rows - mean cols|, max |G v - v^T G|, scale]`` of square matrices ``G``,
+  as one float array.
 
-  ``rows`` and ``cols`` are ``G w`` and ``w^T G`` for the same weight vectors ``w`` (the row and column means and a
-  random projection, which centering computes in the same two passes), so validation costs no pass over the data:
-  a NaN or Inf anywhere makes its row's entries non-finite, and a symmetric matrix has ``G w = w^T G`` (a necessary
-  condition; with a random ``w`` it fails for almost every asymmetric ``G``). The scale is the largest absolute
-  diagonal entry or product; a positive semidefinite Gram's largest entry is on its diagonal.
+  ``rows`` and ``cols`` are ``(..., n, 2)``: ``[row mean, G v]`` and ``[column mean, v^T G]`` for a fixed random
+  unit vector ``v``, which centering computes in the same two passes, so validation costs no pass over the data. A
+  NaN or Inf anywhere makes its row's entries non-finite, and a symmetric matrix has equal row and column means and
+  ``G v = v^T G`` (necessary conditions; the random ``v`` fails for almost every asymmetric ``G``). The scale is the
+  largest absolute diagonal entry or row mean; a positive semidefinite Gram's largest entry is on its diagonal.
   """
   finite = jnp.all(jnp.isfinite(rows)) & jnp.all(jnp.isfinite(cols))
-  asym = jnp.max(jnp.abs(rows - cols))
-  scale = jnp.maximum(jnp.max(jnp.abs(diag)), jnp.max(jnp.abs(rows)))
-  return jnp.stack([finite.astype(rows.dtype), asym, scale])
+  asym = jnp.max(jnp.abs(rows - cols).reshape(-1, 2), axis=0)
+  scale = jnp.maximum(jnp.max(jnp.abs(diag)), jnp.max(jnp.abs(rows[..., 0])))
+  return jnp.stack([finite.astype(rows.dtype), asym[0], asym[1], scale])
 
 
-def worst_gram_stats(stats):
-  """Traceable: one :func:`gram_stats` row for a batch ``(b, 3)`` of them: finite only when every layer is, and
-  the asymmetry and scale of the layer whose asymmetry is largest relative to its own scale."""
-  finite = jnp.min(stats[:, 0])
-  ratio = stats[:, 1] / jnp.maximum(stats[:, 2], jnp.finfo(stats.dtype).tiny)
-  worst = jnp.argmax(jnp.where(jnp.isnan(ratio), jnp.inf, ratio))
-  return jnp.stack([finite, stats[worst, 1], stats[worst, 2]])
-
-
-# Gram matrices computed in floating point are symmetric only up to rounding.
+# Gram matrices computed in floating point are symmetric only up to rounding. Relative to the largest entry, the
+# row and column means may differ by SYMMETRY_RTOL and G v and v^T G (|v| = 1) by PROBE_RTOL: an independent
+# relative error e per entry moves a mean by about e / sqrt(n) and G v by about e, so either bound accepts e up to
+# about 2e-4 (float32 rounding is about 1e-7), and a transposed or corrupted block of entries fails both.
 SYMMETRY_RTOL = 1e-4
+PROBE_RTOL = 1e-3
 
 
-def raise_for_gram_stats(name: str, x: Any, stats: Any) -> None:
-  """Raises ValueError for NaN/Inf (locating the first one) or asymmetry, given :func:`gram_stats` of ``x``."""
-  finite, asym, top = (float(v) for v in np.asarray(stats))
-  if not finite:
-    check_finite(name, x)  # locates the bad entry; finite entries whose sums overflow are let through
-    return
-  if not asym <= SYMMETRY_RTOL * top:
+def raise_for_gram_stats(name: str, x: Any, stats: Any, *, batched: bool = False) -> None:
+  """Raises ValueError for NaN/Inf (locating the first one), entries whose sums overflow, or asymmetry, given
+  :func:`gram_stats` of ``x``: one row, or ``(b, 4)`` for a batch of ``b`` layers (``batched``), each judged against
+  its own scale and named by its index in the error."""
+  stats = np.asarray(stats, dtype=np.float64).reshape(-1, 4)
+  where = lambda b: f" (layer {b} of the batch)" if batched else ""  # noqa: E731
+  bad = np.flatnonzero(stats[:, 0] == 0)
+  if bad.size:
+    check_finite(name, x)  # locates a NaN or Inf entry
+    b = int(bad[0])
+    top = float(jnp.max(jnp.abs(x[b] if batched else x)))
     raise ValueError(
-        f"{name} must hold symmetric Gram matrices: G w and w^T G differ by up to {asym:.3g} (scale {top:.3g}) for "
-        "the row means and a random w. A kernel Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only one triangle of "
-        "it enters Q.")
+        f"{name}{where(b)} holds entries up to {top:.3g} whose sums overflow {jnp.result_type(x)}: rescale the Gram "
+        "matrices (a Gaussian kernel's entries are at most 1) or compute in float64.")
+  scale = np.maximum(stats[:, 3], np.finfo(np.float32).tiny)
+  ratio = np.maximum(stats[:, 1] / (SYMMETRY_RTOL * scale), stats[:, 2] / (PROBE_RTOL * scale))
+  b = int(np.argmax(ratio))
+  if not ratio[b] <= 1.0:
+    raise ValueError(
+        f"{name} must hold symmetric Gram matrices{where(b)}: their row and column means differ by up to "
+        f"{stats[b, 1]:.3g} and G v and v^T G by up to {stats[b, 2]:.3g} for a random unit v, at scale "
+        f"{stats[b, 3]:.3g} (rounding is accepted up to {SYMMETRY_RTOL:g} and {PROBE_RTOL:g} of the scale). A kernel "
+        "Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only one triangle of it enters Q.")
 
 
 def raise_unless_finite_norms(name: str, x: Any, finite: Any) -> None:
   """Raises ValueError when a kernel computation reports (``finite`` false) that a squared norm of ``x`` is not
-  finite: a NaN or Inf in ``x`` (located by :func:`check_finite`) or finite values whose squares overflow.
+  finite: a NaN or Inf in ``x`` (located by :func:`check_finite`) or finite values whose deviations from their
+  mean overflow when squared.
 
   Reading the flag waits for the computation that produced it; a traced flag (inside ``jit``) is not checked.
   """
@@ -159,8 +168,10 @@ def check_nonnegative_scalar(name: str, value: Any) -> None:
     host = np.asarray(value)
   except Exception as err:  # noqa: BLE001 - anything that is not array-like
     raise ValueError(f"{name} must be a number or an array of numbers, got {type(value).__name__}.") from err
-  if not (np.issubdtype(host.dtype, np.floating) or np.issubdtype(host.dtype, np.integer)):
+  # jnp.issubdtype knows bfloat16 and the other ml_dtypes floats, which np.issubdtype does not call floating.
+  if not (jnp.issubdtype(host.dtype, jnp.floating) or jnp.issubdtype(host.dtype, jnp.integer)):
     raise ValueError(f"{name} must be a number or an array of numbers, got {value!r} (dtype {host.dtype}).")
+  host = host.astype(np.float64)
   if not np.all(np.isfinite(host)):
     raise ValueError(f"{name} must be finite, got {host}.")
   if np.any(host < 0):
@@ -177,6 +188,11 @@ def highest_precision(fn):
   return wrapped
 
 
+def on_cpu() -> bool:
+  """Whether JAX computes on the CPU (its default backend); read at trace time by choices that depend on it."""
+  return jax.default_backend() == "cpu"
+
+
 def one_problem_at_a_time() -> bool:
   """Whether batches of problems run one at a time (``lax.map``) rather than vmapped.
 
@@ -184,7 +200,7 @@ def one_problem_at_a_time() -> bool:
   gathers and products are no faster per problem than single ones, so a loop is faster there; accelerators vmap.
   Read at trace time.
   """
-  return jax.default_backend() == "cpu"
+  return on_cpu()
 
 
 def map_batch(fn, args: tuple):

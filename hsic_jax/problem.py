@@ -17,7 +17,7 @@ block per batch. Problems of different widths stack, zero-padded, into one batch
 Memory: the builders never hold more than ``max_block_bytes`` of Gram entries at once. Grams that fit are centered
 whole and multiplied over their packed upper triangles. Larger ones are taken in square tiles ``(I, J)`` of every
 channel's Gram, ``Q += K̄[:, I, J] K̄[:, I, J]^T`` over the upper triangle of tiles, each tile small enough to stay
-in cache between its construction and its product (:data:`STREAM_TILE_BYTES`). From Grams, each tile is centered
+in a CPU's cache between its construction and its product (:data:`STREAM_TILE_BYTES`). From Grams, each tile is centered
 exactly from the row and column means. When the per-channel Grams do not fit in the budget at all they are streamed
 from the features, each kernel entry of the upper triangle computed once: the products are taken of ``K - mu`` (a
 constant shift) and centered at the end from the row sums (:func:`_centered_quad`).
@@ -203,18 +203,22 @@ def _without_constant_channels(quad, lin, noise):
 SHIFT_PROBE_ROWS = 8
 
 
-# Large Grams are taken in square tiles of every channel's Gram, ``c * t * t`` entries of about this many bytes:
-# small enough to stay in cache from the kernel evaluation (or centering) to the product that consumes it (fastest
-# here for n = 1024, c = 128 at t = 128 and for n = 256, c = 512 at t = 64). Row blocks of the whole width, tens of
-# MB each, went through memory several times: streaming n = 1024, c = 128 from features took 0.84 s, tiles 0.27 s.
+# On CPUs, large Grams are taken in square tiles of every channel's Gram, ``c * t * t`` entries of about this many
+# bytes: small enough to stay in cache from the kernel evaluation (or centering) to the product that consumes it
+# (fastest on a 2-core x86 CPU for n = 1024, c = 128 at t = 128 and for n = 256, c = 512 at t = 64). Row blocks of
+# the whole width, tens of MB each, went through memory several times: streaming n = 1024, c = 128 from features
+# took 0.84 s, tiles 0.27 s. Accelerators, whose kernels do not keep a tile in a cache between XLA ops and pay per
+# loop step, take the largest tiles ``max_block_bytes`` allows.
 STREAM_TILE_BYTES = 8 * 2**20
 
 
 def _tile_side(c: int, n: int, itemsize: int, max_block_bytes: int) -> int:
   """Side ``t`` of the tiles: three live ``(c, t, t)`` arrays (e.g. distances, kernel, shifted) within
-  ``max_block_bytes`` and one within :data:`STREAM_TILE_BYTES`, evened out so that the overlap of the last tile with
-  the one before it stays small, and a multiple of 8 when that costs no extra tile."""
-  budget = min(STREAM_TILE_BYTES, max_block_bytes // 3)
+  ``max_block_bytes`` and, on CPUs, one within :data:`STREAM_TILE_BYTES`, evened out so that the overlap of the last
+  tile with the one before it stays small, and a multiple of 8 when that costs no extra tile."""
+  budget = max_block_bytes // 3
+  if _checks.on_cpu():
+    budget = min(STREAM_TILE_BYTES, budget)
   most = max(1, min(n, math.isqrt(max(1, budget // max(1, c * itemsize)))))
   tiles = -(-n // most)
   t = -(-n // tiles)
@@ -274,13 +278,12 @@ def _accumulate_tiles(tile, lbar, *, c: int, n: int, t: int, row_sums: bool):
 @functools.partial(jax.jit, static_argnames=("t", "normalized", "validate"))
 def _from_grams(gram_x, gram_y, t, normalized, validate=True):
   """The problem (batched when ``gram_x`` has a leading batch axis) and, when ``validate``, the inputs'
-  :func:`_checks.gram_stats`, computed in the same call so that validation costs no extra pass over the data nor an
+  :func:`_checks.gram_stats` (one row per layer of a batch), computed in the same call so that validation costs no extra pass over the data nor an
   extra host round trip."""
   one = lambda gx, gy: _from_grams_one(gx, gy, t, normalized, validate)  # noqa: E731
   if gram_x.ndim == 3:
     return one(gram_x, gram_y)
-  problem, stats = _checks.map_batch(one, (gram_x, gram_y))
-  return problem, (jax.tree.map(_checks.worst_gram_stats, stats) if validate else None)
+  return _checks.map_batch(one, (gram_x, gram_y))
 
 
 def _symmetry_probe(n: int, dtype) -> jax.Array:
@@ -385,8 +388,8 @@ def problem_from_grams(
                                             normalized)
   if not (_checks.is_concrete(gram_x) and _checks.is_concrete(gram_y)):
     return problem
-  _checks.raise_for_gram_stats("gram_x", gram_x, stats_x)
-  _checks.raise_for_gram_stats("gram_y", gram_y, stats_y)
+  _checks.raise_for_gram_stats("gram_x", gram_x, stats_x, batched=batched)
+  _checks.raise_for_gram_stats("gram_y", gram_y, stats_y, batched=batched)
   return problem
 
 

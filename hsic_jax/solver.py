@@ -352,8 +352,8 @@ def solve(
     jnp.broadcast_shapes(problem.lin.shape[:-1], jnp.shape(lam))
   except ValueError as err:
     raise ValueError(f"lam of shape {jnp.shape(lam)} does not broadcast against the problem's batch shape "
-                     f"{problem.lin.shape[:-1]}: pass a scalar, one lam per problem, or a grid for one "
-                     "problem.") from err
+                     f"{problem.lin.shape[:-1]}: pass a scalar, one lam per problem, a grid for one "
+                     "problem, or for a batch of b problems a (g, 1) grid (g penalties for each of them).") from err
   tol = default_tol(problem.lin.dtype) if tol is None else tol
   if not tol > 0:
     raise ValueError(f"tol must be > 0, got {tol}.")

@@ -81,16 +81,19 @@ class PrunePlan:
     """
     try:
       data = json.loads(text)
-      if data.get("format") != _PLAN_FORMAT:
-        raise ValueError(f"plan format {data.get('format')!r} is not supported; expected {_PLAN_FORMAT}")
-      sizes = {g["name"]: int(g["size"]) for g in data["groups"]}
-      if any(size < 1 for size in sizes.values()):
-        raise ValueError(f"group sizes must be >= 1, got {sizes}")
-      keep = {g["name"]: tuple(int(i) for i in g["keep"]) for g in data["groups"]}
-      widths = None if data["widths"] is None else tuple(int(w) for w in data["widths"])
-      new_widths = None if data["new_widths"] is None else tuple(int(w) for w in data["new_widths"])
+      fmt = data.get("format")
+      if fmt == _PLAN_FORMAT:
+        sizes = {g["name"]: int(g["size"]) for g in data["groups"]}
+        keep = {g["name"]: tuple(int(i) for i in g["keep"]) for g in data["groups"]}
+        widths = None if data["widths"] is None else tuple(int(w) for w in data["widths"])
+        new_widths = None if data["new_widths"] is None else tuple(int(w) for w in data["new_widths"])
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # JSONDecodeError is a ValueError
       raise ValueError(f"text is not a PrunePlan JSON ({e!r}); expected the output of PrunePlan.to_json") from e
+    if fmt != _PLAN_FORMAT:
+      raise ValueError(f"plan format {fmt!r} is not supported; expected {_PLAN_FORMAT}")
+    bad = {name: size for name, size in sizes.items() if size < 1}
+    if bad:
+      raise ValueError(f"the plan's group sizes must be >= 1, got {bad}")
     return cls(sizes, keep, widths, new_widths)
 
 

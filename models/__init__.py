@@ -107,7 +107,7 @@ def get_model(name: str, widths: Sequence[int] | None = None, *, num_classes: in
     rngs: parameter initialisation keys.
 
   Raises:
-    ValueError: unknown name, ``num_classes`` not a whole number >= 1, or widths of the wrong length, with entries
+    ValueError: unknown name, ``num_classes`` not an int >= 1, or widths of the wrong length, with entries
       < 1, or unequal residual widths within a stage.
   """
   _check_name(name)

@@ -64,17 +64,19 @@ class LayerCount:
 
 @dataclasses.dataclass(frozen=True)
 class Count:
-  """MACs and params of one model: per-layer rows in forward order, and totals."""
+  """MACs and params of one model: per-layer rows in forward order, and totals; ``num_classes`` is the classifier
+  width the model was built with (None when the model does not say)."""
 
   model: str
   widths: tuple[int, ...]
   layers: tuple[LayerCount, ...]
   macs: int
   params: int
+  num_classes: int | None = None
 
   def to_dict(self) -> dict[str, Any]:
-    return {"model": self.model, "widths": list(self.widths), "macs": self.macs, "params": self.params,
-            "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+    return {"model": self.model, "widths": list(self.widths), "num_classes": self.num_classes, "macs": self.macs,
+            "params": self.params, "layers": [dataclasses.asdict(layer) for layer in self.layers]}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ def count_model(model: nnx.Module, input_hw: tuple[int, int], *, name: str = "")
   layers = _rows(ops, first_use, shapes, kinds)
   params = sum(math.prod(s) for pth, s in shapes.items() if kinds[pth] == "Param")
   widths = tuple(getattr(model, "widths", ()))
-  return Count(name, widths, tuple(layers), sum(op.macs for op in ops), params)
+  return Count(name, widths, tuple(layers), sum(op.macs for op in ops), params, getattr(model, "num_classes", None))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -235,6 +237,7 @@ class _Structure:
   kinds: dict[Path, str]
   ops: tuple[_Op, ...]
   first_use: dict[Path, int]
+  num_classes: int
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,7 +268,7 @@ def _structure(name: str, num_classes: int | None) -> _Structure:
         raise ValueError(f"{name}: channel groups cover {default} channels of axis {a} of {pth}, which has {size}")
       ax.append((const + size - default, tuple(terms)))
     axes[pth] = tuple(ax)
-  return _Structure(axes, kinds, tuple(ops), first_use)
+  return _Structure(axes, kinds, tuple(ops), first_use, model.num_classes)
 
 
 def _groups(op: _Op, kernel_shape: tuple[int, ...]) -> int:
@@ -301,4 +304,4 @@ def count(name: str, widths: Sequence[int] | None = None, *, num_classes: int | 
          for op in st.ops]
   layers = _rows(ops, st.first_use, shapes, st.kinds)
   params = sum(math.prod(s) for pth, s in shapes.items() if st.kinds[pth] == "Param")
-  return Count(name, tuple(ws), tuple(layers), sum(op.macs for op in ops), params)
+  return Count(name, tuple(ws), tuple(layers), sum(op.macs for op in ops), params, st.num_classes)

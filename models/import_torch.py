@@ -178,7 +178,8 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
   Raises:
     FileNotFoundError: ``path`` does not exist.
-    ValueError: ``path`` is not an ``.npz`` archive (a directory, a single ``.npy`` array, text, a truncated file).
+    ValueError: ``path`` is not an ``.npz`` archive (a directory, a single ``.npy`` array, text, a truncated file)
+      or holds object arrays, which would need unpickling.
   """
   path = Path(path)
   if not path.exists():
@@ -197,6 +198,9 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     with data:
       return {k: data[k] for k in data.files}
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    if "allow_pickle" in str(e):
+      raise ValueError(f"weights {path} holds object (pickled) arrays, which are not loaded since unpickling can run "
+                       "code; save plain numeric arrays (v.numpy() of each tensor)") from e
     raise ValueError(f"weights {path} is a damaged .npz archive ({e})") from e
 
 

@@ -22,9 +22,9 @@ def _fmt_hw(hw: tuple[int, int] | None) -> str:
   return "-" if hw is None else f"{hw[0]}x{hw[1]}"
 
 
-def format_table(count: flops.Count, *, num_classes: int | None = None) -> str:
+def format_table(count: flops.Count) -> str:
   """Renders a :class:`models.flops.Count` as a fixed-width text table with totals, compared with the dense model
-  of the same class count (``num_classes``, as ``count`` was made with)."""
+  of the same class count (``count.num_classes``)."""
   header = ("layer", "kind", "in", "out", "kernel", "out HxW", "MACs", "params")
   rows = [(r.name, r.kind, str(r.in_ch), str(r.out_ch), _fmt_hw(r.kernel), _fmt_hw(r.out_hw), f"{r.macs:,}",
            f"{r.params:,}") for r in count.layers]
@@ -35,7 +35,7 @@ def format_table(count: flops.Count, *, num_classes: int | None = None) -> str:
     return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
   out = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-  dense = flops.count(count.model, num_classes=num_classes) if count.model else None
+  dense = flops.count(count.model, num_classes=count.num_classes) if count.model in models.MODELS else None
   out.append("")
   out.append(f"model {count.model}: {count.macs:,} MACs ({count.macs / 1e6:.2f}M), "
              f"{count.params:,} params ({count.params / 1e6:.3f}M)")
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     json.dump(count.to_dict(), sys.stdout, indent=1)
     sys.stdout.write("\n")
   else:
-    print(format_table(count, num_classes=args.num_classes))
+    print(format_table(count))
   return 0
 
 

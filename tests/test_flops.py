@@ -262,3 +262,9 @@ def test_summary_cli(capsys: pytest.CaptureFixture[str]):
   with pytest.raises(SystemExit):
     summary.main(["--model", "resnet20", "--num-classes", "0"])
   assert "num_classes must be an integer >= 1" in capsys.readouterr().err
+  # A Count carries its class count, so a table made from it alone compares with the right dense model.
+  pruned = flops.count("resnet20", ws, num_classes=100)
+  assert pruned.num_classes == 100 and pruned.to_dict()["num_classes"] == 100
+  assert flops.count("resnet20").num_classes == 10 and flops.count("resnet50").num_classes == 1000
+  assert flops.count("resnet20", ws, num_classes=100, exact=True).num_classes == 100
+  assert f"{ratio:.4f} of params" in summary.format_table(pruned)

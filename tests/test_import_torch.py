@@ -7,6 +7,7 @@ a CIFAR ResNet with option-A shortcuts and a torchvision-layout ResNet-50.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import jax
@@ -318,8 +319,12 @@ def test_weights_that_are_not_an_npz_get_a_clear_error(tmp_path: Path, capsys):
   (tmp_path / "notes.txt").write_text("not weights")
   (tmp_path / "cut.npz").write_bytes((WEIGHTS / "resnet20_cifar10.npz").read_bytes()[:5000]
                                      if (WEIGHTS / "resnet20_cifar10.npz").exists() else b"PK\x03\x04broken")
+  np.savez(tmp_path / "objects.npz", conv=np.ones(3), meta=np.array([{"epoch": 3}], dtype=object))
+  with zipfile.ZipFile(tmp_path / "garbled.npz", "w") as zf:
+    zf.writestr("conv.npy", b"\x93NUMPY garbled header")
   cases = {tmp_path: "is not a file", tmp_path / "one.npy": "holds a single array",
-           tmp_path / "notes.txt": "is not an .npz archive", tmp_path / "cut.npz": "npz archive",
+           tmp_path / "notes.txt": "is not an .npz archive", tmp_path / "cut.npz": "is not an .npz archive",
+           tmp_path / "objects.npz": "holds object (pickled) arrays", tmp_path / "garbled.npz": "is a damaged .npz",
            tmp_path / "nope.npz": "does not exist"}
   for path, msg in cases.items():
     with pytest.raises(SystemExit):

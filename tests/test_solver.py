@@ -115,7 +115,7 @@ def test_normalized_problem_matches_normalized_design():
 
 
 def test_row_blocks_and_streaming_equal_direct():
-  x, y = _random_problem(4, n=37, c=6)  # 37 is prime: padded last block
+  x, y = _random_problem(4, n=37, c=6)  # 37 is prime: tiles of 13 (Grams) and 10 (streamed) overlap at the end
   with jax.enable_x64(True):
     direct = hj.problem_from_features(x, y, bandwidth="median", dtype=jnp.float64)
     blocked = hj.problem_from_grams(hj.channel_grams(x, bandwidth="median", dtype=jnp.float64),
@@ -152,6 +152,19 @@ def test_tiles_of_every_side_equal_the_explicit_design(n, expected_sides):
         np.testing.assert_allclose(np.asarray(p.quad), a.T @ a, rtol=1e-10, atol=1e-12 * np.abs(a.T @ a).max())
         np.testing.assert_allclose(np.asarray(p.lin), a.T @ b, rtol=1e-10, atol=1e-12 * np.abs(a.T @ b).max())
     assert sides == expected_sides  # 5 and 3 do not divide 14, nor 2, 3, 5, 19 37; 37 is one tile (odd n)
+
+
+def test_tiles_fit_the_cpu_cache_only_on_cpus(monkeypatch):
+  # On a CPU a tile of every channel stays within STREAM_TILE_BYTES (cache); on an accelerator it takes what
+  # max_block_bytes allows (fewer loop steps), three live copies within it either way.
+  from hsic_jax import _checks, problem  # pylint: disable=import-outside-toplevel
+  c, n, budget = 512, 1024, problem.DEFAULT_BLOCK_BYTES
+  cpu = problem._tile_side(c, n, 4, budget)  # pylint: disable=protected-access
+  assert c * cpu * cpu * 4 <= problem.STREAM_TILE_BYTES
+  monkeypatch.setattr(_checks, "on_cpu", lambda: False)
+  accel = problem._tile_side(c, n, 4, budget)  # pylint: disable=protected-access
+  assert accel > 2 * cpu and 3 * c * accel * accel * 4 <= budget
+  assert problem._tile_side(c, n, 4, 3 * c * 4 * 16 * 16) == 16  # pylint: disable=protected-access
 
 
 def test_combined_batches_match_sklearn_on_stacked_design():
@@ -430,7 +443,8 @@ def test_packed_triangles_give_frobenius_products(n, m):
 
 @pytest.mark.parametrize("n", [7, 33])
 def test_odd_sample_counts_pad_correctly(n):
-  # Odd n (or n not a multiple of the row block) is padded with zero rows and columns after centering.
+  # Odd n: whole Grams are padded with a zero row and column after centering (the packing takes an even side);
+  # tiles whose side does not divide n overlap the one before them at the end and mask what it covers.
   rng = np.random.default_rng(n)
   x, y = rng.normal(size=(n, 5, 3)), rng.normal(size=(n, 4))
   gauss = lambda f: np.exp(-((f[:, None] - f[None]) ** 2).sum(-1) / f.shape[1])  # noqa: E731  (APIB: gamma = 1/d)
@@ -439,7 +453,7 @@ def test_odd_sample_counts_pad_correctly(n):
   h = np.eye(n) - 1.0 / n
   kb = np.einsum("ij,cjk,kl->cil", h, gx, h)
   lb = h @ gy @ h
-  # One block; row blocks of 5 rows (made even: 4 or 6); blocks of 2 rows (17 of them for n = 33: the loop path).
+  # Whole Grams; tiles of 4 and 3 rows for n = 7, of 11 and 7 rows for n = 33 (from Grams and streamed from x).
   for block in (None, 3 * 5 * n * 8 * 5, 3 * 5 * n * 8 * 2):
     kwargs = {} if block is None else {"max_block_bytes": block}
     with jax.enable_x64(True):

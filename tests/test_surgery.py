@@ -515,12 +515,14 @@ def test_apply_plan_rejects_other_groups() -> None:
     apply_plan(dense, [dataclasses.replace(groups[0], size=5), groups[1]], plan)
   with pytest.raises(ValueError, match="PrunePlan JSON"):
     PrunePlan.from_json('{"format": 1}')
-  with pytest.raises(ValueError, match="format"):
+  with pytest.raises(ValueError, match="^plan format 99 is not supported"):
     PrunePlan.from_json('{"format": 99, "groups": []}')
+  with pytest.raises(ValueError, match=r"^the plan's group sizes must be >= 1, got \{'a': 0\}"):
+    PrunePlan.from_json('{"format": 1, "groups": [{"name": "a", "size": 0, "keep": []}], "widths": null, '
+                        '"new_widths": null}')
   for bad in ('{"format": 1, "groups": [{"name": "a", "size": "six", "keep": [0]}], "widths": null, '
               '"new_widths": null}',
-              '{"format": 1, "groups": [{"name": "a", "size": 0, "keep": []}], "widths": null, "new_widths": null}',
-              'not json'):
+              '[1, 2]', 'not json'):
     with pytest.raises(ValueError, match="is not a PrunePlan JSON"):
       PrunePlan.from_json(bad)
 

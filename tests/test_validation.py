@@ -27,7 +27,7 @@ def test_non_finite_features(value):
 
 
 @pytest.mark.parametrize("d", [2, 600])  # 600: the one-channel-at-a-time path for long rows
-@pytest.mark.parametrize("max_block_bytes", [None, 512])  # 512: Grams streamed in row blocks
+@pytest.mark.parametrize("max_block_bytes", [None, 512])  # 512: streamed from x in 3 x 3 tiles
 def test_non_finite_features_on_every_build_path(d, max_block_bytes):
   # The build validates x from the squared norms it computes anyway. This Inf is one a check of the Grams would
   # miss: every other sample is negative where it is +Inf, so its distances are +Inf and its kernel row exp(-Inf) = 0
@@ -130,6 +130,13 @@ def test_bad_k_and_options():
   for lam, msg in ((None, "lam is required"), ("a", "lam must be a number")):
     with pytest.raises(ValueError, match=msg):
       hj.solve(p, lam)
+  # A (g, 1) grid solves g penalties for each problem of a batch, as the error above suggests.
+  assert hj.solve(stacked, np.array([[0.1], [0.2], [0.3]])).beta.shape == (3, 2, 3)
+  # Penalties in any float type JAX has, bfloat16 included, are numbers (and a negative one is refused).
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  np.testing.assert_allclose(np.asarray(hj.solve(p, jnp.bfloat16(0.125)).beta), np.asarray(hj.solve(p, 0.125).beta))
+  with pytest.raises(ValueError, match="lam must be >= 0"):
+    hj.solve(p, jnp.asarray([-0.5, 0.1], jnp.bfloat16))
   with pytest.raises(ValueError, match=r"^x must hold at least one value per sample"):
     hj.problem_from_features(np.ones((6, 2, 0)), np.ones((6, 1)))
   with pytest.raises(ValueError, match=r"^x must hold at least one value per sample"):
@@ -194,6 +201,52 @@ def test_asymmetric_gram_is_refused():
   # Rounding-level asymmetry (a Gram computed as X X^T in float32) is accepted.
   noisy = gx + 1e-7 * np.random.default_rng(0).normal(size=gx.shape).astype(np.float32)
   assert np.isfinite(float(hj.lasso_select(noisy, gy, 0.1).objective))
+
+
+def test_rounding_level_asymmetry_is_accepted_at_any_n():
+  # Independent relative errors of 1e-4 per entry (far above float32 rounding, e.g. a Gram assembled from blocks
+  # computed in a different order) in Grams whose entries are all near 1: the random-vector probe moves by about
+  # 1e-4 per row there, which a tolerance of 1e-4 of the scale refused at n = 256.
+  rng = np.random.default_rng(3)
+  n = 256
+  x = rng.normal(size=(n, 2, 4)).astype(np.float32)
+  gx = np.asarray(hj.channel_grams(x, bandwidth=0.01))  # entries near 1
+  gy = np.asarray(hj.gaussian_gram(x[:, 0], bandwidth=0.01))
+  noisy = gx * (1 + 1e-4 * rng.standard_normal(gx.shape)).astype(np.float32)
+  assert np.abs(noisy - np.swapaxes(noisy, 1, 2)).max() > 1e-4  # really asymmetric at that level
+  p = hj.problem_from_grams(noisy, gy)
+  assert np.isfinite(np.asarray(p.quad)).all()
+  # An asymmetry that is not rounding is still refused at this n: one row of the transposed triangle off by 1%.
+  bad = gx.copy()
+  bad[0, 7, 8:] *= 1.01
+  with pytest.raises(ValueError, match="gram_x must hold symmetric Gram matrices"):
+    hj.problem_from_grams(bad, gy)
+
+
+def test_bad_layer_of_a_batch_is_named():
+  gx, gy = _grams()
+  gxs, gys = np.stack([gx, gx, gx]), np.stack([gy, gy, gy])
+  bad = gxs.copy()
+  bad[2, 1, 0, 3] += 0.5
+  with pytest.raises(ValueError, match=r"gram_x must hold symmetric Gram matrices \(layer 2 of the batch\)"):
+    hj.problem_from_grams(bad, gys)
+  bad = gys.copy()
+  bad[1, 0, 3] += 0.5
+  with pytest.raises(ValueError, match=r"gram_y must hold symmetric Gram matrices \(layer 1 of the batch\)"):
+    hj.problem_from_grams(gxs, bad)
+
+
+def test_gram_entries_whose_sums_overflow_are_refused():
+  # Finite entries whose row sums overflow float32 would make the problem Inf/NaN; the error says so and names the
+  # layer, and an asymmetric layer beside it is not let through either.
+  gx, gy = _grams()
+  with pytest.raises(ValueError, match=r"^gram_x holds entries up to 3e\+38 whose sums overflow float32"):
+    hj.problem_from_grams(gx * np.float32(3e38), gy)
+  gxs, gys = np.stack([gx, gx, gx]), np.stack([gy, gy, gy])
+  gxs[0] *= np.float32(3e38)
+  gxs[2, 1, 0, 3] += 0.5
+  with pytest.raises(ValueError, match=r"^gram_x \(layer 0 of the batch\) holds entries up to 3e\+38"):
+    hj.problem_from_grams(gxs, gys)
 
 
 def test_non_finite_problem_is_refused():
