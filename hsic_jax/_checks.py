@@ -93,9 +93,11 @@ def gram_stats(rows, cols, diag):
 
 
 # Gram matrices computed in floating point are symmetric only up to rounding. Relative to the largest entry, the
-# row and column means may differ by SYMMETRY_RTOL and G v and v^T G (|v| = 1) by PROBE_RTOL: an independent
-# relative error e per entry moves a mean by about e / sqrt(n) and G v by about e, so either bound accepts e up to
-# about 2e-4 (float32 rounding is about 1e-7), and a transposed or corrupted block of entries fails both.
+# row and column means may differ by SYMMETRY_RTOL and G v and v^T G (|v| = 1) by PROBE_RTOL. An independent
+# relative error e per entry (float32 rounding: about 1e-7) moves a mean by about e sqrt(2 / n) and G v by about
+# e sqrt(2), the largest of n such differences being about 3x that: the probe accepts e up to about 2e-4 at any n, the
+# means up to about 2e-5 sqrt(n) (6e-5 at n = 8, 2e-4 from n = 64 on). A transposed or corrupted block of entries
+# fails both.
 SYMMETRY_RTOL = 1e-4
 PROBE_RTOL = 1e-3
 
@@ -111,9 +113,8 @@ def raise_for_gram_stats(name: str, x: Any, stats: Any, *, batched: bool = False
     check_finite(name, x)  # locates a NaN or Inf entry
     b = int(bad[0])
     top = float(jnp.max(jnp.abs(x[b] if batched else x)))
-    raise ValueError(
-        f"{name}{where(b)} holds entries up to {top:.3g} whose sums overflow {jnp.result_type(x)}: rescale the Gram "
-        "matrices (a Gaussian kernel's entries are at most 1) or compute in float64.")
+    raise ValueError(f"{name}{where(b)} holds entries up to {top:.3g} whose sums overflow {jnp.result_type(x)}: "
+                     + gram_rescale_hint(jnp.result_type(x)))
   scale = np.maximum(stats[:, 3], np.finfo(np.float32).tiny)
   ratio = np.maximum(stats[:, 1] / (SYMMETRY_RTOL * scale), stats[:, 2] / (PROBE_RTOL * scale))
   b = int(np.argmax(ratio))
@@ -123,6 +124,18 @@ def raise_for_gram_stats(name: str, x: Any, stats: Any, *, batched: bool = False
         f"{stats[b, 1]:.3g} and G v and v^T G by up to {stats[b, 2]:.3g} for a random unit v, at scale "
         f"{stats[b, 3]:.3g} (rounding is accepted up to {SYMMETRY_RTOL:g} and {PROBE_RTOL:g} of the scale). A kernel "
         "Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only one triangle of it enters Q.")
+
+
+def gram_rescale_hint(dtype) -> str:
+  """The advice for Gram entries too large for ``dtype``."""
+  wider = "" if jnp.dtype(dtype) == jnp.float64 else " or compute in float64"
+  return f"rescale the Gram matrices (a Gaussian kernel's entries are at most 1){wider}."
+
+
+@jax.jit
+def all_finite(*arrays) -> jax.Array:
+  """Whether every entry of every array is finite, as one device scalar."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
 def raise_unless_finite_norms(name: str, x: Any, finite: Any) -> None:
@@ -137,8 +150,9 @@ def raise_unless_finite_norms(name: str, x: Any, finite: Any) -> None:
   check_finite(name, x)
   top = float(jnp.max(jnp.abs(x)))
   raise ValueError(
-      f"{name} holds values up to {top:.3g} whose squared norms overflow {jnp.result_type(x)}: rescale the features "
-      "(e.g. divide by their largest magnitude) or compute in float64.")
+      f"{name} holds values up to {top:.3g} whose squared deviations from their mean overflow "
+      f"{jnp.result_type(x)}: rescale the features (e.g. divide by their largest magnitude)"
+      + ("." if jnp.result_type(x) == jnp.float64 else " or compute in float64."))
 
 
 def check_samples(name: str, n: int) -> None:

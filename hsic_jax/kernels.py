@@ -192,8 +192,8 @@ SLICED_CHANNELS_MIN_DIM = 512
 def _channel_grams(x, rule, gamma, centered, normalized, batch_size):
   """The ``(c, n, n)`` Grams and whether every sample's squared norm in every channel is finite.
 
-  The flag is the validation of ``x``: a NaN or Inf anywhere (or a value whose square overflows) makes its squared
-  norm non-finite. Those norms are what the distances need anyway, so checking costs no extra pass over ``x``.
+  The flag is the validation of ``x``: a NaN or Inf anywhere (or values whose deviations from their channel's mean
+  overflow when squared) makes its squared norm non-finite. Those norms are what the distances need anyway, so checking costs no extra pass over ``x``.
   """
   def one(xc):
     xm = xc - jnp.mean(xc, axis=0, keepdims=True)
@@ -239,7 +239,7 @@ def channel_grams(
 
   Raises:
     ValueError: for a bad shape or argument, or (after the computation, which does the check) for NaN/Inf in ``x``
-      or values whose squares overflow its dtype.
+      or values whose deviations from their mean overflow its dtype when squared.
   """
   dtype = _checks.resolve_dtype(dtype)
   x = _checks.as_float_array("x", x, dtype, ndim=3, finite=False)  # checked by the computation itself

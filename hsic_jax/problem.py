@@ -390,6 +390,12 @@ def problem_from_grams(
     return problem
   _checks.raise_for_gram_stats("gram_x", gram_x, stats_x, batched=batched)
   _checks.raise_for_gram_stats("gram_y", gram_y, stats_y, batched=batched)
+  # Finite entries up to about sqrt(max float / n^2) have finite sums but products Q, q, const that overflow.
+  if not bool(_checks.all_finite(problem.quad, problem.lin, problem.const)):
+    raise ValueError(
+        f"the products of the Gram matrices overflow {dtype} (gram_x holds entries up to "
+        f"{float(jnp.max(jnp.abs(gram_x))):.3g}, gram_y up to {float(jnp.max(jnp.abs(gram_y))):.3g}): "
+        + _checks.gram_rescale_hint(dtype))
   return problem
 
 
@@ -500,7 +506,7 @@ def problem_from_features(
 
   Raises:
     ValueError: for a bad shape or argument, or (after the build, which computes the check) for NaN/Inf in ``x``
-      or values whose squares overflow its dtype.
+      or values whose deviations from their mean overflow its dtype when squared.
   """
   dtype = _checks.resolve_dtype(dtype)
   bandwidth = kernels.validate_bandwidth(bandwidth)

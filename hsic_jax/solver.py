@@ -311,15 +311,10 @@ def check_problem(problem: LassoProblem, name: str = "problem") -> None:
     raise ValueError(f"{name} has zero channels; there is nothing to select.")
   fields = ("quad", "lin", "const")
   arrays = [getattr(problem, f) for f in fields]
-  if all(_checks.is_concrete(a) for a in arrays) and bool(_all_finite(*arrays)):
+  if all(_checks.is_concrete(a) for a in arrays) and bool(_checks.all_finite(*arrays)):
     return  # one reduction and one scalar back for the common case
   for field, array in zip(fields, arrays):
     _checks.check_finite(f"{name}.{field}", array)
-
-
-@jax.jit
-def _all_finite(*arrays):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
 def solve(

@@ -65,7 +65,7 @@ class LayerCount:
 @dataclasses.dataclass(frozen=True)
 class Count:
   """MACs and params of one model: per-layer rows in forward order, and totals; ``num_classes`` is the classifier
-  width the model was built with (None when the model does not say)."""
+  width the model was built with (None when the model does not say) and ``input_hw`` the input size counted at."""
 
   model: str
   widths: tuple[int, ...]
@@ -73,9 +73,11 @@ class Count:
   macs: int
   params: int
   num_classes: int | None = None
+  input_hw: tuple[int, int] | None = None
 
   def to_dict(self) -> dict[str, Any]:
-    return {"model": self.model, "widths": list(self.widths), "num_classes": self.num_classes, "macs": self.macs,
+    return {"model": self.model, "widths": list(self.widths), "num_classes": self.num_classes,
+            "input_hw": None if self.input_hw is None else list(self.input_hw), "macs": self.macs,
             "params": self.params, "layers": [dataclasses.asdict(layer) for layer in self.layers]}
 
 
@@ -221,7 +223,8 @@ def count_model(model: nnx.Module, input_hw: tuple[int, int], *, name: str = "")
   layers = _rows(ops, first_use, shapes, kinds)
   params = sum(math.prod(s) for pth, s in shapes.items() if kinds[pth] == "Param")
   widths = tuple(getattr(model, "widths", ()))
-  return Count(name, widths, tuple(layers), sum(op.macs for op in ops), params, getattr(model, "num_classes", None))
+  return Count(name, widths, tuple(layers), sum(op.macs for op in ops), params, getattr(model, "num_classes", None),
+               tuple(input_hw))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -304,4 +307,5 @@ def count(name: str, widths: Sequence[int] | None = None, *, num_classes: int | 
          for op in st.ops]
   layers = _rows(ops, st.first_use, shapes, st.kinds)
   params = sum(math.prod(s) for pth, s in shapes.items() if st.kinds[pth] == "Param")
-  return Count(name, tuple(ws), tuple(layers), sum(op.macs for op in ops), params, st.num_classes)
+  return Count(name, tuple(ws), tuple(layers), sum(op.macs for op in ops), params, st.num_classes,
+               tuple(registry.input_size(name)))

@@ -14,6 +14,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from flax import nnx
+
 import models
 from models import flops
 
@@ -22,9 +24,19 @@ def _fmt_hw(hw: tuple[int, int] | None) -> str:
   return "-" if hw is None else f"{hw[0]}x{hw[1]}"
 
 
+def _dense_count(count: flops.Count) -> flops.Count | None:
+  """The dense model of ``count``'s registry model, class count and input size (None for a model not in it)."""
+  if count.model not in models.MODELS:
+    return None
+  if count.input_hw is None or tuple(count.input_hw) == tuple(models.input_size(count.model)):
+    return flops.count(count.model, num_classes=count.num_classes)
+  dense = nnx.eval_shape(lambda: models.get_model(count.model, num_classes=count.num_classes, rngs=nnx.Rngs(0)))
+  return flops.count_model(dense, count.input_hw, name=count.model)
+
+
 def format_table(count: flops.Count) -> str:
   """Renders a :class:`models.flops.Count` as a fixed-width text table with totals, compared with the dense model
-  of the same class count (``count.num_classes``)."""
+  of the same class count and input size (``count.num_classes``, ``count.input_hw``)."""
   header = ("layer", "kind", "in", "out", "kernel", "out HxW", "MACs", "params")
   rows = [(r.name, r.kind, str(r.in_ch), str(r.out_ch), _fmt_hw(r.kernel), _fmt_hw(r.out_hw), f"{r.macs:,}",
            f"{r.params:,}") for r in count.layers]
@@ -35,7 +47,7 @@ def format_table(count: flops.Count) -> str:
     return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
   out = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-  dense = flops.count(count.model, num_classes=count.num_classes) if count.model in models.MODELS else None
+  dense = _dense_count(count)
   out.append("")
   out.append(f"model {count.model}: {count.macs:,} MACs ({count.macs / 1e6:.2f}M), "
              f"{count.params:,} params ({count.params / 1e6:.3f}M)")

@@ -268,3 +268,12 @@ def test_summary_cli(capsys: pytest.CaptureFixture[str]):
   assert flops.count("resnet20").num_classes == 10 and flops.count("resnet50").num_classes == 1000
   assert flops.count("resnet20", ws, num_classes=100, exact=True).num_classes == 100
   assert f"{ratio:.4f} of params" in summary.format_table(pruned)
+  # ... and its input size: a model counted at 64x64 is compared with the dense model at 64x64.
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  big = flops.count_model(models.get_model("resnet20", ws, num_classes=100, rngs=nnx.Rngs(0)), (64, 64),
+                          name="resnet20")
+  assert big.input_hw == (64, 64) and flops.count("resnet20").input_hw == (32, 32)
+  dense32 = flops.count("resnet20", num_classes=100)
+  fc = sum(layer.macs for layer in dense32.layers if layer.kind == "fc")  # after the global pool: not scaled
+  dense64 = 4 * (dense32.macs - fc) + fc  # every conv sees 4x the pixels
+  assert f"{big.macs / dense64:.4f} of MACs" in summary.format_table(big)

@@ -159,6 +159,7 @@ def test_tiles_fit_the_cpu_cache_only_on_cpus(monkeypatch):
   # max_block_bytes allows (fewer loop steps), three live copies within it either way.
   from hsic_jax import _checks, problem  # pylint: disable=import-outside-toplevel
   c, n, budget = 512, 1024, problem.DEFAULT_BLOCK_BYTES
+  monkeypatch.setattr(_checks, "on_cpu", lambda: True)  # whatever backend runs the test
   cpu = problem._tile_side(c, n, 4, budget)  # pylint: disable=protected-access
   assert c * cpu * cpu * 4 <= problem.STREAM_TILE_BYTES
   monkeypatch.setattr(_checks, "on_cpu", lambda: False)

@@ -276,16 +276,19 @@ def random_keep(groups: Sequence[ChannelGroup], seed: int, *, only_prunable: boo
   return keep
 
 
-_FORWARDS: dict[int, Callable[..., jax.Array]] = {}
+# id(graphdef) -> (graphdef, compiled forward). The graphdef is kept so that its id cannot be reused by another
+# object after it is freed, which would hand a later model the compiled forward of an earlier one.
+_FORWARDS: dict[int, tuple[nnx.GraphDef, Callable[..., jax.Array]]] = {}
 
 
 def forward(graphdef: nnx.GraphDef, state: Any, x: jax.Array) -> np.ndarray:
   """Eval-mode logits, compiled once per graphdef (XLA backend optimisations off: compiling dominates here)."""
-  fn = _FORWARDS.get(id(graphdef))
-  if fn is None:
+  entry = _FORWARDS.get(id(graphdef))
+  if entry is None or entry[0] is not graphdef:
     lowered = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x)).lower(state, x)
-    fn = _FORWARDS[id(graphdef)] = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
-  return np.asarray(fn(state, x))
+    entry = _FORWARDS[id(graphdef)] = (graphdef, lowered.compile(
+        compiler_options={"xla_backend_optimization_level": 0}))
+  return np.asarray(entry[1](state, x))
 
 
 def shapes(tree: Any) -> Any:

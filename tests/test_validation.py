@@ -1,5 +1,7 @@
 """Bad input gets a ValueError that names the argument; nothing returns NaN silently."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -46,9 +48,10 @@ def test_features_whose_squares_overflow_are_refused(max_block_bytes):
   x = np.random.default_rng(3).normal(size=(8, 3, 4)).astype(np.float32)
   x[1, 0, 2] = 3e19  # finite in float32, its square is not
   kw = {} if max_block_bytes is None else {"max_block_bytes": max_block_bytes}
-  with pytest.raises(ValueError, match=r"x holds values up to 3e\+19 whose squared norms overflow float32"):
+  msg = r"x holds values up to 3e\+19 whose squared deviations from their mean overflow float32: rescale"
+  with pytest.raises(ValueError, match=msg):
     hj.problem_from_features(x, np.ones((8, 2)), **kw)
-  with pytest.raises(ValueError, match="squared norms overflow"):
+  with pytest.raises(ValueError, match=msg):
     hj.channel_grams(x)
 
 
@@ -203,7 +206,7 @@ def test_asymmetric_gram_is_refused():
   assert np.isfinite(float(hj.lasso_select(noisy, gy, 0.1).objective))
 
 
-def test_rounding_level_asymmetry_is_accepted_at_any_n():
+def test_asymmetry_far_above_rounding_is_accepted_at_large_n():
   # Independent relative errors of 1e-4 per entry (far above float32 rounding, e.g. a Gram assembled from blocks
   # computed in a different order) in Grams whose entries are all near 1: the random-vector probe moves by about
   # 1e-4 per row there, which a tolerance of 1e-4 of the scale refused at n = 256.
@@ -216,6 +219,14 @@ def test_rounding_level_asymmetry_is_accepted_at_any_n():
   assert np.abs(noisy - np.swapaxes(noisy, 1, 2)).max() > 1e-4  # really asymmetric at that level
   p = hj.problem_from_grams(noisy, gy)
   assert np.isfinite(np.asarray(p.quad)).all()
+  # At small n the means bound is the stricter one (about 2e-5 sqrt(n) per entry): 1e-5, still 100x float32
+  # rounding, passes at n = 8 for every seed tried here.
+  for seed in range(10):
+    small = np.random.default_rng(seed)
+    x8 = small.normal(size=(8, 2, 4)).astype(np.float32)
+    g8 = np.asarray(hj.channel_grams(x8, bandwidth=0.01))
+    hj.problem_from_grams(g8 * (1 + 1e-5 * small.standard_normal(g8.shape)).astype(np.float32),
+                          np.asarray(hj.gaussian_gram(x8[:, 0], bandwidth=0.01)))
   # An asymmetry that is not rounding is still refused at this n: one row of the transposed triangle off by 1%.
   bad = gx.copy()
   bad[0, 7, 8:] *= 1.01
@@ -247,6 +258,13 @@ def test_gram_entries_whose_sums_overflow_are_refused():
   gxs[2, 1, 0, 3] += 0.5
   with pytest.raises(ValueError, match=r"^gram_x \(layer 0 of the batch\) holds entries up to 3e\+38"):
     hj.problem_from_grams(gxs, gys)
+  # Smaller entries whose sums are finite but whose products Q, q, const are not.
+  with pytest.raises(ValueError, match=r"^the products of the Gram matrices overflow float32 \(gram_x holds entries "
+                     r"up to 1e\+19, gram_y up to 1\): rescale the Gram matrices .* or compute in float64\.$"):
+    hj.problem_from_grams(gx * np.float32(1e19), gy)
+  with jax.enable_x64(True):  # already float64: no advice to compute in float64
+    with pytest.raises(ValueError, match=r"products of the Gram matrices overflow float64 .*at most 1\)\.$"):
+      hj.problem_from_grams(gx.astype(np.float64) * 1e307, gy, dtype=jnp.float64)
 
 
 def test_non_finite_problem_is_refused():
