@@ -126,10 +126,13 @@ def raise_for_gram_stats(name: str, x: Any, stats: Any, *, batched: bool = False
         "Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only one triangle of it enters Q.")
 
 
+def _or_wider(dtype) -> str:
+  return "" if jnp.dtype(dtype) == jnp.float64 else " or compute in float64"
+
+
 def gram_rescale_hint(dtype) -> str:
   """The advice for Gram entries too large for ``dtype``."""
-  wider = "" if jnp.dtype(dtype) == jnp.float64 else " or compute in float64"
-  return f"rescale the Gram matrices (a Gaussian kernel's entries are at most 1){wider}."
+  return f"rescale the Gram matrices (a Gaussian kernel's entries are at most 1){_or_wider(dtype)}."
 
 
 @jax.jit
@@ -150,9 +153,8 @@ def raise_unless_finite_norms(name: str, x: Any, finite: Any) -> None:
   check_finite(name, x)
   top = float(jnp.max(jnp.abs(x)))
   raise ValueError(
-      f"{name} holds values up to {top:.3g} whose squared deviations from their mean overflow "
-      f"{jnp.result_type(x)}: rescale the features (e.g. divide by their largest magnitude)"
-      + ("." if jnp.result_type(x) == jnp.float64 else " or compute in float64."))
+      f"{name} holds values up to {top:.3g} whose squared deviations from their mean overflow {jnp.result_type(x)}: "
+      f"rescale the features (e.g. divide by their largest magnitude){_or_wider(jnp.result_type(x))}.")
 
 
 def check_samples(name: str, n: int) -> None:

@@ -193,7 +193,8 @@ def _channel_grams(x, rule, gamma, centered, normalized, batch_size):
   """The ``(c, n, n)`` Grams and whether every sample's squared norm in every channel is finite.
 
   The flag is the validation of ``x``: a NaN or Inf anywhere (or values whose deviations from their channel's mean
-  overflow when squared) makes its squared norm non-finite. Those norms are what the distances need anyway, so checking costs no extra pass over ``x``.
+  overflow when squared) makes its squared norm non-finite. Those norms are what the distances need anyway, so
+  checking costs no extra pass over ``x``.
   """
   def one(xc):
     xm = xc - jnp.mean(xc, axis=0, keepdims=True)

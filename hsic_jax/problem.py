@@ -17,10 +17,10 @@ block per batch. Problems of different widths stack, zero-padded, into one batch
 Memory: the builders never hold more than ``max_block_bytes`` of Gram entries at once. Grams that fit are centered
 whole and multiplied over their packed upper triangles. Larger ones are taken in square tiles ``(I, J)`` of every
 channel's Gram, ``Q += K̄[:, I, J] K̄[:, I, J]^T`` over the upper triangle of tiles, each tile small enough to stay
-in a CPU's cache between its construction and its product (:data:`STREAM_TILE_BYTES`). From Grams, each tile is centered
-exactly from the row and column means. When the per-channel Grams do not fit in the budget at all they are streamed
-from the features, each kernel entry of the upper triangle computed once: the products are taken of ``K - mu`` (a
-constant shift) and centered at the end from the row sums (:func:`_centered_quad`).
+in a CPU's cache between its construction and its product (:data:`STREAM_TILE_BYTES`). From Grams, each tile is
+centered exactly from the row and column means. When the per-channel Grams do not fit in the budget at all they are
+streamed from the features, each kernel entry of the upper triangle computed once: the products are taken of
+``K - mu`` (a constant shift) and centered at the end from the row sums (:func:`_centered_quad`).
 """
 
 from __future__ import annotations
@@ -278,8 +278,8 @@ def _accumulate_tiles(tile, lbar, *, c: int, n: int, t: int, row_sums: bool):
 @functools.partial(jax.jit, static_argnames=("t", "normalized", "validate"))
 def _from_grams(gram_x, gram_y, t, normalized, validate=True):
   """The problem (batched when ``gram_x`` has a leading batch axis) and, when ``validate``, the inputs'
-  :func:`_checks.gram_stats` (one row per layer of a batch), computed in the same call so that validation costs no extra pass over the data nor an
-  extra host round trip."""
+  :func:`_checks.gram_stats` (one row per layer of a batch), computed in the same call so that validation costs no
+  extra pass over the data nor an extra host round trip."""
   one = lambda gx, gy: _from_grams_one(gx, gy, t, normalized, validate)  # noqa: E731
   if gram_x.ndim == 3:
     return one(gram_x, gram_y)

@@ -153,5 +153,5 @@ def model_name(model: nnx.Module) -> str:
   raise ValueError(f"model of type {type(model).__name__} is not one of the registry's architectures")
 
 
-__all__ = ["MODELS", "ModelEntry", "get_model", "default_widths", "validate_widths", "input_size", "model_name", "Tap", "Taps", "ResNetCifar",
-           "VGG16", "ResNet50", "GoogLeNet", "MobileNetV2"]
+__all__ = ["MODELS", "ModelEntry", "get_model", "default_widths", "validate_widths", "input_size", "model_name", "Tap",
+           "Taps", "ResNetCifar", "VGG16", "ResNet50", "GoogLeNet", "MobileNetV2"]

@@ -87,7 +87,8 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 
 
 def check_num_classes(num_classes: Any) -> int:
-  """Returns ``num_classes`` as an int, or raises ValueError unless it is an int (Python or NumPy) >= 1; 10.0 is refused."""
+  """Returns ``num_classes`` as an int, or raises ValueError unless it is an int (Python or NumPy) >= 1 (10.0 is
+  refused)."""
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
     raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
   return int(num_classes)

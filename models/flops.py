@@ -11,8 +11,8 @@ How: the forward pass is traced with :func:`jax.make_jaxpr` on an abstract model
 allocated); every ``conv_general_dilated`` and every ``dot_general`` with a parameter operand is one layer, named by
 its kernel's path in the state dict. For a registry model the trace is done once (dense widths) and cached: each
 layer's output resolution does not depend on the widths, and each parameter axis is a linear function of the width
-list, read off the model's channel groups. :func:`count` then costs about a millisecond, fast enough for a lambda search;
-``count(..., exact=True)`` re-traces the model built with the given widths.
+list, read off the model's channel groups. :func:`count` then costs about a millisecond, fast enough for a lambda
+search; ``count(..., exact=True)`` re-traces the model built with the given widths.
 
 >>> count("resnet56").macs
 125485696

@@ -160,7 +160,8 @@ class ResNet50(c.WidthModel):
       for j in range(1, len(pairs)):
         members.append(c.conv_in(c.p(f"{st}/block{j}/conv1")))
       if s + 1 < len(stages):
-        members += [c.conv_in(c.p(f"stage{s + 2}/block0/conv1")), c.conv_in(c.p(f"stage{s + 2}/block0/downsample/conv"))]
+        members += [c.conv_in(c.p(f"stage{s + 2}/block0/conv1")),
+                    c.conv_in(c.p(f"stage{s + 2}/block0/downsample/conv"))]
       else:
         members.append(c.dense_in(("fc",)))
       groups.append(c.group(f"{st}/stream", ws[w_idx], *members, prunable=False, width_indices=(w_idx,)))
