@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 import hsic_jax as hj
-from benchmarks import _common
+from benchmarks import _common, plots
 
 # (n, c, d, label)
 SHAPES = [
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     m = _common.machine()
     _common.update_readme("gram_throughput", (
         f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPU cores), jax {m['jax']}; median of at least "
-        f"{REPEATS} runs and {MIN_SECONDS:g} s after compilation. {summary}\n\n" + md))
+        f"{REPEATS} runs and {MIN_SECONDS:g} s after compilation. {summary}\n\n" + md + "\n\n"
+        + plots.readme_link("gram_throughput")))
+    plots.gram_throughput(payload, plots.png_path("gram_throughput"))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 import models
-from benchmarks import _common
+from benchmarks import _common, plots
 from hsic_jax import ChannelGroup, surgery
 from models import flops
 
@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
       f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPU cores), jax {m['jax']}; {repeats} interleaved "
       f"repeats, median. Efficiency = speedup / MACs ratio (goal >= 70%).\n\n" + table
       + "\n\nBest median efficiency of a pruned variant within 0.05 of the target MACs ratio: "
-      + ", ".join(f"{k} {v:.0%}" for k, v in eff.items()) + "."))
+      + ", ".join(f"{k} {v:.0%}" for k, v in eff.items()) + ".\n\n" + plots.readme_link("pruned_speed")))
+  plots.pruned_speed({"results": results}, plots.png_path("pruned_speed"))
   return 0
 
 
