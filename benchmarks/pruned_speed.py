@@ -181,14 +181,15 @@ def main(argv: list[str] | None = None) -> int:
   path = _common.write_results("pruned_speed", {"quick": args.quick, "results": results, "table": table})
   print(f"\nwrote {path}")
   m = _common.machine()
-  eff = {f"{r['model']} (batch {r['batch']})": max(
-      (v["efficiency"] for v in r["variants"]
-       if v["variant"].startswith("pruned") and abs(v["macs_ratio"] - r["target_ratio"]) <= 0.05), default=0.0)
-         for r in results}
+  def near_target(r: dict[str, Any], v: dict[str, Any]) -> bool:
+    return v["variant"].startswith("pruned") and abs(v["macs_ratio"] - r["target_ratio"]) <= plots.RATIO_TOLERANCE
+
+  eff = {f"{r['model']} (batch {r['batch']})": max((v["efficiency"] for v in r["variants"] if near_target(r, v)),
+                                                   default=0.0) for r in results}
   _common.update_readme("pruned_speed", (
       f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPU cores), jax {m['jax']}; {repeats} interleaved "
       f"repeats, median. Efficiency = speedup / MACs ratio (goal >= 70%).\n\n" + table
-      + "\n\nBest median efficiency of a pruned variant within 0.05 of the target MACs ratio: "
+      + f"\n\nBest median efficiency of a pruned variant within {plots.RATIO_TOLERANCE:g} of the target MACs ratio: "
       + ", ".join(f"{k} {v:.0%}" for k, v in eff.items()) + ".\n\n" + plots.readme_link("pruned_speed")))
   plots.pruned_speed({"results": results}, plots.png_path("pruned_speed"))
   return 0
