@@ -6,7 +6,8 @@ Every solver starts from the same centered Gram matrices (APIB kernels: gamma = 
 output) and solves the same nonnegative HSIC Lasso at the same ``lam`` (5% of ``lambda_max``):
 
 - **hsic_jax**: build the c x c quadratic forms from the Grams, then solve (float32, jitted; compile time excluded
-  and reported separately). Layers of one width are built and solved in one batched call each; their Grams are
+  and reported separately), with SciPy's LAPACK capped at one thread on the CPU backend as the library advises
+  (:func:`hsic_jax.limit_lapack_threads`). Layers of one width are built and solved in one batched call each; their Grams are
   stacked outside the timed region, as the peers' designs are prepared outside it. Its tolerance is tightened
   until the objective is within ``--target`` of the optimum.
 - **sklearn Lasso**: coordinate descent on the explicit ``n^2 x c`` design (what the APIB reference code runs),
@@ -267,6 +268,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
   parser.add_argument("--slow-cap", type=float, default=5.0, help="peers slower than this (s) are timed once")
   args = parser.parse_args(argv)
+  if jax.default_backend() == "cpu":
+    # As the library advises for the CPU backend (hsic_jax.runtime). It caps SciPy's bundled BLAS only (NumPy's keeps
+    # its threads); the peers' times on synthetic c = 64, 256, 512 layers did not move beyond run-to-run noise with
+    # the cap (scikit-learn's Lasso: 5.4 / 5.4 s and 21.5 / 21.0 s at c = 256 / 512, without / with).
+    capped = hj.limit_lapack_threads()
+    print(f"LAPACK threads capped at 1 for: {', '.join(capped) or 'no library found'}")
 
   if args.quick or not args.shared.is_dir():
     if not args.quick:

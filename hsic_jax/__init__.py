@@ -9,6 +9,7 @@ The public API is re-exported here; each module does one thing:
 - :mod:`hsic_jax.groups`: channel groups (parameter slices that share channels).
 - :mod:`hsic_jax.surgery`: pure-functional channel removal from parameter, BatchNorm and optimizer state.
 - :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr.
+- :mod:`hsic_jax.runtime`: host-side settings for the CPU backend (LAPACK threads).
 """
 
 from hsic_jax.groups import ChannelGroup, ChannelSlice, flatten_state, path_str
@@ -35,6 +36,7 @@ from hsic_jax.problem import (
     problem_from_grams,
     stack_problems,
 )
+from hsic_jax.runtime import limit_lapack_threads
 from hsic_jax.selection import (
     KSelection,
     lambda_grid,
@@ -80,6 +82,7 @@ __all__ = [
     "lasso_select",
     "lasso_select_features",
     "linear_cka",
+    "limit_lapack_threads",
     "linear_gram",
     "mask",
     "objective",

@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.error(f"--seed must be >= 0, got {args.seed}")
   if not 2 <= args.calib <= 1347:
     parser.error(f"--calib must be in [2, 1347] (the training split), got {args.calib}")
+  if jax.default_backend() == "cpu":
+    hj.limit_lapack_threads()  # see hsic_jax.runtime: SciPy's idle LAPACK threads slow XLA's on the CPU backend
   report = run(args.out, args.k, args.seed, args.calib)
   print((args.out / "report.md").read_text())
   print(f"wrote {args.out}/report.json, report.md, selected_pixels.png")
