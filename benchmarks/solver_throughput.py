@@ -7,9 +7,9 @@ output) and solves the same nonnegative HSIC Lasso at the same ``lam`` (5% of ``
 
 - **hsic_jax**: build the c x c quadratic forms from the Grams, then solve (float32, jitted; compile time excluded
   and reported separately), with SciPy's LAPACK capped at one thread on the CPU backend as the library advises
-  (:func:`hsic_jax.limit_lapack_threads`). Layers of one width are built and solved in one batched call each; their Grams are
-  stacked outside the timed region, as the peers' designs are prepared outside it. Its tolerance is tightened
-  until the objective is within ``--target`` of the optimum.
+  (:func:`hsic_jax.limit_lapack_threads`). Layers of one width are built and solved in one batched call each;
+  their Grams are stacked outside the timed region, as the peers' designs are prepared outside it. Its tolerance is
+  tightened until the objective is within ``--target`` of the optimum.
 - **sklearn Lasso**: coordinate descent on the explicit ``n^2 x c`` design (what the APIB reference code runs),
   ``positive=True, fit_intercept=False``, its ``tol`` tightened the same way. The design is prepared outside the
   timed region, in Fortran order (its favourite layout).
