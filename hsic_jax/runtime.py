@@ -40,8 +40,8 @@ def limit_lapack_threads(threads: int = 1) -> dict[str, int]:
     threads: the number of threads, at least 1.
 
   Returns:
-    ``{library path: previous thread count}`` for every library capped (empty when none could be found). Restore with
-    ``threadpoolctl.ThreadpoolController().select(filepath=path).limit(limits=count)`` if needed.
+    ``{library path: previous thread count}`` for every library capped (empty when none could be found). Calling
+    again with the previous count undoes the cap.
 
   Raises:
     ValueError: ``threads`` is not a positive integer.
