@@ -26,7 +26,8 @@ def limit_lapack_threads(threads: int = 1) -> dict[str, int]:
   """Caps the threads of the BLAS/LAPACK library that JAX's CPU backend calls; returns each one's previous count.
 
   Call it once at start-up in a program that solves HSIC Lasso on the CPU backend (the demo and the solver
-  benchmark do); it changes nothing on a GPU or TPU, where the factorisations run on the device.
+  benchmark do, on that backend only). On a GPU or TPU the solver's factorisations run on the device and the cap
+  buys nothing; it would still cap SciPy's host threads, so those programs leave it out.
 
   The setting is process-wide and lasts until changed: SciPy's own ``scipy.linalg`` calls run with it too. NumPy's
   bundled OpenBLAS is a separate library and keeps its threads, so NumPy matrix products are not slowed. Where no
