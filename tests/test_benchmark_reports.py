@@ -81,3 +81,18 @@ def test_plots_render(name, payload, tmp_path):
 def test_plots_main_rejects_unknown_names(capsys):
   assert plots.main(["no_such_benchmark"]) == 2
   assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_gram_peak_is_taken_at_the_library_precision():
+  # On accelerators the backend default is TF32 or bfloat16 passes, several times faster than the full float32
+  # the library asks for: the peak must be the same operation. (The CPU runs full float32 whatever is asked, so the
+  # request in the jaxpr is what is checked.)
+  jax = pytest.importorskip("jax")
+  from benchmarks import gram_throughput
+
+  a = np.ones((4, 4), np.float32)
+  dots = [e for e in jax.make_jaxpr(gram_throughput.peak_matmul)(a, a).eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 1
+  assert dots[0].params["precision"] == (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  assert gram_throughput.peak_size("cpu") == 2048
+  assert gram_throughput.peak_size("gpu") == gram_throughput.peak_size("tpu") == 8192
