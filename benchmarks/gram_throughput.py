@@ -62,14 +62,10 @@ def dense_count_flops(n: int, c: int, d: int, q: int) -> float:
   return 2.0 * c * n * n * d + 2.0 * n * n * q + 2.0 * c * c * n * n + 2.0 * c * n * n
 
 
-# Side of the square matmul that measures the peak: 2048 is past the knee on a CPU; an accelerator needs more work
-# per call to leave its launch overhead behind.
-PEAK_SIZE = {"cpu": 2048}
-PEAK_SIZE_ACCELERATOR = 8192
-
-
 def peak_size(backend: str) -> int:
-  return PEAK_SIZE.get(backend, PEAK_SIZE_ACCELERATOR)
+  """Side of the square matmul that measures the peak: 2048 is past the knee on a CPU; an accelerator needs more
+  work per call to leave its launch overhead behind."""
+  return 2048 if backend == "cpu" else 8192
 
 
 def peak_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
