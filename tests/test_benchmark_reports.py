@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
-from benchmarks import _common, plots, solver_throughput
+from benchmarks import _common, gram_throughput, plots, solver_throughput
 
 
 def _solver_rows() -> list[dict]:
@@ -87,9 +88,6 @@ def test_gram_peak_is_taken_at_the_library_precision():
   # On accelerators the backend default is TF32 or bfloat16 passes, several times faster than the full float32
   # the library asks for: the peak must be the same operation. (The CPU runs full float32 whatever is asked, so the
   # request in the jaxpr is what is checked.)
-  jax = pytest.importorskip("jax")
-  from benchmarks import gram_throughput
-
   a = np.ones((4, 4), np.float32)
   dots = [e for e in jax.make_jaxpr(gram_throughput.peak_matmul)(a, a).eqns if e.primitive.name == "dot_general"]
   assert len(dots) == 1
