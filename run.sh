@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that sets itself up on a fresh machine:
-#   bash run.sh main [ARGS...]   run the main job (until the training program lands: the offline HSIC Lasso demo)
+#   bash run.sh main [ARGS...]   run the main job: the pruning program on its embedded default (digits_apib);
+#                                ARGS override it, e.g. --config=resnet56_apib
 #   bash run.sh test [ARGS...]   run the test suite (what CI runs)
 #   bash run.sh bench NAME       run a benchmark program (benchmarks/NAME.py)
 # The first call creates .venv and installs the pinned dependencies; later calls reuse it (reinstalling only
@@ -31,7 +32,11 @@ fi
 
 export PYTHONUNBUFFERED=1
 case "$cmd" in
-  main) exec .venv/bin/python -m hsic_jax.demo "$@" ;;
+  main)
+    case " $* " in
+      *" --config="*|*" --config "*) exec .venv/bin/python -m train.main "$@" ;;
+      *) exec .venv/bin/python -m train.main --config=digits_apib "$@" ;;
+    esac ;;
   test) exec .venv/bin/python -m pytest "$@" ;;
   bench)
     name="${1:?usage: bash run.sh bench NAME [ARGS...]}"

@@ -7,6 +7,7 @@ The public API is re-exported here; each module does one thing:
 - :mod:`hsic_jax.solver`: FISTA with restart for the nonnegative (or signed) HSIC Lasso, with duality gaps.
 - :mod:`hsic_jax.selection`: ``lasso_select`` and friends (paths, batches, keep exactly k).
 - :mod:`hsic_jax.groups`: channel groups (parameter slices that share channels).
+- :mod:`hsic_jax.search`: one global penalty for all decisions, searched to a cost target (APIB).
 - :mod:`hsic_jax.surgery`: pure-functional channel removal from parameter, BatchNorm and optimizer state.
 - :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr.
 - :mod:`hsic_jax.runtime`: host-side settings for the CPU backend (LAPACK threads).
@@ -37,6 +38,7 @@ from hsic_jax.problem import (
     stack_problems,
 )
 from hsic_jax.runtime import limit_lapack_threads
+from hsic_jax.search import SearchPoint, SearchResult, global_lambda_search
 from hsic_jax.selection import (
     KSelection,
     lambda_grid,
@@ -60,6 +62,8 @@ __all__ = [
     "LassoResult",
     "PrunePlan",
     "PruneResult",
+    "SearchPoint",
+    "SearchResult",
     "apply_plan",
     "center",
     "channel_grams",
@@ -73,6 +77,7 @@ __all__ = [
     "frobenius_normalize",
     "gaussian_cka",
     "gaussian_gram",
+    "global_lambda_search",
     "hsic",
     "hsic_matrix",
     "keep_top_k",

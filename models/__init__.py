@@ -25,6 +25,8 @@ Parameter paths read like the architecture, e.g. ``("stage1", "block0", "conv1",
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 from collections.abc import Callable, Sequence
 
 from flax import nnx
@@ -138,6 +140,28 @@ def input_size(name: str) -> tuple[int, int]:
   return MODELS[name].input_hw
 
 
+def load_pruned(path: str | os.PathLike[str]) -> nnx.Module:
+  """Loads a model written by the pruning program as a ready NNX model (eval mode), with its pruned widths.
+
+  Args:
+    path: a run's workdir (the fine-tuned model ``final/`` is taken, else the pruned one ``pruned/``, else the
+      dense one ``dense/``) or any checkpoint directory written by :func:`models.import_torch.save_checkpoint`.
+      The pruning plan, where there is one, is in ``models.import_torch.read_meta(path)["plan"]``.
+
+  Raises:
+    FileNotFoundError: nothing loadable at ``path``.
+    ValueError: a corrupt checkpoint or one whose arrays do not match its widths.
+  """
+  from models import import_torch  # pylint: disable=import-outside-toplevel  (orbax only when loading)
+  root = pathlib.Path(path)
+  for sub in ("final", "pruned", "dense"):
+    if (root / sub / "_CHECKPOINT_METADATA").exists() or (root / sub / "meta").exists():
+      return import_torch.load_checkpoint(root / sub)
+  if not root.exists():
+    raise FileNotFoundError(f"{root} does not exist; expected a run workdir or a model checkpoint directory")
+  return import_torch.load_checkpoint(root)
+
+
 def model_name(model: nnx.Module) -> str:
   """The registry name of a model instance (inverse of :func:`get_model`)."""
   if isinstance(model, ResNetCifar):
@@ -153,5 +177,6 @@ def model_name(model: nnx.Module) -> str:
   raise ValueError(f"model of type {type(model).__name__} is not one of the registry's architectures")
 
 
-__all__ = ["MODELS", "ModelEntry", "get_model", "default_widths", "validate_widths", "input_size", "model_name", "Tap",
+__all__ = ["MODELS", "ModelEntry", "get_model", "default_widths", "validate_widths", "input_size", "load_pruned",
+           "model_name", "Tap",
            "Taps", "ResNetCifar", "VGG16", "ResNet50", "GoogLeNet", "MobileNetV2"]

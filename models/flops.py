@@ -244,9 +244,9 @@ class _Structure:
 
 
 @functools.lru_cache(maxsize=None)
-def _structure(name: str, num_classes: int | None) -> _Structure:
+def _structure(name: str, num_classes: int | None, input_hw: tuple[int, int]) -> _Structure:
   model = nnx.eval_shape(lambda: registry.get_model(name, num_classes=num_classes, rngs=nnx.Rngs(0)))
-  ops, first_use, shapes, kinds = _trace(model, registry.input_size(name))
+  ops, first_use, shapes, kinds = _trace(model, input_hw)
   widths = model.widths
   covered: dict[tuple[Path, int], tuple[int, list[tuple[int, int]]]] = {}
   for g in model.channel_groups():
@@ -282,7 +282,7 @@ def _groups(op: _Op, kernel_shape: tuple[int, ...]) -> int:
 
 
 def count(name: str, widths: Sequence[int] | None = None, *, num_classes: int | None = None,
-          exact: bool = False) -> Count:
+          exact: bool = False, input_hw: tuple[int, int] | None = None) -> Count:
   """MACs and params of registry model ``name`` built with ``widths`` (default: dense), per layer and total.
 
   Args:
@@ -290,15 +290,18 @@ def count(name: str, widths: Sequence[int] | None = None, *, num_classes: int | 
     widths: the width list (validated as :func:`models.get_model` does); ``None`` for the dense model.
     num_classes: classifier outputs (default per model).
     exact: trace the model built with these widths instead of using the cached structure (slower; same result).
+    input_hw: the input size to count at (default: the model's, :func:`models.input_size`), e.g. a CIFAR ResNet
+      run on 16x16 images.
 
   Returns:
     A :class:`Count` with rows in forward order.
   """
+  hw = registry.input_size(name) if input_hw is None else (int(input_hw[0]), int(input_hw[1]))
   if exact:
     model = nnx.eval_shape(lambda: registry.get_model(name, widths, num_classes=num_classes, rngs=nnx.Rngs(0)))
-    return count_model(model, registry.input_size(name), name=name)
+    return count_model(model, hw, name=name)
   ws = registry.validate_widths(name, widths)
-  st = _structure(name, None if num_classes is None else check_num_classes(num_classes))
+  st = _structure(name, None if num_classes is None else check_num_classes(num_classes), hw)
   shapes = {pth: tuple(const + sum(ws[i] * m for i, m in terms) for const, terms in ax)
             for pth, ax in st.axes.items()}
   ops = [dataclasses.replace(op, kernel_shape=shapes[op.kernel_path],
@@ -307,5 +310,4 @@ def count(name: str, widths: Sequence[int] | None = None, *, num_classes: int | 
          for op in st.ops]
   layers = _rows(ops, st.first_use, shapes, st.kinds)
   params = sum(math.prod(s) for pth, s in shapes.items() if st.kinds[pth] == "Param")
-  return Count(name, tuple(ws), tuple(layers), sum(op.macs for op in ops), params, st.num_classes,
-               tuple(registry.input_size(name)))
+  return Count(name, tuple(ws), tuple(layers), sum(op.macs for op in ops), params, st.num_classes, hw)

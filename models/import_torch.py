@@ -227,13 +227,16 @@ def _check_state_matches_widths(model: nnx.Module) -> None:
                        "get_model(name, result.widths) and nnx.update with the pruned state)")
 
 
-def save_checkpoint(model: nnx.Module, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+def save_checkpoint(model: nnx.Module, path: str | os.PathLike[str], *, force: bool = False,
+                    extra: Mapping[str, Any] | None = None) -> Path:
   """Saves ``model``'s pure state dict and ``{"model", "widths", "num_classes"}`` as an orbax checkpoint.
 
   Args:
     model: a registry model.
     path: the checkpoint directory (created; made absolute).
     force: overwrite an existing directory.
+    extra: more JSON-serialisable entries for the meta item (e.g. a pruned model's plan); read them back with
+      :func:`read_meta`.
 
   Returns:
     The absolute checkpoint path.
@@ -246,7 +249,8 @@ def save_checkpoint(model: nnx.Module, path: str | os.PathLike[str], *, force: b
   path = Path(path).resolve()
   if path.exists() and not force:
     raise FileExistsError(f"checkpoint directory {path} already exists; pass force=True (CLI: --force) to overwrite")
-  meta = {"model": registry.model_name(model), "widths": model.widths, "num_classes": int(model.num_classes)}
+  meta = {**dict(extra or {}), "model": registry.model_name(model), "widths": model.widths,
+          "num_classes": int(model.num_classes)}
   pure = nnx.to_pure_dict(nnx.state(model))
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(pure), meta=ocp.args.JsonSave(meta)),
@@ -254,22 +258,54 @@ def save_checkpoint(model: nnx.Module, path: str | os.PathLike[str], *, force: b
   return path
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> nnx.Module:
-  """Rebuilds the model saved by :func:`save_checkpoint` (in eval mode).
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+  """The meta item of a checkpoint written by :func:`save_checkpoint` (``model``, ``widths``, ``num_classes`` and
+  any ``extra`` entries).
 
   Raises:
     FileNotFoundError: ``path`` does not exist.
+    ValueError: ``path`` is not such a checkpoint or cannot be read.
   """
   path = Path(path).resolve()
   if not path.exists():
     raise FileNotFoundError(f"checkpoint {path} does not exist")
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    meta = ckptr.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    model = nnx.eval_shape(lambda: registry.get_model(meta["model"], meta["widths"],
-                                                      num_classes=meta["num_classes"], rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    target = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
-    restored = ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+      meta = ckptr.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "not a readable checkpoint"
+    raise ValueError(f"{path} is not a readable model checkpoint ({type(e).__name__}: {e}); expected a directory "
+                     "written by models.import_torch.save_checkpoint") from e
+  if not isinstance(meta, dict) or not {"model", "widths", "num_classes"} <= set(meta):
+    raise ValueError(f"{path} has no model meta (model, widths, num_classes); expected a directory written by "
+                     "models.import_torch.save_checkpoint")
+  return meta
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> nnx.Module:
+  """Rebuilds the model saved by :func:`save_checkpoint` (in eval mode), with the widths its meta records.
+
+  Raises:
+    FileNotFoundError: ``path`` does not exist.
+    ValueError: ``path`` is not a readable checkpoint, or its arrays do not have the shapes its widths build (a
+      corrupt or hand-edited checkpoint); nothing is partially restored.
+  """
+  path = Path(path).resolve()
+  meta = read_meta(path)
+  model = nnx.eval_shape(lambda: registry.get_model(meta["model"], meta["widths"],
+                                                    num_classes=meta["num_classes"], rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  target = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+      restored = ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(f"checkpoint {path} does not hold the state of {meta['model']} with widths {meta['widths']} "
+                     f"({type(e).__name__}: {e})") from e
+  want = jax.tree_util.tree_leaves(target)
+  have = jax.tree_util.tree_leaves(restored)
+  if len(want) != len(have) or any(tuple(a.shape) != tuple(np.shape(b)) for a, b in zip(want, have)):
+    raise ValueError(f"checkpoint {path} holds arrays whose shapes differ from {meta['model']} with widths "
+                     f"{meta['widths']}; the checkpoint is corrupt")
   nnx.replace_by_pure_dict(state, restored)
   model = nnx.merge(graphdef, state)
   model.eval()

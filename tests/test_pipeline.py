@@ -1,0 +1,227 @@
+"""The pruning program end to end on digits at tiny scale, its resume after SIGKILL, its configs and its errors.
+
+The whole pipeline runs in a subprocess (`python -m train.main`, as a user runs it), with JAX's persistent
+compilation cache shared between the runs of this module so that the killed and resumed runs do not compile again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import hsic_jax as hj
+import models
+from models import import_torch
+from train import config_lib, main as main_lib, pipeline
+from train.configs import digits_apib
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config=digits_apib", "--config.data.image_size=8", "--config.pretrain.epochs=1",
+        "--config.pretrain.batch_size=32", "--config.finetune.epochs=2", "--config.finetune.batch_size=32",
+        "--config.finetune.checkpoint_every_steps=10", "--config.finetune.log_every_steps=5",
+        "--config.calib.num_images=64", "--config.calib.batch_size=32", "--config.eval.bn_recalibrate_steps=2",
+        "--config.finetune.distill_weight=0.5"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  base = tmp_path_factory.mktemp("pipeline")
+  e = dict(os.environ)
+  e.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+  e.update({"JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+  return e, base
+
+
+def _cmd(workdir: Path, data_dir: Path, *extra: str) -> list[str]:
+  return [sys.executable, "-m", "train.main", *TINY, f"--config.data.data_dir={data_dir}", f"--workdir={workdir}",
+          *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(env):
+  e, base = env
+  workdir = base / "run"
+  proc = subprocess.run(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_whole_pipeline_writes_a_consistent_report(finished):
+  workdir, proc = finished
+  assert "report:" in proc.stdout and "MACs" in proc.stdout
+  rep = json.loads((workdir / "report.json").read_text())
+  for key in ("dense", "pruned", "widths", "search", "seconds"):
+    assert key in rep
+  for key in ("macs", "params", "top1"):
+    assert key in rep["dense"]
+  for key in ("macs", "params", "top1_before_finetune", "top1"):
+    assert key in rep["pruned"]
+  assert all({"lambda", "macs", "params"} <= set(p) for p in rep["search"])
+  assert set(rep["seconds"]) >= set(pipeline.STAGES) - {"report"}
+  # The MACs hit the target (half the dense count, 1%), counted independently by tracing the pruned model.
+  final = models.load_pruned(workdir)
+  exact = models.flops.count("resnet20", final.widths, exact=True, input_hw=(8, 8))
+  assert exact.macs == rep["pruned"]["macs"]
+  assert abs(exact.macs - 0.5 * rep["dense"]["macs"]) <= 0.01 * 0.5 * rep["dense"]["macs"]
+  assert final.widths == rep["model_widths"]
+  assert [w["pruned"] for w in rep["widths"]] == [final.widths[1 + 2 * k] for k in range(9)]
+  # Calibration ids are recorded, and they are distinct training images.
+  ids = rep["calibration"]["ids"]
+  assert len(ids) == 64 and len(set(ids)) == 64
+  for name in ("report.md", "widths.png", "lambda_search.png", "training.png", "metrics.jsonl", "config.json"):
+    assert (workdir / name).exists(), name
+  # Accuracies are fractions of the evaluation split (no example dropped: 355 digits in test).
+  assert rep["evaluation"]["examples"] == 355
+  assert 0.0 <= rep["pruned"]["top1"] <= 1.0
+
+
+def test_pruned_checkpoint_is_the_plan_applied_to_the_dense_one(finished):
+  workdir, _ = finished
+  dense = models.load_pruned(workdir / "dense")
+  pruned = import_torch.load_checkpoint(workdir / "pruned")
+  plan = hj.PrunePlan.from_json(json.dumps(import_torch.read_meta(workdir / "pruned")["plan"]))
+  rebuilt = hj.apply_plan(nnx.to_pure_dict(nnx.state(dense)), dense.channel_groups(), plan)
+  got = jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(pruned)))
+  want = jax.tree_util.tree_leaves(rebuilt.state)
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The kept channels are those of the selection.
+  sel = json.loads((workdir / "selection.json").read_text())
+  assert {k: list(v) for k, v in plan.keep.items()} == sel["keep"]
+
+
+def test_rerun_does_no_work_and_a_changed_config_is_refused(env, finished):
+  e, base = env
+  workdir, _ = finished
+  before = (workdir / "report.json").stat().st_mtime_ns
+  again = subprocess.run(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert (workdir / "report.json").stat().st_mtime_ns == before
+  changed = subprocess.run(_cmd(workdir, base / "tfds", "--config.select.ratio=0.4"), cwd=ROOT, env=e,
+                           capture_output=True, text=True, timeout=300)
+  assert changed.returncode == 1 and "select.ratio" in changed.stderr
+
+
+def test_sigkill_during_finetuning_then_resume_gives_the_same_parameters(env, finished):
+  e, base = env
+  reference, _ = finished
+  workdir = base / "killed"
+  proc = subprocess.Popen(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 400
+  killed_mid_finetune = False
+  while time.time() < deadline and proc.poll() is None:
+    steps = [p for p in (workdir / "finetune").glob("[0-9]*") if p.is_dir()] if (workdir / "finetune").exists() else []
+    if steps and not (workdir / "final").exists():
+      proc.send_signal(signal.SIGKILL)
+      killed_mid_finetune = True
+      break
+    time.sleep(0.02)
+  proc.wait(timeout=60)
+  assert killed_mid_finetune, "the run ended before a fine-tuning checkpoint could be seen"
+  assert not (workdir / "report.json").exists()
+  resumed = subprocess.run(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  a = jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(models.load_pruned(reference))))
+  b = jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(models.load_pruned(workdir))))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Configs and errors (in process).
+
+
+def test_every_config_resolves_and_builds():
+  names = config_lib.available()
+  assert {"digits_apib", "resnet56_apib", "resnet20_apib", "resnet110_apib", "vgg16_apib", "googlenet_apib",
+          "mobilenetv2_apib", "resnet50_apib"} <= set(names)
+  for name in names:
+    path = config_lib.resolve(name)
+    text = path.read_text()
+    assert "python -m train.main --config=" + name in text, f"{name}'s docstring gives no command"
+    assert text.lstrip().startswith('"""')
+
+
+def test_unknown_config_name_and_key_are_errors(capsys):
+  assert main_lib.main(["prog", "--config=no_such_config"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown config 'no_such_config'" in err and "resnet56_apib" in err
+  assert main_lib.main(["prog", "--config=digits_apib", "--config.select.ratoo=0.5"]) == 2
+  assert "ratoo" in capsys.readouterr().err
+
+
+def _tiny_config(data_dir):
+  cfg = digits_apib.get_config()
+  cfg.data.data_dir = str(data_dir)
+  return cfg
+
+
+def test_impossible_targets_give_the_reachable_range():
+  dense = models.flops.count("resnet20")
+  cfg = digits_apib.get_config()
+  cfg.select.ratio = 1.5
+  with pytest.raises(ValueError, match="select.ratio must be in"):
+    pipeline.resolve_target(cfg, dense)
+  cfg.select.absolute = 2 * dense.macs
+  with pytest.raises(ValueError, match="above the dense model"):
+    pipeline.resolve_target(cfg, dense)
+
+
+def test_impossible_target_in_the_search_stage(finished, tmp_path):
+  workdir, _ = finished
+  # A copy of the run up to calibration, asked for 1% of the MACs: below what omega=1 allows.
+  import shutil  # pylint: disable=import-outside-toplevel
+  for name in ("dense", "calibration", "config.json"):
+    src = workdir / name
+    (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+  cfg = pipeline.ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  cfg.select.ratio = 0.01
+  run = pipeline.Run(cfg, tmp_path, pipeline.train_lib.make_mesh(jax.devices()[:1]), True)
+  with pytest.raises(ValueError, match="outside what the search can reach"):
+    pipeline.stage_select(run)
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+  cfg = digits_apib.get_config()
+  cfg.data.name = "cifar10_folder"
+  cfg.data.source_dir = str(tmp_path / "nowhere")
+  cfg.data.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    pipeline.run_pipeline(cfg, tmp_path / "run", mesh=pipeline.train_lib.make_mesh(jax.devices()[:1]))
+
+
+def test_mismatched_and_corrupt_checkpoints_are_refused(finished, tmp_path):
+  workdir, _ = finished
+  from train import checkpoints  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  # A fine-tuning checkpoint asked for by a run with other widths.
+  mgr = checkpoints.TrainCheckpoints(workdir / "finetune")
+  meta = {"widths": [16] * 19, "seed": 0}
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="widths"):
+    mgr.restore_latest({"x": np.zeros(3)}, meta)
+  mgr.close()
+  # A model checkpoint whose arrays were replaced by another model's: refused, naming the checkpoint.
+  bad = tmp_path / "bad"
+  shutil.copytree(workdir / "pruned", bad)
+  shutil.rmtree(bad / "state")
+  shutil.copytree(workdir / "dense" / "state", bad / "state")
+  with pytest.raises(ValueError, match="bad"):
+    import_torch.load_checkpoint(bad)
+  # A damaged one (meta cut): refused.
+  (tmp_path / "cut").mkdir()
+  with pytest.raises(ValueError):
+    import_torch.load_checkpoint(tmp_path / "cut")

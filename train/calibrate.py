@@ -1,0 +1,130 @@
+"""Calibration: the dense model's taps on a few images, turned into one HSIC Lasso problem per pruning decision.
+
+A decision is a consumer layer (``models``' ``decisions()``); its candidate channels are its input channels, which
+are the output channels of one prunable channel group (the group with an ``"in"`` member on the consumer's kernel).
+For each decision the tap holds the consumer's input ``(n, h, w, c)``, read as ``c`` channels of ``h * w`` values
+each, and its pre-BatchNorm output ``(n, ...)``, flattened per image: ``X`` and ``Y`` of APIB, with Gaussian kernels
+of bandwidth ``gamma = 1 / (values per sample)`` by default. Problems of several calibration batches add up
+(:func:`hsic_jax.combine_problems`), so ``n`` may exceed what one forward pass holds.
+
+BatchNorm runs with the batch's own statistics (``bn_mode="batch"``, as APIB's reference code, which never switches
+the model to eval mode) or with the running statistics (``"running"``). The dense model's variables are not changed
+either way: the forward pass runs on a copy inside ``jit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+import hsic_jax as hj
+from hsic_jax import ChannelGroup
+from train import train as train_lib
+
+
+def decision_groups(model: nnx.Module) -> list[tuple[str, ChannelGroup]]:
+  """``(decision, group)`` for every decision of ``model``, in forward order.
+
+  Raises:
+    ValueError: a decision that no prunable group feeds (a model whose declarations disagree).
+  """
+  groups = [g for g in model.channel_groups() if g.prunable]
+  out = []
+  for d in model.decisions():
+    kernel = tuple(d.split("/")) + ("kernel",)
+    match = [g for g in groups if any(m.role == "in" and tuple(m.path) == kernel for m in g.members)]
+    if len(match) != 1:
+      raise ValueError(f"decision {d!r} is fed by {len(match)} prunable groups ({[g.name for g in match]}); "
+                       "expected exactly one")
+    out.append((d, match[0]))
+  return out
+
+
+def _targets(taps: dict[str, Any], decisions: Sequence[str], conv3_y: str) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """``{decision: (x (n, c, h*w), y (n, values))}`` from the taps."""
+  out = {}
+  for d in decisions:
+    tap = taps[d]
+    n, h, w, c = tap.input.shape
+    x = jnp.transpose(tap.input.reshape(n, h * w, c), (0, 2, 1))
+    y = tap.output
+    if conv3_y == "pooled" and d.endswith("/conv3") and "fc" in taps:
+      y = taps["fc"].input  # APIB's reference: every ResNet-50 conv3 explains the pooled feature
+    out[d] = (x, y.reshape(n, -1))
+  return out
+
+
+def make_capture(model: nnx.Module, bn_mode: str, decisions: Sequence[str], conv3_y: str):
+  """A jitted ``images -> {decision: (x, y)}`` on a copy of ``model``."""
+  if bn_mode not in ("batch", "running"):
+    raise ValueError(f"calib.bn_mode must be 'batch' or 'running', got {bn_mode!r}")
+  if conv3_y not in ("block", "pooled"):
+    raise ValueError(f"calib.resnet50_conv3_y must be 'block' or 'pooled', got {conv3_y!r}")
+  split = train_lib.split_model(model)
+  graphdef = split.train_def if bn_mode == "batch" else split.eval_def
+
+  @jax.jit
+  def capture(params, stats, images):
+    _, taps = train_lib.merge(graphdef, params, stats)(images, capture=True)
+    return _targets(taps, decisions, conv3_y)
+
+  return lambda images: capture(split.params, split.batch_stats, images)
+
+
+def build_problems(model: nnx.Module, images: np.ndarray, cfg_calib: Any, cfg_select: Any
+                   ) -> tuple[list[str], list[hj.LassoProblem]]:
+  """One problem per decision from ``images`` (taken ``cfg_calib.batch_size`` at a time), summed over batches."""
+  decisions = [d for d, _ in decision_groups(model)]
+  capture = make_capture(model, cfg_calib.bn_mode, decisions, cfg_calib.resnet50_conv3_y)
+  bs = int(cfg_calib.batch_size)
+  if bs < 2:
+    raise ValueError(f"calib.batch_size must be >= 2 (HSIC needs two samples per batch), got {bs}")
+  starts = list(range(0, len(images), bs))
+  if len(images) - starts[-1] < 2:
+    starts = starts[:-1] or [0]
+  per_decision: dict[str, list[hj.LassoProblem]] = {d: [] for d in decisions}
+  bar = tqdm(total=len(starts) * len(decisions), desc="calibrate", unit="layer", leave=False)
+  for i, s in enumerate(starts):
+    end = len(images) if i == len(starts) - 1 else s + bs
+    feats = capture(jnp.asarray(images[s:end]))
+    for d in decisions:
+      x, y = feats[d]
+      per_decision[d].append(hj.problem_from_features(x, y, bandwidth=cfg_select.bandwidth,
+                                                      normalized=cfg_select.normalized))
+      bar.update(1)
+  bar.close()
+  return decisions, [ps[0] if len(ps) == 1 else hj.combine_problems(ps) for ps in per_decision.values()]
+
+
+def save_problems(path: Path, decisions: Sequence[str], problems: Sequence[hj.LassoProblem]) -> None:
+  """Writes the problems (``Q``, ``q``, ``||L̄||^2``, Lipschitz bound, rows) as one ``.npz``, atomically."""
+  arrays = {"decisions": np.asarray(list(decisions))}
+  for i, p in enumerate(problems):
+    for field in p._fields:
+      arrays[f"{i}/{field}"] = np.asarray(getattr(p, field))
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, **arrays)
+  tmp.replace(path)
+
+
+def load_problems(path: Path) -> tuple[list[str], list[hj.LassoProblem]]:
+  """Reads :func:`save_problems`' file back.
+
+  Raises:
+    ValueError: the file is damaged or not such a file.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      decisions = [str(d) for d in data["decisions"]]
+      problems = [hj.LassoProblem(*(jnp.asarray(data[f"{i}/{f}"]) for f in hj.LassoProblem._fields))
+                  for i in range(len(decisions))]
+  except (OSError, KeyError, ValueError) as err:
+    raise ValueError(f"calibration problems {path} cannot be read ({err}); delete it to calibrate again") from err
+  return decisions, problems

@@ -1,0 +1,93 @@
+"""Defaults shared by every experiment config; each config file starts from :func:`get_base_config`.
+
+Every knob of the program is here, with its meaning; a config file sets what its experiment changes. Overrides on
+the command line use the same names: ``--config.finetune.epochs=2``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _training(epochs: int, lr: float) -> ml_collections.ConfigDict:
+  """SGD with momentum, a cosine schedule and weight decay: the fine-tuning (and pre-training) recipe."""
+  t = ml_collections.ConfigDict()
+  t.epochs = epochs
+  t.batch_size = 128          # global batch, split over all devices
+  t.lr = lr                   # peak learning rate (after warmup)
+  t.momentum = 0.9
+  t.nesterov = False
+  t.warmup_epochs = 0.0       # linear warmup from 0, then cosine to 0 (per step)
+  t.weight_decay = 1e-4
+  t.decay_bn_and_bias = True  # APIB decays every parameter; ITPruner excludes BN scales and biases
+  t.label_smoothing = 0.0
+  t.distill_weight = 0.0      # knowledge distillation from the dense model: loss = (1 - w) CE + w T^2 KL
+  t.distill_temperature = 4.0
+  t.eval_every_epochs = 1
+  t.checkpoint_every_steps = 200
+  t.keep_checkpoints = 2
+  t.log_every_steps = 50
+  return t
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """The defaults of every field (a CIFAR-10 ResNet-56 pruned by APIB to 45% of its MACs)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.distributed = False  # call jax.distributed.initialize() first (multi-host TPU/GPU)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "resnet56"
+  config.model.widths = ml_collections.FieldReference(None, field_type=tuple)  # dense widths; None: the default
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "cifar10_folder"
+  config.data.data_dir = "~/tensorflow_datasets"
+  config.data.source_dir = "../shared/data/cifar10-subset/cifar-10-batches-bin"
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.calib_split = "train"
+  config.data.image_size = 32
+  config.data.mean = (0.485, 0.456, 0.406)
+  config.data.std = (0.229, 0.224, 0.225)
+  config.data.augment = "cifar"
+  config.data.val_fraction = 0.1
+  config.data.num_workers = 0
+
+  # Where the dense model comes from: "npz" (PyTorch names and layout), "checkpoint" (orbax, as written by
+  # models.import_torch or by this program) or "pretrain" (trained here with the `pretrain` recipe).
+  config.dense = ml_collections.ConfigDict()
+  config.dense.source = "npz"
+  config.dense.path = "../shared/weights/resnet56_cifar10.npz"
+
+  config.pretrain = _training(epochs=10, lr=0.1)
+
+  config.calib = ml_collections.ConfigDict()
+  config.calib.num_images = 128     # n, as in the APIB paper (128 CIFAR, 64 ImageNet)
+  config.calib.batch_size = 128     # images per forward pass; problems of the batches add up
+  config.calib.seed = 0
+  config.calib.bn_mode = "batch"    # "batch": BatchNorm with batch statistics (the reference code), or "running"
+  config.calib.augment = False      # the reference draws augmented training images
+  config.calib.resnet50_conv3_y = "block"  # ResNet-50 conv3's target: its own output, or "pooled" (reference)
+
+  config.select = ml_collections.ConfigDict()
+  config.select.method = "apib"
+  config.select.target = "macs"     # "macs" or "params"
+  config.select.ratio = 0.454       # kept fraction of the dense model's count ...
+  config.select.absolute = 0.0      # ... or an absolute count (used when > 0)
+  config.select.tolerance = 0.01
+  config.select.omega = 1           # minimum channels per decision
+  config.select.round_to = 1        # widths rounded up to a multiple (8 suits TPU/GPU)
+  config.select.positive = True     # False: the reference code's signed Lasso (faithful mode)
+  config.select.bandwidth = "apib"  # gamma = 1 / (values per sample), for every channel and the output
+  config.select.normalized = False  # Frobenius-normalised Grams (pyHSICLasso); APIB does not normalise
+  config.select.grid = 24
+  config.select.max_steps = 40
+
+  config.finetune = _training(epochs=135, lr=0.1)
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 256
+  config.eval.bn_recalibrate = True     # re-estimate BN statistics on training data before the one-shot eval
+  config.eval.bn_recalibrate_steps = 20
+  return config

@@ -1,0 +1,22 @@
+"""APIB on the pretrained CIFAR-10 ResNet-20, to 50% of its 40.55M MACs, then fine-tuned.
+
+Command::
+
+  python -m train.main --config=resnet20_apib
+  python -m train.main --config=resnet20_apib --config.finetune.epochs=2   # a short run on a CPU
+
+APIB's paper has no ResNet-20 setting; this applies its ResNet-56 recipe (omega 1, tolerance 1%, 128 calibration
+images, BatchNorm in batch-statistics mode, 135 epochs of SGD at lr 0.1) at half the MACs. Dense weights: the shared
+PyTorch ResNet-20 (91.78% on the CIFAR-10 test set as published). Data as in ``resnet56_apib``.
+"""
+
+from train.configs.base import get_base_config
+
+
+def get_config():
+  config = get_base_config()
+  config.model.name = "resnet20"
+  config.dense.source = "npz"
+  config.dense.path = "../shared/weights/resnet20_cifar10.npz"
+  config.select.ratio = 0.5
+  return config

@@ -1,0 +1,695 @@
+"""The data layer of the pruning program: TFDS datasets in array_record files, read without TensorFlow, fed by grain.
+
+Datasets (``cfg.name``):
+
+* ``"digits"``, ``"cifar10_folder"``, ``"cifar100_folder"``: the project's builders (:mod:`train.datasets`),
+  prepared into ``cfg.data_dir`` by :func:`prepare` (seconds: nothing is downloaded; the folder builders read the
+  binary files in ``cfg.source_dir``);
+* ``"cifar10"``, ``"cifar100"``, ``"imagenet2012"``: TFDS's own datasets, read where they have been prepared in
+  array_record format (``tfds build <name> --file_format=array_record``; :func:`prepare` says how when they are
+  not).
+
+``cfg`` is the data section of the program's config (an ``ml_collections.ConfigDict``; any object with these
+attributes will do): ``name``, ``data_dir``, ``source_dir``, ``train_split``, ``eval_split``, ``calib_split``,
+``image_size``, ``mean``, ``std``, ``augment`` (``"cifar"``, ``"imagenet"`` or ``"none"``), ``val_fraction`` and
+``num_workers``.
+
+Images are read as decoded uint8 ``(h, w, 3)`` arrays (TFDS decodes the PNG/JPEG bytes with PIL), preprocessed on
+the host and returned normalised, ``(x / 255 - mean) / std``, as float32 NHWC:
+
+* evaluation (and ``augment="none"``): ImageNet resizes the shorter side to ``round(image_size * 256 / 224)`` and
+  takes the centre ``image_size`` square; the 32x32 datasets are used as they are (resized bilinearly to
+  ``image_size`` if it differs);
+* ``augment="cifar"``: the evaluation image, zero-padded by 4 pixels, a random ``image_size`` crop of it, and a
+  horizontal flip with probability 1/2 (the padding is black in pixel space: ``-mean / std`` once normalised);
+* ``augment="imagenet"``: a random crop of 8%-100% of the area and aspect ratio 3/4-4/3 (log-uniform), resized to
+  ``image_size`` (Inception-style; after 10 failed draws, the centre crop of the nearest allowed aspect ratio), and
+  a horizontal flip with probability 1/2.
+
+Determinism: the order of epoch ``e`` is ``np.random.default_rng([seed, 0, e]).permutation(n)`` and the
+augmentation of the example at global position ``g`` (``step * batch_size + row``) draws from
+``np.random.default_rng([seed, 1, g])``. Nothing depends on where an iterator started, how many processes share
+the batch or how many workers decode it, so a run resumed at step ``k`` sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import sys
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from PIL import Image
+
+from models.cifar10 import normalize
+from train.datasets import Cifar10Folder, Cifar100Folder, Digits
+
+PROJECT_DATASETS = {"digits": Digits, "cifar10_folder": Cifar10Folder, "cifar100_folder": Cifar100Folder}
+TFDS_DATASETS = ("cifar10", "cifar100", "imagenet2012")
+NAMES = (*PROJECT_DATASETS, *TFDS_DATASETS)
+AUGMENTS = ("cifar", "imagenet", "none")
+
+# Datasets whose images come in any size: evaluation resizes and centre-crops them.
+_VARIABLE_SIZE = ("imagenet2012",)
+CIFAR_PAD = 4
+CROP_AREA = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+# Independent random streams: np.random.default_rng([seed, stream, ...]).
+_PERMUTATION, _AUGMENT, _CALIB_CHOICE, _CALIB_AUGMENT = 0, 1, 2, 3
+
+_PREPARE_HELP = {
+    "cifar10": ("On a machine with internet (the tfds command line needs TensorFlow: pip install tensorflow "
+                "tensorflow-datasets), run\n  tfds build cifar10 --data_dir={data_dir} --file_format=array_record\n"
+                "and copy {data_dir}/cifar10 here. A local cifar-10-batches-bin folder works without any download: "
+                "name='cifar10_folder', source_dir=<that folder>."),
+    "cifar100": ("On a machine with internet (the tfds command line needs TensorFlow: pip install tensorflow "
+                 "tensorflow-datasets), run\n  tfds build cifar100 --data_dir={data_dir} --file_format=array_record\n"
+                 "and copy {data_dir}/cifar100 here. A local cifar-100-binary folder works without any download: "
+                 "name='cifar100_folder', source_dir=<that folder>."),
+    "imagenet2012": ("ImageNet cannot be downloaded automatically: download ILSVRC2012_img_train.tar and "
+                     "ILSVRC2012_img_val.tar from https://image-net.org/ into a folder MANUAL_DIR, then run (the tfds "
+                     "command line needs TensorFlow: pip install tensorflow tensorflow-datasets)\n"
+                     "  tfds build imagenet2012 --data_dir={data_dir} --manual_dir=MANUAL_DIR "
+                     "--file_format=array_record"),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config and builders
+
+
+def _check_name(cfg: Any) -> str:
+  name = cfg.name
+  if name not in NAMES:
+    raise ValueError(f"data.name={name!r} is not a known dataset; expected one of {list(NAMES)}")
+  return name
+
+
+def _data_dir(cfg: Any) -> str:
+  data_dir = os.fspath(cfg.data_dir) if cfg.data_dir else ""
+  if not data_dir:
+    raise ValueError("data.data_dir is empty; set it to the TFDS data dir (e.g. ~/tensorflow_datasets)")
+  # Remote paths (gs://...) go to TFDS untouched; local ones are made absolute so cache keys are stable.
+  return data_dir if "://" in data_dir else os.path.abspath(os.path.expanduser(data_dir))
+
+
+def _source_dir(cfg: Any) -> str | None:
+  source = getattr(cfg, "source_dir", None)
+  return os.path.abspath(os.path.expanduser(os.fspath(source))) if source else None
+
+
+def _val_fraction(cfg: Any) -> float:
+  return float(getattr(cfg, "val_fraction", 0.1))
+
+
+def _num_workers(cfg: Any) -> int:
+  workers = int(getattr(cfg, "num_workers", 0) or 0)
+  if workers < 0:
+    raise ValueError(f"data.num_workers={workers} must be >= 0 (0: decode in threads of this process)")
+  return workers
+
+
+def _check_tfds_prepared(builder: tfds.core.DatasetBuilder, name: str, data_dir: str) -> None:
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} (no "
+                            f"{builder.data_dir}/dataset_info.json). "
+                            + _PREPARE_HELP[name].format(data_dir=data_dir))
+  formats = {f.value for f in builder.info.available_file_formats()}
+  if "array_record" not in formats:
+    raise FileNotFoundError(f"TFDS dataset {name!r} in {builder.data_dir} is stored as {sorted(formats)}, not "
+                            "array_record, which random access (and so this program) needs. Convert it once "
+                            "(needs TensorFlow):\n  tfds convert_format "
+                            f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record")
+
+
+# (name, data_dir) -> a builder reading the prepared dataset; filled by prepare() and by _reading_builder().
+_BUILDERS: dict[tuple[str, str], tfds.core.DatasetBuilder] = {}
+# (name, data_dir, split) -> the split's ArrayRecordDataSource; per process (worker processes open their own).
+_SOURCES: dict[tuple[str, str, str], Sequence[dict[str, Any]]] = {}
+# (name, data_dir) -> the (source_dir, val_fraction) this process last prepared or checked it against.
+_CHECKED: dict[tuple[str, str], tuple[str | None, float]] = {}
+_LOCK = threading.RLock()
+
+
+def _forget(name: str, data_dir: str) -> None:
+  with _LOCK:
+    _BUILDERS.pop((name, data_dir), None)
+    for key in [k for k in _SOURCES if k[:2] == (name, data_dir)]:
+      del _SOURCES[key]
+
+
+def _reading_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  """A builder reading the prepared ``name`` in ``data_dir`` (FileNotFoundError if it is not prepared)."""
+  with _LOCK:
+    builder = _BUILDERS.get((name, data_dir))
+    if builder is None:
+      if name in PROJECT_DATASETS:
+        builder = PROJECT_DATASETS[name](data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+          raise FileNotFoundError(f"dataset {name!r} is not prepared in data_dir {data_dir!r}; call "
+                                  "train.data.prepare(cfg) first")
+      else:
+        builder = tfds.builder(name, data_dir=data_dir)
+        _check_tfds_prepared(builder, name, data_dir)
+      _BUILDERS[(name, data_dir)] = builder
+    return builder
+
+
+def prepare(cfg: Any) -> None:
+  """Makes ``cfg``'s dataset readable from ``cfg.data_dir``.
+
+  A project dataset is built there if it is not yet (array_record, a few seconds). A folder dataset
+  (``*_folder``) is also compared with ``cfg.source_dir`` and ``cfg.val_fraction``: if it was prepared from other
+  files (path, names, sizes or SHA-256 differ) or another ``val_fraction``, it is deleted and prepared again, with
+  a warning. With ``source_dir`` empty, an already prepared folder dataset is used as it is. A TFDS dataset
+  (``cifar10``, ``cifar100``, ``imagenet2012``) is only checked: this program does not download it.
+
+  Call it from one process at a time per ``data_dir`` (e.g. process 0, then a barrier).
+
+  Raises:
+    ValueError: unknown ``cfg.name``.
+    FileNotFoundError: a TFDS dataset is not prepared in ``data_dir`` (the message gives the command that
+      prepares it), ``source_dir`` is missing or lacks the binary files, or ``source_dir`` is empty and the
+      folder dataset is not prepared.
+  """
+  name = _check_name(cfg)
+  data_dir = _data_dir(cfg)
+  if name in TFDS_DATASETS:
+    _forget(name, data_dir)
+    _reading_builder(name, data_dir)
+    return
+  cls = PROJECT_DATASETS[name]
+  if name == "digits":
+    builder = cls(data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      builder.download_and_prepare(file_format="array_record")
+    _forget(name, data_dir)
+    return
+
+  source = _source_dir(cfg)
+  val_fraction = _val_fraction(cfg)
+  if source is None:
+    builder = cls(data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      raise FileNotFoundError(f"data.source_dir is empty and {name!r} is not prepared in data_dir {data_dir!r}; "
+                              f"set data.source_dir to a {cls.LAYOUT} binary folder holding "
+                              f"{', '.join(cls.TRAIN_FILES)} (and optionally {cls.TEST_FILE})")
+    _forget(name, data_dir)
+    return
+  # JSON round trip: the stored metadata comes back from metadata.json with lists, not tuples.
+  wanted = _json_ready(cls.fingerprint(source, val_fraction))
+  builder = cls(data_dir=data_dir, source_dir=source, val_fraction=val_fraction, file_format="array_record")
+  if builder.is_prepared():
+    stored = builder.info.metadata.get("source") if builder.info.metadata is not None else None
+    if stored == wanted:
+      _CHECKED[(name, data_dir)] = (source, val_fraction)
+      _forget(name, data_dir)
+      return
+    warnings.warn(f"{name} in {builder.data_dir} was prepared from {_describe_source(stored)}, not from "
+                  f"{_describe_source(wanted)}: preparing it again", stacklevel=2)
+    builder.data_path.rmtree()
+    builder = cls(data_dir=data_dir, source_dir=source, val_fraction=val_fraction, file_format="array_record")
+  builder.download_and_prepare(file_format="array_record")
+  _CHECKED[(name, data_dir)] = (source, val_fraction)
+  _forget(name, data_dir)
+
+
+def _json_ready(value: Any) -> Any:
+  return json.loads(json.dumps(value))
+
+
+def _describe_source(fingerprint: dict | None) -> str:
+  if not fingerprint:
+    return "an unrecorded source"
+  files = ", ".join(f"{f['name']} ({f['bytes']} bytes)" for f in fingerprint.get("files", []))
+  return f"{fingerprint.get('source_dir')} [{files}] with val_fraction={fingerprint.get('val_fraction')}"
+
+
+def _builder(cfg: Any) -> tfds.core.DatasetBuilder:
+  """The reading builder of ``cfg``'s dataset, preparing a project dataset first if this process has not."""
+  name = _check_name(cfg)
+  data_dir = _data_dir(cfg)
+  if name in PROJECT_DATASETS:
+    wanted = (_source_dir(cfg), _val_fraction(cfg)) if name != "digits" else (None, 0.0)
+    with _LOCK:
+      if _CHECKED.get((name, data_dir)) != wanted:
+        prepare(cfg)
+        _CHECKED[(name, data_dir)] = wanted
+  return _reading_builder(name, data_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+  """One split of a prepared dataset; pickles as three strings and opens its data source lazily per process."""
+
+  name: str
+  data_dir: str
+  split: str
+
+  def source(self) -> Sequence[dict[str, Any]]:
+    key = (self.name, self.data_dir, self.split)
+    source = _SOURCES.get(key)
+    if source is None:
+      with _LOCK:
+        source = _SOURCES.get(key)
+        if source is None:
+          source = _reading_builder(self.name, self.data_dir).as_data_source(split=self.split)
+          _SOURCES[key] = source
+    return source
+
+  def read(self, index: int) -> tuple[np.ndarray, int, int]:
+    """``(uint8 (h, w, 3) image, label, id)`` of the example at ``index`` in file order."""
+    example = self.source()[index]
+    image = np.asarray(example["image"])
+    if image.ndim == 2:
+      image = image[:, :, None]
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    return image, int(example["label"]), _example_id(example, index)
+
+
+def _example_id(example: dict[str, Any], index: int) -> int:
+  """The ``id`` feature as an int (TFDS's cifar ids are strings like ``b"train_16399"``: the trailing number);
+  ``index`` where there is none or it holds no number."""
+  value = example.get("id")
+  if value is None:
+    return int(index)
+  if isinstance(value, (bytes, str)):
+    text = value.decode() if isinstance(value, bytes) else value
+    match = re.search(r"(\d+)$", text)
+    return int(match.group(1)) if match else int(index)
+  return int(value)
+
+
+def _split(cfg: Any, split: str) -> _Split:
+  builder = _builder(cfg)
+  base = split.split("[", 1)[0]
+  if base not in builder.info.splits:
+    available = sorted(builder.info.splits)
+    hint = ""
+    if cfg.name in ("cifar10_folder", "cifar100_folder") and base == "test":
+      test_file = PROJECT_DATASETS[cfg.name].TEST_FILE
+      hint = (f"; the source folder had no {test_file} when it was prepared, so there is no test split: evaluate on "
+              f"'validation' (the last {_val_fraction(cfg):g} of each train file) or add {test_file} to the folder")
+    raise ValueError(f"split {split!r} is not a split of {cfg.name} in {builder.data_dir}; available: "
+                     f"{available}{hint}")
+  return _Split(cfg.name, _data_dir(cfg), split)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Facts about the dataset
+
+
+def num_examples(cfg: Any, split: str) -> int:
+  """The number of examples of ``split`` (a TFDS split name, slices such as ``"train[:10%]"`` allowed)."""
+  return len(_split(cfg, split).source())
+
+
+def num_classes(cfg: Any) -> int:
+  """The number of classes of the ``label`` feature."""
+  return int(_builder(cfg).info.features["label"].num_classes)
+
+
+def steps_per_epoch(cfg: Any, *, batch_size: int) -> int:
+  """Full global batches per epoch of ``cfg.train_split``: ``num_examples // batch_size`` (the rest is dropped)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
+  return num_examples(cfg, cfg.train_split) // batch_size
+
+
+def split_info(cfg: Any) -> dict[str, Any]:
+  """What a report should say about the data (JSON-ready).
+
+  Returns:
+    ``name``, ``tfds_name``, ``version``, ``data_dir``, ``source_dir`` (folder datasets, else None),
+    ``source_files`` (folder datasets: name, bytes, SHA-256 of each file prepared from), ``splits`` (name ->
+    size), ``num_classes``, the ``train_split`` / ``eval_split`` / ``calib_split`` in use, and ``validation``:
+    how the evaluation splits were made.
+  """
+  builder = _builder(cfg)
+  name = cfg.name
+  info: dict[str, Any] = {
+      "name": name,
+      "tfds_name": builder.name,
+      "version": str(builder.version),
+      "data_dir": _data_dir(cfg),
+      "source_dir": None,
+      "source_files": None,
+      "splits": {s: int(builder.info.splits[s].num_examples) for s in sorted(builder.info.splits)},
+      "num_classes": int(builder.info.features["label"].num_classes),
+      "train_split": cfg.train_split,
+      "eval_split": cfg.eval_split,
+      "calib_split": cfg.calib_split,
+  }
+  if name in ("cifar10_folder", "cifar100_folder"):
+    metadata = builder.info.metadata or {}
+    source = metadata.get("source") or {}
+    carve = metadata.get("carve") or []
+    info["source_dir"] = source.get("source_dir")
+    info["source_files"] = source.get("files")
+    per_file = ", ".join(f"{c['validation']} of {c['records']} in {c['file']}" for c in carve)
+    has_test = "test" in builder.info.splits
+    info["validation"] = (f"validation = the last {source.get('val_fraction')} of each train file ({per_file}); "
+                          f"train = the rest; ids are positions in the concatenated train files. "
+                          + ("test = the folder's test file." if has_test else "No test file: no test split."))
+  elif name == "digits":
+    info["validation"] = ("no validation split; test = every 5th example of each class of scikit-learn's digits "
+                          "(stratified, deterministic), train = the rest; ids are indices in load_digits()")
+  elif name == "imagenet2012":
+    info["validation"] = "TFDS's 'validation' split: the 50,000 official ILSVRC2012 validation images"
+  else:
+    info["validation"] = f"TFDS's own {name} splits (train, test); no validation split"
+  return info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preprocessing (uint8 in, uint8 out; normalisation last)
+
+
+def pad_crop(image: np.ndarray, top: int, left: int, pad: int = CIFAR_PAD) -> np.ndarray:
+  """The ``(h, w)`` window at ``(top, left)`` of ``image`` zero-padded by ``pad`` on every side.
+
+  ``top = left = pad`` gives ``image`` back; in general ``out[y, x] = image[y + top - pad, x + left - pad]`` where
+  that index is inside the image and 0 elsewhere.
+  """
+  h, w = image.shape[:2]
+  if not (0 <= top <= 2 * pad and 0 <= left <= 2 * pad):
+    raise ValueError(f"top={top} and left={left} must be in [0, {2 * pad}] for pad={pad}")
+  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+  return padded[top:top + h, left:left + w]
+
+
+def random_pad_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = CIFAR_PAD) -> np.ndarray:
+  """CIFAR augmentation: :func:`pad_crop` at a uniform ``(top, left)`` in ``[0, 2 pad]^2``, then a horizontal flip
+  with probability 1/2 (draws, in order: top, left, flip)."""
+  top, left = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
+  out = pad_crop(image, top, left, pad)
+  return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """``image`` resized to ``(height, width)`` by PIL's bilinear filter (antialiased when shrinking)."""
+  if image.shape[:2] == (height, width):
+    return image
+  return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def resize_center_crop(image: np.ndarray, size: int, resize_to: int) -> np.ndarray:
+  """The shorter side resized to ``resize_to`` (aspect kept), then the centre ``size x size`` square."""
+  if resize_to < size:
+    raise ValueError(f"resize_to={resize_to} must be >= size={size}")
+  h, w = image.shape[:2]
+  scale = resize_to / min(h, w)
+  new_h, new_w = (resize_to, max(resize_to, round(w * scale))) if h <= w else (max(resize_to, round(h * scale)),
+                                                                              resize_to)
+  big = resize(image, new_h, new_w)
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return big[top:top + size, left:left + size]
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
+                        area: tuple[float, float] = CROP_AREA,
+                        ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
+  """Inception-style crop: a region of ``area`` x the image area (uniform) and aspect ratio ``w / h`` in ``ratio``
+  (log-uniform), at a uniform position, resized to ``size x size``.
+
+  After 10 draws that do not fit, the centre crop of the whole image clipped to the nearest allowed aspect ratio
+  (torchvision's ``RandomResizedCrop`` rule).
+  """
+  h, w = image.shape[:2]
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = h * w * rng.uniform(*area)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+    if 0 < cw <= w and 0 < ch <= h:
+      top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+      return resize(image[top:top + ch, left:left + cw], size, size)
+  if w / h < ratio[0]:
+    cw, ch = w, round(w / ratio[0])
+  elif w / h > ratio[1]:
+    cw, ch = round(h * ratio[1]), h
+  else:
+    cw, ch = w, h
+  top, left = (h - ch) // 2, (w - cw) // 2
+  return resize(image[top:top + ch, left:left + cw], size, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preprocess:
+  """Turns a decoded uint8 image into the model's normalised float32 input (see the module docstring)."""
+
+  size: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  augment: str
+  variable_size: bool
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> _Preprocess:
+    size = int(cfg.image_size)
+    if size < 1:
+      raise ValueError(f"data.image_size={cfg.image_size} must be a positive int")
+    mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+      raise ValueError(f"data.mean={cfg.mean} and data.std={cfg.std} must be 3 floats each, std > 0")
+    if cfg.augment not in AUGMENTS:
+      raise ValueError(f"data.augment={cfg.augment!r} is not one of {list(AUGMENTS)}")
+    return cls(size, mean, std, cfg.augment, cfg.name in _VARIABLE_SIZE)  # type: ignore[arg-type]
+
+  def eval_image(self, image: np.ndarray) -> np.ndarray:
+    if self.variable_size:
+      return resize_center_crop(image, self.size, round(self.size * 256 / 224))
+    return resize(image, self.size, self.size)
+
+  def train_image(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if self.augment == "cifar":
+      return random_pad_crop_flip(self.eval_image(image), rng)
+    if self.augment == "imagenet":
+      out = random_resized_crop(image, rng, self.size)
+      return out[:, ::-1] if rng.random() < 0.5 else out
+    return self.eval_image(image)
+
+  def normalize(self, image: np.ndarray) -> np.ndarray:
+    return normalize(image, self.mean, self.std)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Iterators
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  order = np.random.default_rng([seed, _PERMUTATION, epoch]).permutation(n)
+  order.flags.writeable = False
+  return order
+
+
+def _check_processes(batch_size: int, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  if batch_size < 1 or batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} (the global batch) must be a positive multiple of "
+                     f"process_count={process_count}")
+  return batch_size // process_count
+
+
+def _check_seed(seed: int) -> int:
+  if int(seed) < 0:
+    raise ValueError(f"seed={seed} must be >= 0")
+  return int(seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainExample:
+  """Local example ``i`` of the training stream -> ``{"image", "label"}`` (picklable, for grain workers)."""
+
+  split: _Split
+  n: int
+  global_batch: int
+  local_batch: int
+  offset: int
+  start_step: int
+  seed: int
+  preprocess: _Preprocess
+
+  def __call__(self, i: int) -> dict[str, np.ndarray]:
+    step = self.start_step + i // self.local_batch
+    position = step * self.global_batch + self.offset + i % self.local_batch
+    epoch, within = divmod(position, (self.n // self.global_batch) * self.global_batch)
+    image, label, _ = self.split.read(int(_permutation(self.seed, epoch, self.n)[within]))
+    rng = np.random.default_rng([self.seed, _AUGMENT, position])
+    return {"image": self.preprocess.normalize(self.preprocess.train_image(image, rng)), "label": np.int32(label)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExample:
+  """Local example ``i`` of the evaluation pass -> ``{"image", "label", "mask"}``; zeros past the split's end."""
+
+  split: _Split
+  n: int
+  global_batch: int
+  local_batch: int
+  offset: int
+  preprocess: _Preprocess
+
+  def __call__(self, i: int) -> dict[str, np.ndarray]:
+    step, row = divmod(i, self.local_batch)
+    position = step * self.global_batch + self.offset + row
+    if position >= self.n:
+      s = self.preprocess.size
+      return {"image": np.zeros((s, s, 3), np.float32), "label": np.int32(0), "mask": np.bool_(False)}
+    image, label, _ = self.split.read(position)
+    return {"image": self.preprocess.normalize(self.preprocess.eval_image(image)), "label": np.int32(label),
+            "mask": np.bool_(True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _CalibExample:
+  """Calibration example ``r`` -> ``{"image", "label", "id"}``."""
+
+  split: _Split
+  indices: tuple[int, ...]
+  seed: int
+  augment: bool
+  preprocess: _Preprocess
+
+  def __call__(self, r: int) -> dict[str, np.ndarray]:
+    image, label, example_id = self.split.read(self.indices[r])
+    if self.augment:
+      image = self.preprocess.train_image(image, np.random.default_rng([self.seed, _CALIB_AUGMENT, r]))
+    else:
+      image = self.preprocess.eval_image(image)
+    return {"image": self.preprocess.normalize(image), "label": np.int32(label), "id": np.int64(example_id)}
+
+
+def _iterate(dataset: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
+  """Iterates ``dataset`` (whose elements are batches) in order: in ``num_workers`` grain worker processes,
+  or in threads of this process when 0; a few batches are prefetched either way."""
+  if num_workers > 0:
+    # grain's worker start-up reads an absl flag, which raises unless the flags were parsed (absl.app.run does it);
+    # a program parsing its own command line would fail there, so take the defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    # Each worker decodes whole batches; two threads each overlap the record reads with PIL's decoding.
+    stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+  else:
+    threads = max(1, min(8, os.cpu_count() or 1))
+    # The buffer counts batches, not images: keep it small (an ImageNet batch of 256 is 150 MB of float32).
+    stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads + 1))
+  return iter(stream)
+
+
+def train_batches(cfg: Any, *, batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """The infinite stream of training batches of ``cfg.train_split``, from global step ``start_step`` on.
+
+  Global step ``k`` covers positions ``k * batch_size ... (k + 1) * batch_size - 1`` of the concatenation of the
+  epochs (each a fresh permutation; the last ``n % batch_size`` examples of a permutation are dropped, so every
+  batch is full). Process ``p`` of ``P`` gets rows ``p * b ... (p + 1) * b - 1`` of each global batch,
+  ``b = batch_size // P``. Batches depend only on ``(seed, step)``: ``start_step=k`` yields exactly batches
+  ``k, k + 1, ...`` of ``start_step=0``, whatever ``cfg.num_workers``.
+
+  Args:
+    cfg: the data config.
+    batch_size: the global batch size (all processes together).
+    seed: the data seed (>= 0).
+    start_step: the first global step to yield.
+    process_index: this process's index.
+    process_count: the number of processes sharing each global batch.
+
+  Returns:
+    An iterator of ``{"image": float32 (b, s, s, 3) normalised NHWC, "label": int32 (b,)}``, ``s =
+    cfg.image_size``. With ``cfg.num_workers > 0`` it is a grain iterator backed by worker processes: call its
+    ``close()`` when done to stop them early.
+
+  Raises:
+    ValueError: ``batch_size`` is not a multiple of ``process_count``, is larger than the split, or an argument is
+      out of range.
+  """
+  local = _check_processes(batch_size, process_index, process_count)
+  seed = _check_seed(seed)
+  if start_step < 0:
+    raise ValueError(f"start_step={start_step} must be >= 0")
+  preprocess = _Preprocess.from_config(cfg)
+  split = _split(cfg, cfg.train_split)
+  n = len(split.source())
+  if n < batch_size:
+    raise ValueError(f"batch_size={batch_size} is larger than the {n} examples of {cfg.name} "
+                     f"split {cfg.train_split!r}; use at most {n}")
+  example = _TrainExample(split, n, batch_size, local, process_index * local, int(start_step), seed, preprocess)
+  # An index space no run can exhaust: grain's MapDataset needs a length, and maps index -> example.
+  dataset = grain.MapDataset.range(sys.maxsize // 2).map(example).batch(local, drop_remainder=True)
+  return _iterate(dataset, _num_workers(cfg))
+
+
+def eval_batches(cfg: Any, split: str, *, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over ``split`` in file order, without augmentation, in ``ceil(n / batch_size)`` global batches.
+
+  Global batch ``k`` holds positions ``k * batch_size ...``; process ``p`` gets its rows ``p * b ... (p + 1) * b
+  - 1`` (``b = batch_size // process_count``). Positions past the end are padding: zero images, label 0 and
+  ``mask`` False, so every example is seen exactly once, shapes stay static and all processes run the same
+  number of steps.
+
+  Returns:
+    An iterator of ``{"image": float32 (b, s, s, 3), "label": int32 (b,), "mask": bool (b,)}``.
+
+  Raises:
+    ValueError: unknown split, or ``batch_size`` not a multiple of ``process_count``.
+  """
+  local = _check_processes(batch_size, process_index, process_count)
+  preprocess = _Preprocess.from_config(cfg)
+  split_ = _split(cfg, split)
+  n = len(split_.source())
+  steps = -(-n // batch_size)
+  example = _EvalExample(split_, n, batch_size, local, process_index * local, preprocess)
+  dataset = grain.MapDataset.range(steps * local).map(example).batch(local)
+  return _iterate(dataset, _num_workers(cfg))
+
+
+def calibration_batch(cfg: Any, n: int, *, seed: int,
+                      augment: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``n`` distinct examples of ``cfg.calib_split``, drawn by ``default_rng([seed, 2]).choice(size, n,
+  replace=False)`` (in that drawn order).
+
+  Args:
+    cfg: the data config.
+    n: how many examples.
+    seed: the draw's seed (>= 0).
+    augment: preprocess with the training augmentation ``cfg.augment`` (randomness from ``(seed, row)``) instead
+      of the evaluation preprocessing.
+
+  Returns:
+    ``(images, labels, ids)``: float32 ``(n, s, s, 3)`` normalised, int32 ``(n,)``, int64 ``(n,)``; ids are the
+    dataset's ``id`` feature (the trailing number of TFDS's string ids) where it has one, else the index in the
+    split (imagenet2012).
+
+  Raises:
+    ValueError: ``n`` is not in ``[1, size of the split]``.
+  """
+  seed = _check_seed(seed)
+  preprocess = _Preprocess.from_config(cfg)
+  split = _split(cfg, cfg.calib_split)
+  size = len(split.source())
+  if not 1 <= n <= size:
+    raise ValueError(f"calibration_batch: n={n} must be in [1, {size}], the size of {cfg.name} split "
+                     f"{cfg.calib_split!r}")
+  indices = np.random.default_rng([seed, _CALIB_CHOICE]).choice(size, n, replace=False)
+  example = _CalibExample(split, tuple(int(i) for i in indices), seed, bool(augment), preprocess)
+  rows = list(_iterate(grain.MapDataset.range(n).map(example), 0))
+  return (np.stack([r["image"] for r in rows]), np.array([r["label"] for r in rows], np.int32),
+          np.array([r["id"] for r in rows], np.int64))

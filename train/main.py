@@ -1,0 +1,61 @@
+"""The pruning program's entry point: flags, host set-up, one call to :func:`train.pipeline.run_pipeline`.
+
+  python -m train.main --config=resnet56_apib [--config.finetune.epochs=2] [--workdir=runs/r56] [--only=select]
+
+``--config`` takes a bare name (a file of ``train/configs/``) or a path; ``--config.a.b=value`` overrides a field.
+``--workdir`` defaults to ``runs/NAME``; running the same command again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from train import config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config: a name in train/configs/ or a path",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
+_ONLY = flags.DEFINE_enum("only", None, ["dense", "calibrate", "select", "surgery", "finetune", "evaluate", "report"],
+                          "run only this stage, from the previous stage's saved result")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    argv, name = config_lib.resolve_argv(argv)
+    flags.FLAGS(argv)
+    config = _CONFIG.value
+  except (config_lib.ConfigError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+    print(f"error: {config_lib.explain(err)}", file=sys.stderr)
+    return 2
+  # Host set-up before JAX starts any work: multi-host runs, and SciPy's LAPACK threads on the CPU backend.
+  import jax  # pylint: disable=import-outside-toplevel
+  if config.distributed:
+    jax.distributed.initialize()
+  if jax.default_backend() == "cpu":
+    import hsic_jax  # pylint: disable=import-outside-toplevel
+    hsic_jax.limit_lapack_threads()
+  from train import pipeline  # pylint: disable=import-outside-toplevel
+  workdir = _WORKDIR.value or os.path.join("runs", name)
+  try:
+    report = pipeline.run_pipeline(config, workdir, only=_ONLY.value)
+  except (ValueError, FileNotFoundError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 1
+  if report:
+    p, d = report["pruned"], report["dense"]
+    print(f"\n{report['model']}: {d['macs'] / 1e6:.2f}M -> {p['macs'] / 1e6:.2f}M MACs "
+          f"({report['ratios']['macs']:.1%}), {d['params'] / 1e6:.3f}M -> {p['params'] / 1e6:.3f}M params; "
+          f"top-1 dense {d['top1']:.4f}, pruned {p['top1_before_finetune']:.4f} after surgery, "
+          f"{p['top1']:.4f} fine-tuned")
+    print(f"report: {os.path.join(os.path.abspath(workdir), 'report.md')}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,414 @@
+"""The pruning program: dense model -> calibrate -> select -> surgery -> fine-tune -> evaluate -> report.
+
+Each stage writes its result to the workdir and is skipped when that result is already there, so re-running the
+same command resumes where a run stopped, and ``--only=STAGE`` runs one stage from the previous stage's saved
+result. Results are written atomically (a temporary name, then a rename): an interrupted stage leaves nothing that
+looks finished. Training stages resume from their own orbax checkpoints.
+
+Workdir layout::
+
+  config.json          the resolved config (a re-run with a different one is refused)
+  metrics.jsonl        one JSON line per logged training window, epoch and stage
+  dense/               the dense model (orbax; from a PyTorch .npz, a checkpoint, or pre-trained here in pretrain/)
+  calibration/         problems.npz (Q, q, ||L̄||² per decision) and calibration.json (image ids, timings)
+  selection.json       the global lambda search: keep sets, widths, trace, costs
+  pruned/              the pruned model right after surgery, with the plan in its meta
+  finetune/            fine-tuning checkpoints; final/ the fine-tuned model, with the plan
+  evaluation.json      top-1 / top-5 of the dense, the pruned (before fine-tuning) and the final model
+  report.json, report.md, widths.png, lambda_search.png, training.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+import hsic_jax as hj
+import models
+from models import flops, import_torch
+from train import calibrate, data, report, train as train_lib
+
+STAGES = ("dense", "calibrate", "select", "surgery", "finetune", "evaluate", "report")
+
+
+def _write_json(path: Path, payload: Any) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(payload, indent=2, default=_json_default))
+  os.replace(tmp, path)
+
+
+def _json_default(x: Any) -> Any:
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _read_json(path: Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as err:
+    raise ValueError(f"{path} cannot be read ({err}); delete it to run its stage again") from err
+
+
+@dataclasses.dataclass
+class Run:
+  """One run of the program: its config, workdir, devices and log."""
+
+  config: ml_collections.ConfigDict
+  workdir: Path
+  mesh: jax.sharding.Mesh
+  writer: bool  # process 0 writes the workdir's files
+
+  def path(self, name: str) -> Path:
+    return self.workdir / name
+
+  def log(self, record: dict[str, Any]) -> None:
+    if self.writer:
+      with open(self.path("metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.time(), **record}, default=_json_default) + "\n")
+
+  def save_model(self, model: nnx.Module, name: str, extra: dict[str, Any]) -> None:
+    """Saves ``model`` to ``workdir/name`` atomically (orbax writes a temporary directory, renamed at the end)."""
+    tmp = self.path(name + ".tmp")
+    if tmp.exists():
+      import shutil  # pylint: disable=import-outside-toplevel
+      shutil.rmtree(tmp)
+    import_torch.save_checkpoint(model, tmp, extra=extra)
+    os.replace(tmp, self.path(name))
+
+  def load_model(self, name: str) -> nnx.Module:
+    return import_torch.load_checkpoint(self.path(name))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Shared helpers.
+
+
+def input_hw(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+  return (int(cfg.data.image_size), int(cfg.data.image_size))
+
+
+def counts(cfg: ml_collections.ConfigDict, widths: Any, num_classes: int) -> flops.Count:
+  return flops.count(cfg.model.name, widths, num_classes=num_classes, input_hw=input_hw(cfg))
+
+
+def _loop(run: Run, section: ml_collections.ConfigDict, workdir: Path, desc: str) -> train_lib.Loop:
+  cfg = run.config
+  bs = int(section.batch_size)
+  pi, pc = jax.process_index(), jax.process_count()
+  eval_bs = int(cfg.eval.batch_size)
+  n_eval = data.num_examples(cfg.data, cfg.data.eval_split)
+  return train_lib.Loop(
+      train_batches=lambda start: data.train_batches(cfg.data, batch_size=bs, seed=int(cfg.seed), start_step=start,
+                                                     process_index=pi, process_count=pc),
+      eval_batches=lambda: data.eval_batches(cfg.data, cfg.data.eval_split, batch_size=eval_bs, process_index=pi,
+                                             process_count=pc),
+      steps_per_epoch=data.steps_per_epoch(cfg.data, batch_size=bs),
+      eval_steps=-(-n_eval // eval_bs),
+      workdir=workdir, log=run.log, desc=desc)
+
+
+def _evaluate(run: Run, model: nnx.Module, desc: str) -> dict[str, float]:
+  cfg = run.config
+  eval_bs = int(cfg.eval.batch_size)
+  train_lib.check_batch_size(eval_bs, run.mesh, "eval")
+  n = data.num_examples(cfg.data, cfg.data.eval_split)
+  batches = data.eval_batches(cfg.data, cfg.data.eval_split, batch_size=eval_bs, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  return train_lib.evaluate(model, batches, run.mesh, desc=desc, total=-(-n // eval_bs))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stages.
+
+
+def stage_dense(run: Run) -> dict[str, Any]:
+  """The dense model, from a PyTorch ``.npz``, an orbax checkpoint, or trained here (``pretrain``)."""
+  cfg = run.config
+  num_classes = data.num_classes(cfg.data)
+  source = cfg.dense.source
+  widths = None if cfg.model.widths is None else list(cfg.model.widths)
+  if source == "npz":
+    model = import_torch.import_torch_state(cfg.model.name, import_torch.load_npz(os.path.expanduser(cfg.dense.path)))
+  elif source == "checkpoint":
+    model = import_torch.load_checkpoint(os.path.expanduser(cfg.dense.path))
+  elif source == "pretrain":
+    model = models.get_model(cfg.model.name, widths, num_classes=num_classes, rngs=nnx.Rngs(int(cfg.seed)))
+    model, _ = train_lib.train_and_evaluate(model, cfg.pretrain, _loop(run, cfg.pretrain, run.path("pretrain"),
+                                                                       "pretrain"), run.mesh, seed=int(cfg.seed))
+  else:
+    raise ValueError(f"dense.source must be 'npz', 'checkpoint' or 'pretrain', got {source!r}")
+  name = models.model_name(model)
+  if name != cfg.model.name:
+    raise ValueError(f"the dense model at {cfg.dense.path} is a {name}, but model.name is {cfg.model.name!r}")
+  if int(model.num_classes) != num_classes:
+    raise ValueError(f"the dense model has {model.num_classes} classes but data {cfg.data.name!r} has "
+                     f"{num_classes}; expected a model trained on this data set")
+  if widths is not None and list(model.widths) != widths:
+    raise ValueError(f"the dense model has widths {model.widths}, but model.widths is {widths}")
+  if run.writer:
+    run.save_model(model, "dense", {"stage": "dense", "source": source})
+  return {}
+
+
+def stage_calibrate(run: Run) -> dict[str, Any]:
+  cfg = run.config
+  model = run.load_model("dense")
+  n = int(cfg.calib.num_images)
+  images, labels, ids = data.calibration_batch(cfg.data, n, seed=int(cfg.calib.seed), augment=bool(cfg.calib.augment))
+  t0 = time.perf_counter()
+  decisions, problems = calibrate.build_problems(model, images, cfg.calib, cfg.select)
+  jax.block_until_ready(problems)
+  seconds = time.perf_counter() - t0
+  out = run.path("calibration")
+  if run.writer:
+    out.mkdir(exist_ok=True)
+    calibrate.save_problems(out / "problems.npz", decisions, problems)
+    _write_json(out / "calibration.json", {
+        "num_images": n, "ids": [int(i) for i in ids], "labels": [int(l) for l in labels],
+        "split": cfg.data.calib_split, "bn_mode": cfg.calib.bn_mode, "augment": bool(cfg.calib.augment),
+        "decisions": decisions, "channels": [int(p.num_channels) for p in problems], "seconds": seconds})
+  return {"seconds": seconds}
+
+
+def resolve_target(cfg: ml_collections.ConfigDict, dense: flops.Count) -> tuple[str, float]:
+  """``(key, target)`` from ``select.target`` and ``select.ratio`` or ``select.absolute``."""
+  key = cfg.select.target
+  if key not in ("macs", "params"):
+    raise ValueError(f"select.target must be 'macs' or 'params', got {key!r}")
+  full = float(getattr(dense, key))
+  if cfg.select.absolute and cfg.select.absolute > 0:
+    target = float(cfg.select.absolute)
+  else:
+    ratio = float(cfg.select.ratio)
+    if not 0 < ratio <= 1:
+      raise ValueError(f"select.ratio must be in (0, 1] (the kept fraction of the dense {key}), got {ratio}")
+    target = ratio * full
+  if target > full * (1 + cfg.select.tolerance):
+    raise ValueError(f"target {key} {target:,.0f} is above the dense model's {full:,.0f}; expected a target in "
+                     f"(0, {full:,.0f}]")
+  return key, target
+
+
+def stage_select(run: Run) -> dict[str, Any]:
+  """APIB: one global lambda for every decision, searched until the MACs (or params) hit the target."""
+  cfg = run.config
+  if cfg.select.method != "apib":
+    raise ValueError(f"select.method must be 'apib', got {cfg.select.method!r}")
+  dense_model = run.load_model("dense")
+  pairs = calibrate.decision_groups(dense_model)
+  saved_decisions, problems = calibrate.load_problems(run.path("calibration") / "problems.npz")
+  decisions = [d for d, _ in pairs]
+  if saved_decisions != decisions:
+    raise ValueError("the calibration problems were built for other decisions than this model's; delete "
+                     f"{run.path('calibration')} to calibrate again")
+  num_classes = int(dense_model.num_classes)
+  dense_widths = list(dense_model.widths)
+  dense = counts(cfg, dense_widths, num_classes)
+  key, target = resolve_target(cfg, dense)
+
+  def full_widths(kept: Any) -> list[int]:
+    ws = list(dense_widths)
+    for (_, g), k in zip(pairs, kept):
+      for i in g.width_indices:
+        ws[i] = int(k)
+    return ws
+
+  def cost(kept: Any) -> dict[str, float]:
+    c = counts(cfg, full_widths(kept), num_classes)
+    return {"macs": float(c.macs), "params": float(c.params)}
+
+  bar = tqdm(desc="select (lambda search)", unit="point", leave=False)
+  t0 = time.perf_counter()
+  result = hj.global_lambda_search(
+      problems, cost, target, key=key, tolerance=float(cfg.select.tolerance), omega=int(cfg.select.omega),
+      multiple=int(cfg.select.round_to), positive=bool(cfg.select.positive), grid=int(cfg.select.grid),
+      max_steps=int(cfg.select.max_steps), progress=lambda p: bar.update(1))
+  seconds = time.perf_counter() - t0
+  bar.close()
+  if not result.within_tolerance:
+    tqdm.write(f"warning: the search could not land within {cfg.select.tolerance:.1%} of the target {key} "
+               f"{target:,.0f}; the nearest point below it has {result.costs[key]:,.0f}")
+  widths = full_widths(result.widths)
+  keep = {g.name: [int(i) for i in k] for (_, g), k in zip(pairs, result.keep)}
+  if run.writer:
+    _write_json(run.path("selection.json"), {
+        "method": "apib", "target_key": key, "target": target, "tolerance": float(cfg.select.tolerance),
+        "within_tolerance": result.within_tolerance, "lambda": result.lam, "costs": result.costs,
+        "dense": {"macs": dense.macs, "params": dense.params, "widths": dense_widths}, "widths": widths,
+        "decisions": [{"decision": d, "group": g.name, "size": g.size, "kept": len(k)}
+                      for (d, g), k in zip(pairs, result.keep)],
+        "keep": keep, "reachable": list(result.reachable), "positive": bool(cfg.select.positive),
+        "search": [p.to_dict() for p in result.trace], "seconds": seconds})
+  return {"seconds": seconds}
+
+
+def stage_surgery(run: Run) -> dict[str, Any]:
+  """Removes the unselected channels (``hsic_jax.prune`` with the model's groups) into the same class, thinner."""
+  dense_model = run.load_model("dense")
+  sel = _read_json(run.path("selection.json"))
+  t0 = time.perf_counter()
+  pruned, plan = prune_model(dense_model, sel["keep"])
+  if list(pruned.widths) != list(sel["widths"]):
+    raise ValueError(f"surgery gave widths {pruned.widths} but the selection recorded {sel['widths']}")
+  if run.writer:
+    run.save_model(pruned, "pruned", {"stage": "surgery", "plan": json.loads(plan.to_json())})
+  return {"seconds": time.perf_counter() - t0}
+
+
+def prune_model(dense_model: nnx.Module, keep: dict[str, Any]) -> tuple[nnx.Module, hj.PrunePlan]:
+  """The dense model with only the kept channels of each group, as the same class built with the new widths."""
+  state = nnx.to_pure_dict(nnx.state(dense_model))
+  out = hj.prune(state, dense_model.channel_groups(), keep, widths=dense_model.widths)
+  name = models.model_name(dense_model)
+  thin = nnx.eval_shape(lambda: models.get_model(name, out.widths, num_classes=int(dense_model.num_classes),
+                                                 rngs=nnx.Rngs(0)))
+  graphdef, thin_state = nnx.split(thin)
+  want = jax.tree.map(lambda v: tuple(v.shape), nnx.to_pure_dict(thin_state))
+  have = jax.tree.map(lambda v: tuple(np.shape(v)), out.state)
+  if want != have:  # nnx.update would accept wrongly shaped arrays
+    raise ValueError(f"pruned state does not have the shapes of {name} with widths {out.widths}")
+  nnx.replace_by_pure_dict(thin_state, jax.tree.map(jnp.asarray, out.state))
+  model = nnx.merge(graphdef, thin_state)
+  model.eval()
+  return model, out.plan
+
+
+def stage_finetune(run: Run) -> dict[str, Any]:
+  cfg = run.config
+  pruned = run.load_model("pruned")
+  meta = import_torch.read_meta(run.path("pruned"))
+  teacher = run.load_model("dense") if cfg.finetune.distill_weight > 0 else None
+  t0 = time.perf_counter()
+  if cfg.finetune.epochs > 0:
+    pruned, history = train_lib.train_and_evaluate(pruned, cfg.finetune, _loop(run, cfg.finetune,
+                                                                               run.path("finetune"), "finetune"),
+                                                   run.mesh, seed=int(cfg.seed), teacher=teacher)
+  else:
+    history = []
+  if run.writer:
+    run.save_model(pruned, "final", {"stage": "finetune", "plan": meta.get("plan"), "history": history})
+  return {"seconds": time.perf_counter() - t0}
+
+
+def stage_evaluate(run: Run) -> dict[str, Any]:
+  cfg = run.config
+  t0 = time.perf_counter()
+  out: dict[str, Any] = {}
+  out["dense"] = _evaluate(run, run.load_model("dense"), "eval dense")
+  pruned = run.load_model("pruned")
+  out["pruned_before_finetune_raw"] = _evaluate(run, pruned, "eval pruned")
+  if cfg.eval.bn_recalibrate:
+    bs = int(cfg.finetune.batch_size)
+    batches = data.train_batches(cfg.data, batch_size=bs, seed=int(cfg.seed) + 1, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    recal = train_lib.recalibrate_batch_norm(pruned, batches, int(cfg.eval.bn_recalibrate_steps), run.mesh)
+    out["pruned_before_finetune"] = _evaluate(run, recal, "eval pruned (BN re-estimated)")
+  else:
+    out["pruned_before_finetune"] = out["pruned_before_finetune_raw"]
+  out["final"] = _evaluate(run, run.load_model("final"), "eval final")
+  out["split"] = cfg.data.eval_split
+  out["seconds"] = time.perf_counter() - t0
+  if run.writer:
+    _write_json(run.path("evaluation.json"), out)
+  return {"seconds": out["seconds"]}
+
+
+def stage_report(run: Run) -> dict[str, Any]:
+  if run.writer:
+    report.write(run.workdir, run.config, data.split_info(run.config.data))
+  return {}
+
+
+_STAGE_FNS: dict[str, Callable[[Run], dict[str, Any]]] = {
+    "dense": stage_dense, "calibrate": stage_calibrate, "select": stage_select, "surgery": stage_surgery,
+    "finetune": stage_finetune, "evaluate": stage_evaluate, "report": stage_report}
+
+RESULTS = {"dense": "dense", "calibrate": "calibration/problems.npz", "select": "selection.json",
+           "surgery": "pruned", "finetune": "final", "evaluate": "evaluation.json", "report": "report.json"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The program.
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """Writes ``config.json``, or refuses a workdir whose saved config differs (listing the keys that differ)."""
+  path = workdir / "config.json"
+  current = json.loads(config.to_json_best_effort())
+  if path.exists():
+    saved = _read_json(path)
+    diffs = sorted(_diff(saved, current))
+    if diffs:
+      shown = ", ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
+      raise ValueError(f"workdir {workdir} holds a run of another config (keys that differ: {shown}); use another "
+                       "--workdir, or delete the stages to redo from it")
+    return
+  _write_json(path, current)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in set(a) | set(b):
+      out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    return out
+  return [] if a == b else [prefix.rstrip(".")]
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, *, only: str | None = None,
+                 mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+  """Runs every stage whose result is missing (or only ``only``); returns the report (``report.json``'s content).
+
+  Raises:
+    ValueError: an unknown stage, a config that differs from the workdir's, a stage run alone without the previous
+      stage's result, and every bad-input error of the stages (missing data, impossible targets, mismatched
+      checkpoints).
+  """
+  if only is not None and only not in STAGES:
+    raise ValueError(f"unknown stage {only!r}; expected one of {list(STAGES)}")
+  workdir = Path(workdir).expanduser().resolve()
+  workdir.mkdir(parents=True, exist_ok=True)
+  run = Run(config, workdir, mesh if mesh is not None else train_lib.make_mesh(), jax.process_index() == 0)
+  if run.writer:
+    check_config(config, workdir)
+  data.prepare(config.data)
+  timings_path = workdir / "seconds.json"
+  timings = _read_json(timings_path) if timings_path.exists() else {}
+  for i, stage in enumerate(STAGES):
+    result = workdir / RESULTS[stage]
+    if only is not None and stage != only:
+      continue
+    if only is not None and i > 0 and not (workdir / RESULTS[STAGES[i - 1]]).exists():
+      raise ValueError(f"stage {stage!r} needs the result of stage {STAGES[i - 1]!r} "
+                       f"({workdir / RESULTS[STAGES[i - 1]]}); run the earlier stages first")
+    if result.exists() and only is None:
+      continue
+    if stage == "report":
+      _write_json(timings_path, timings)
+    t0 = time.perf_counter()
+    tqdm.write(f"[{stage}] ...")
+    _STAGE_FNS[stage](run)
+    timings[stage] = time.perf_counter() - t0
+    run.log({"event": "stage", "stage": stage, "seconds": timings[stage]})
+    if stage != "report":
+      _write_json(timings_path, timings)
+  if (workdir / "report.json").exists():
+    return _read_json(workdir / "report.json")
+  return {}
