@@ -225,3 +225,16 @@ def test_mismatched_and_corrupt_checkpoints_are_refused(finished, tmp_path):
   (tmp_path / "cut").mkdir()
   with pytest.raises(ValueError):
     import_torch.load_checkpoint(tmp_path / "cut")
+
+
+def test_evaluate_command_reproduces_the_reported_accuracy(env, finished):
+  e, base = env
+  workdir, _ = finished
+  proc = subprocess.run([sys.executable, "-m", "train.evaluate", "--config=digits_apib", "--config.data.image_size=8",
+                         f"--config.data.data_dir={base / 'tfds'}", f"--checkpoint={workdir}"], cwd=ROOT, env=e,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = json.loads(proc.stdout[proc.stdout.index("{"):])
+  rep = json.loads((workdir / "report.json").read_text())
+  assert got["examples"] == rep["evaluation"]["examples"]
+  np.testing.assert_allclose(got["top1"], rep["pruned"]["top1"], atol=1e-9)

@@ -155,6 +155,9 @@ def plots(workdir: Path, rep: dict[str, Any]) -> list[str]:
         axes[0].plot(ep, [r["eval_loss"] for r in recs], marker=".", ls="--", label=f"{stage} eval")
         axes[1].plot(ep, [r["eval_top1"] for r in recs], marker=".", label=f"{stage} eval top-1")
       axes[1].plot(ep, [r["train_accuracy"] for r in recs], marker=".", ls=":", label=f"{stage} train acc")
+    axes[1].axhline(rep["dense"]["top1"], color="k", lw=0.8, ls="--", label="dense top-1")
+    axes[1].axhline(rep["pruned"]["top1_before_finetune"], color="grey", lw=0.8, ls=":",
+                    label="pruned top-1, before fine-tuning")
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("loss")
     axes[1].set_xlabel("epoch")

@@ -1,0 +1,59 @@
+"""Evaluates any model checkpoint (a run's workdir or a checkpoint directory) on a data split.
+
+  python -m train.evaluate --config=resnet56_apib --checkpoint=runs/r56 [--split=validation]
+
+The config gives the data (``--config.data.*`` overrides apply) and the evaluation batch size; the checkpoint gives
+the model and its widths (:func:`models.load_pruned`). Prints top-1, top-5 and the mean loss as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from train import config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config whose data section to use", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a run workdir or a model checkpoint directory")
+_SPLIT = flags.DEFINE_string("split", None, "data split (default: the config's data.eval_split)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    argv, _ = config_lib.resolve_argv(argv)
+    flags.FLAGS(argv)
+    config = _CONFIG.value
+    if not _CHECKPOINT.value:
+      raise config_lib.ConfigError("--checkpoint is required (a run workdir or a checkpoint directory)")
+  except (config_lib.ConfigError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+    print(f"error: {config_lib.explain(err)}", file=sys.stderr)
+    return 2
+  import jax  # pylint: disable=import-outside-toplevel
+  import models  # pylint: disable=import-outside-toplevel
+  from train import data, train as train_lib  # pylint: disable=import-outside-toplevel
+  split = _SPLIT.value or config.data.eval_split
+  try:
+    data.prepare(config.data)
+    model = models.load_pruned(_CHECKPOINT.value)
+    mesh = train_lib.make_mesh()
+    bs = int(config.eval.batch_size)
+    train_lib.check_batch_size(bs, mesh, "eval")
+    n = data.num_examples(config.data, split)
+    batches = data.eval_batches(config.data, split, batch_size=bs, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    result = train_lib.evaluate(model, batches, mesh, desc=f"eval {split}", total=-(-n // bs))
+  except (ValueError, FileNotFoundError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 1
+  print(json.dumps({"checkpoint": _CHECKPOINT.value, "model": models.model_name(model), "widths": model.widths,
+                    "split": split, **result}, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
