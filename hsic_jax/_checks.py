@@ -27,6 +27,28 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
   return dt
 
 
+def compute_dtype(dtype: Any) -> jnp.dtype:
+  """:func:`resolve_dtype`, with float16 and bfloat16 widened to float32.
+
+  Sums of products of Gram entries overflow float16 (largest value 65504) at ordinary feature scales, bfloat16 keeps
+  8 bits of mantissa, and LAPACK (the solver's Cholesky factorisations) has neither, so functions that take these
+  compute in float32.
+  """
+  dt = resolve_dtype(dtype)
+  return jnp.dtype(jnp.float32) if dt.itemsize < 4 else dt
+
+
+def check_count(name: str, value: Any, low: int) -> int:
+  """Returns ``value`` as an int, raising ValueError unless it is an integer (an int, or an integral float such as
+  ``1e4``) ``>= low``; booleans are refused."""
+  ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+  if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+    ok = True
+  if not ok or value < low:
+    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+  return int(value)
+
+
 def as_float_array(name: str, x: Any, dtype: jnp.dtype, *, ndim: int | tuple[int, ...],
                    finite: bool = True) -> jax.Array:
   """Converts ``x`` to a float array of the given rank, checking rank and (when concrete and ``finite``)
@@ -126,13 +148,14 @@ def raise_for_gram_stats(name: str, x: Any, stats: Any, *, batched: bool = False
         "Gram matrix K[i, j] = k(x_i, x_j) is symmetric; only one triangle of it enters Q.")
 
 
-def _or_wider(dtype) -> str:
+def or_wider(dtype) -> str:
+  """The advice to compute in float64 (with a leading space), unless ``dtype`` is float64 already."""
   return "" if jnp.dtype(dtype) == jnp.float64 else " or compute in float64"
 
 
 def gram_rescale_hint(dtype) -> str:
   """The advice for Gram entries too large for ``dtype``."""
-  return f"rescale the Gram matrices (a Gaussian kernel's entries are at most 1){_or_wider(dtype)}."
+  return f"rescale the Gram matrices (a Gaussian kernel's entries are at most 1){or_wider(dtype)}."
 
 
 @jax.jit
@@ -154,7 +177,7 @@ def raise_unless_finite_norms(name: str, x: Any, finite: Any) -> None:
   top = float(jnp.max(jnp.abs(x)))
   raise ValueError(
       f"{name} holds values up to {top:.3g} whose squared deviations from their mean overflow {jnp.result_type(x)}: "
-      f"rescale the features (e.g. divide by their largest magnitude){_or_wider(jnp.result_type(x))}.")
+      f"rescale the features (e.g. divide by their largest magnitude){or_wider(jnp.result_type(x))}.")
 
 
 def check_samples(name: str, n: int) -> None:

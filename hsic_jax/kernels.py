@@ -130,6 +130,60 @@ def frobenius_normalize(k: Float[Array, "... n n"]) -> Float[Array, "... n n"]:
   return jnp.where(norm > 0, k / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
+def finite_norms(x: Float[Array, "n d"]) -> jax.Array:
+  """Whether every sample's squared deviation from the mean sample is finite: false for a NaN or Inf anywhere, or
+  finite values whose squares overflow. Beside :func:`sq_distances`, which computes the same expressions (XLA
+  computes them once), this validation of the features costs no extra pass."""
+  xm = x - jnp.mean(x, axis=0, keepdims=True)
+  return jnp.all(jnp.isfinite(jnp.sum(xm * xm, axis=-1)))
+
+
+def _pow2(k: jax.Array, dtype) -> jax.Array:
+  """``2**k`` exactly, built from its bits, for integer ``k`` in the normal exponent range of ``dtype``."""
+  info = jnp.finfo(dtype)
+  itype = jnp.int32 if jnp.dtype(dtype).itemsize == 4 else jnp.int64
+  return jax.lax.bitcast_convert_type((k.astype(itype) + (info.maxexp - 1)) << info.nmant, dtype)
+
+
+def binary_exponent(x: Float[Array, "..."]) -> Int[Array, ""]:
+  """The exponent ``e`` of ``max |x|`` (``2**(e-1) <= max |x| < 2**e``), read from its bits; 0 for an all-zero
+  ``x``, and the smallest normal exponent for subnormal values."""
+  info = jnp.finfo(x.dtype)
+  itype = jnp.int32 if x.dtype.itemsize == 4 else jnp.int64
+  bits = jax.lax.bitcast_convert_type(jnp.max(jnp.abs(x)), itype)
+  biased = (bits >> info.nmant) & ((1 << info.nexp) - 1)
+  e = jnp.maximum(biased, 1) - (info.maxexp - 2)
+  return jnp.where(bits == 0, 0, e).astype(jnp.int32)
+
+
+def scale_pow2(x: jax.Array, k: Int[ArrayLike, "..."]) -> jax.Array:
+  """``x * 2**k`` (``k`` broadcast against ``x``), exact unless the result leaves the range of ``x``'s dtype: five
+  factors of at most ``|k| / 5 + 4`` each, so that none overflows for any ``k`` a product of Gram scales reaches."""
+  k = jnp.asarray(k, jnp.int32)
+  q = jnp.floor_divide(k, 5)
+  for _ in range(4):
+    x = x * _pow2(q, x.dtype)
+  return x * _pow2(k - 4 * q, x.dtype)
+
+
+def _centered_linear_gram(x: Float[Array, "n ..."], center_features: bool = True
+                          ) -> tuple[Float[Array, "n n"], Int[Array, ""]]:
+  """``(K̄, e)``: the centered linear Gram ``H X' X'^T H`` of ``X' = X 2**-e``, the features scaled (exactly, by a
+  power of two) to a largest magnitude in ``[0.5, 1)``, so that its products neither overflow (features of 1e9 and
+  more) nor underflow (1e-10 and less) whatever the scale of ``X``. The Gram of ``X`` itself is ``K̄ 4**e``.
+
+  With ``center_features`` it is ``(HX')(HX')^T``: centering the features first keeps the differences that a large
+  offset would cancel (centering the product too removes what the rounding of the mean leaves), at the cost of one
+  more pass over them.
+  """
+  x = x.reshape(x.shape[0], -1)
+  e = binary_exponent(x)
+  x = scale_pow2(x, -e)
+  if center_features:
+    x = x - jnp.mean(x, axis=0, keepdims=True)
+  return center(jnp.matmul(x, x.T, precision=_HIGHEST)), e
+
+
 def delta_from_labels(labels: Int[Array, " n"]) -> Float[Array, "n n"]:
   same = labels[:, None] == labels[None, :]
   counts = jnp.sum(same, axis=1, keepdims=True)
@@ -148,6 +202,12 @@ def _gaussian_gram(x, rule, gamma, centered, normalized):
   if normalized:
     k = frobenius_normalize(k)
   return k
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "centered", "normalized"))
+def _gaussian_gram_checked(x, rule, gamma, centered, normalized):
+  """:func:`_gaussian_gram` and whether ``x``'s squared norms are finite (its validation, see :func:`finite_norms`)."""
+  return _gaussian_gram(x, rule, gamma, centered, normalized), finite_norms(x)
 
 
 def gaussian_gram(
@@ -170,18 +230,28 @@ def gaussian_gram(
   Returns:
     The ``(n, n)`` Gram matrix.
 
+  Raises:
+    ValueError: for a bad shape or argument, or (after the computation, which does the check) for NaN/Inf in ``x``
+      or values whose deviations from their mean overflow its dtype when squared.
+
   >>> import numpy as np
   >>> k = gaussian_gram(np.array([[0.0], [1.0]]), bandwidth=1.0)
   >>> round(float(k[0, 1]), 4)  # exp(-1)
   0.3679
   """
-  dtype = _checks.resolve_dtype(dtype)
-  x = _checks.as_float_array("x", x, dtype, ndim=(1, 2))
+  return _named_gaussian_gram("x", x, bandwidth, centered, normalized, _checks.resolve_dtype(dtype))
+
+
+def _named_gaussian_gram(name, x, bandwidth, centered, normalized, dtype):
+  """:func:`gaussian_gram` with errors that name the argument ``name``."""
+  x = _checks.as_float_array(name, x, dtype, ndim=(1, 2), finite=False)  # checked by the computation itself
   if x.ndim == 1:
     x = x[:, None]
-  _checks.check_samples("x", x.shape[0])
-  _checks.check_values_per_sample("x", x.shape)
-  return _gaussian_gram(x, *jit_bandwidth(validate_bandwidth(bandwidth)), centered, normalized)
+  _checks.check_samples(name, x.shape[0])
+  _checks.check_values_per_sample(name, x.shape)
+  k, finite = _gaussian_gram_checked(x, *jit_bandwidth(validate_bandwidth(bandwidth)), centered, normalized)
+  _checks.raise_unless_finite_norms(name, x, finite)
+  return k
 
 
 # On CPU, channels with at least this many values per sample are computed one at a time (see _channel_grams).
@@ -197,9 +267,7 @@ def _channel_grams(x, rule, gamma, centered, normalized, batch_size):
   checking costs no extra pass over ``x``.
   """
   def one(xc):
-    xm = xc - jnp.mean(xc, axis=0, keepdims=True)
-    finite = jnp.all(jnp.isfinite(jnp.sum(xm * xm, axis=-1)))  # the same expressions as sq_distances' norms
-    return _gaussian_gram(xc, rule, gamma, centered, normalized), finite
+    return _gaussian_gram(xc, rule, gamma, centered, normalized), finite_norms(xc)
 
   if batch_size is None and x.shape[2] >= SLICED_CHANNELS_MIN_DIM and _checks.one_problem_at_a_time():
     # Long rows: one channel at a time, each read straight out of (n, c, d) (its rows are contiguous d-vectors),
@@ -354,48 +422,114 @@ def hsic(
   return _hsic_biased(k, l)
 
 
+def _alignment(kc, lc):
+  """``<K̄, L̄>_F / (||K̄||_F ||L̄||_F)`` of centered Grams; 0 when either is all zero. The norms are taken apart
+  (never the product of the squared norms, which overflows first)."""
+  num = jnp.sum(kc * lc)
+  den = jnp.sqrt(jnp.sum(kc * kc)) * jnp.sqrt(jnp.sum(lc * lc))
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
 @jax.jit
 def _cka(k, l):
-  kc, lc = center(k), center(l)
-  num = jnp.sum(kc * lc)
-  den = jnp.sqrt(jnp.sum(kc * kc) * jnp.sum(lc * lc))
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+  return _alignment(center(k), center(l))
 
 
 def cka(k: Float[ArrayLike, "n n"], l: Float[ArrayLike, "n n"], *, dtype=jnp.float32) -> Float[Array, ""]:
   """Normalised HSIC (centered kernel alignment) of two raw Gram matrices.
 
   ``CKA(K, L) = <K̄, L̄>_F / (||K̄||_F ||L̄||_F)``; 0 when either centered Gram is all zero (a constant feature).
+  float16 and bfloat16 are computed (and returned) in float32: their sums of squared Gram entries overflow.
   """
-  dtype = _checks.resolve_dtype(dtype)
+  dtype = _checks.compute_dtype(dtype)
   k, l = _check_pair(k, l, dtype)
   return _cka(k, l)
 
 
+def _flat_features(name: str, x: ArrayLike, dtype) -> jax.Array:
+  """Features with the samples on axis 0 (rank 1 to 8), as ``(n, -1)``; ValueErrors name ``name``."""
+  x = _checks.as_float_array(name, x, dtype, ndim=tuple(range(1, 9)))
+  _checks.check_samples(name, x.shape[0])
+  return x.reshape(x.shape[0], -1)
+
+
+def _check_same_samples(x: jax.Array, y: jax.Array) -> None:
+  if x.shape[0] != y.shape[0]:
+    raise ValueError(f"x and y must have the same number of samples on axis 0, got {x.shape[0]} and {y.shape[0]} "
+                     f"(shapes {tuple(x.shape)} and {tuple(y.shape)}, other axes flattened).")
+
+
+@jax.jit
+def _linear_cka(x, y):
+  # The Grams of the features, centered (as :func:`cka` does): centering the features first would cost a pass.
+  return _alignment(_centered_linear_gram(x, False)[0], _centered_linear_gram(y, False)[0])
+
+
 def linear_cka(x: ArrayLike, y: ArrayLike, *, dtype=jnp.float32) -> Float[Array, ""]:
-  """Linear CKA of two feature arrays with the same first (sample) axis; other axes are flattened."""
-  return cka(linear_gram(x, dtype=dtype), linear_gram(y, dtype=dtype), dtype=dtype)
+  """Linear CKA of two feature arrays with the same first (sample) axis; other axes are flattened.
+
+  The features are scaled by a power of two (exactly) to a largest magnitude near 1 first, so that any finite scale
+  gives the same value (CKA does not depend on it) without overflow or underflow. float16 and bfloat16 are computed
+  (and returned) in float32.
+
+  >>> import numpy as np
+  >>> x = np.arange(12.0).reshape(4, 3) ** 2
+  >>> round(float(linear_cka(x, 3.0 * x + 1.0)), 6), round(float(linear_cka(1e20 * x, x)), 6)
+  (1.0, 1.0)
+  """
+  dtype = _checks.compute_dtype(dtype)
+  x, y = _flat_features("x", x, dtype), _flat_features("y", y, dtype)
+  _check_same_samples(x, y)
+  return _linear_cka(x, y)
 
 
 def gaussian_cka(x: ArrayLike, y: ArrayLike, *, bandwidth: Bandwidth = "median", dtype=jnp.float32) -> Float[Array, ""]:
-  """Gaussian-kernel CKA of two feature arrays (other axes flattened), bandwidth per feature set."""
-  def flat(a, name):
-    a = _checks.as_float_array(name, a, _checks.resolve_dtype(dtype), ndim=tuple(range(1, 9)))
-    return a.reshape(a.shape[0], -1)
-  return cka(gaussian_gram(flat(x, "x"), bandwidth=bandwidth, dtype=dtype),
-             gaussian_gram(flat(y, "y"), bandwidth=bandwidth, dtype=dtype), dtype=dtype)
+  """Gaussian-kernel CKA of two feature arrays (other axes flattened), bandwidth per feature set.
+
+  float16 and bfloat16 are computed (and returned) in float32.
+  """
+  dtype = _checks.compute_dtype(dtype)
+  x, y = _flat_features("x", x, dtype), _flat_features("y", y, dtype)
+  _check_same_samples(x, y)
+  return _cka(_named_gaussian_gram("x", x, bandwidth, False, False, dtype),
+              _named_gaussian_gram("y", y, bandwidth, False, False, dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("kernel", "rule", "normalized"))
 def _layer_gram(x, kernel, rule, gamma, normalized):
+  """One layer's centered Gram (Frobenius-normalised when ``normalized``), the binary exponent ``e`` it is scaled
+  by and whether ``x``'s squared norms are finite.
+
+  The linear kernel's Gram is that of the features scaled to unit magnitude (see :func:`_centered_linear_gram`):
+  the layer's own centered Gram is the result times ``4**e`` (``e = 0`` for the Gaussian kernel, whose entries are
+  at most 1). The flag validates the Gaussian kernel's input (see :func:`finite_norms`); the scaled linear one
+  cannot overflow.
+  """
   x = x.reshape(x.shape[0], -1)
-  if kernel == "linear":  # centered features give the centered Gram, without the cancellation of a large offset
-    x = x - jnp.mean(x, axis=0, keepdims=True)
-    k = jnp.matmul(x, x.T, precision=_HIGHEST)
+  if kernel == "linear":
+    k, e = _centered_linear_gram(x)
+    finite = jnp.ones((), bool)
   else:
-    k = gaussian_from_features(x, from_jit(rule, gamma))
-  k = center(k)
-  return frobenius_normalize(k) if normalized else k
+    k, e = center(gaussian_from_features(x, from_jit(rule, gamma))), jnp.zeros((), jnp.int32)
+    finite = finite_norms(x)
+  return (frobenius_normalize(k) if normalized else k), e, finite
+
+
+@functools.partial(jax.jit, static_argnames=("normalized",))
+def _gram_products(grams, exps, normalized):
+  """The ``(l, l)`` matrix from the layers' Grams and their exponents (see :func:`_layer_gram`), and per layer
+  whether its row holds the true values (finite, and, unnormalised, its positive diagonal entry not flushed to 0 by
+  the unscaling)."""
+  g = jnp.stack(grams)
+  s = jnp.einsum("inm,jnm->ij", g, g, precision=_HIGHEST)
+  if normalized:
+    return s, jnp.ones(s.shape[:1], bool)
+  n = g.shape[-1]
+  e = jnp.stack(exps)
+  unit = s / (n - 1) ** 2
+  s = scale_pow2(unit, 2 * (e[:, None] + e[None, :]))
+  lost = (jnp.diagonal(s) == 0) & (jnp.diagonal(unit) > 0)
+  return s, jnp.all(jnp.isfinite(s), axis=1) & ~lost
 
 
 def hsic_matrix(
@@ -411,25 +545,35 @@ def hsic_matrix(
   With ``normalized=True`` (default) entry ``(i, j)`` is ``CKA(K_i, K_j)``, so the diagonal is 1 (0 for a constant
   layer); otherwise it is the biased ``HSIC(K_i, K_j) = tr(K̄_i K̄_j) / (n-1)^2``. Each layer's activations are
   flattened to ``(n, -1)``; layers may have different sizes. One centered Gram per layer is kept (``l`` of
-  ``(n, n)``), then the matrix is one contraction.
+  ``(n, n)``), then the matrix is one contraction. For the linear kernel each layer's features are scaled by a power
+  of two (exactly) to a largest magnitude near 1 first, so that any finite scale works (CKA does not depend on it;
+  raw HSIC is scaled back at the end).
 
   Args:
     features: ``l`` arrays, each with the ``n`` samples on axis 0.
     kernel: ``"linear"`` (``K = F F^T``, ITPruner's choice) or ``"gaussian"``.
     bandwidth: Gaussian bandwidth rule (ignored for linear).
     normalized: CKA (True) or raw biased HSIC (False).
-    dtype: float32 or float64.
+    dtype: float32 or float64; float16 and bfloat16 are computed (and returned) in float32, since their sums of
+      products of Gram entries overflow or lose every digit.
 
   Returns:
     Symmetric ``(l, l)`` matrix.
+
+  Raises:
+    ValueError: for a bad shape or argument, NaN/Inf in a layer, values whose squared deviations overflow (Gaussian
+      kernel), or raw HSIC values (``normalized=False``) outside the range of the dtype.
   """
-  dtype = _checks.resolve_dtype(dtype)
+  dtype = _checks.compute_dtype(dtype)
   if kernel not in ("linear", "gaussian"):
     raise ValueError(f"kernel must be 'linear' or 'gaussian', got {kernel!r}.")
   bandwidth = validate_bandwidth(bandwidth)
+  if features is None or isinstance(features, (str, bytes)) or not hasattr(features, "__len__"):
+    raise ValueError(f"features must be a sequence (e.g. a list) of layers' activations, got "
+                     f"{type(features).__name__}.")
   if len(features) < 1:
     raise ValueError("features must hold at least one layer's activations, got an empty sequence.")
-  grams = []
+  grams, exps, flags = [], [], []
   n = None
   for i, f in enumerate(features):
     f = _checks.as_float_array(f"features[{i}]", f, dtype, ndim=tuple(range(1, 9)))
@@ -438,7 +582,24 @@ def hsic_matrix(
       _checks.check_samples("features[0]", n)
     elif f.shape[0] != n:
       raise ValueError(f"features[{i}] has {f.shape[0]} samples on axis 0, but features[0] has {n}.")
-    grams.append(_layer_gram(f, kernel, *jit_bandwidth(bandwidth), normalized))
-  g = jnp.stack(grams)
-  s = jnp.einsum("inm,jnm->ij", g, g, precision=_HIGHEST)
-  return s if normalized else s / (n - 1) ** 2
+    g, e, finite = _layer_gram(f, kernel, *jit_bandwidth(bandwidth), normalized)
+    grams.append(g)
+    exps.append(e)
+    flags.append(finite)
+  s, exact = _gram_products(grams, exps, normalized)
+  if kernel == "gaussian" and all(_checks.is_concrete(f) for f in flags):
+    finite = np.asarray(jnp.stack(flags))
+    if not finite.all():
+      i = int(np.argmin(finite))
+      _checks.raise_unless_finite_norms(
+          f"features[{i}]", _checks.as_float_array(f"features[{i}]", features[i], dtype, ndim=tuple(range(1, 9))),
+          False)
+  if not normalized and _checks.is_concrete(exact):
+    exact = np.asarray(exact)
+    if not exact.all():
+      i = int(np.argmin(exact))
+      top = float(jnp.max(jnp.abs(jnp.asarray(features[i], dtype))))
+      raise ValueError(f"features[{i}] holds values up to {top:.3g} whose raw HSIC (normalized=False) is outside the "
+                       f"range of {dtype}: pass normalized=True (CKA does not depend on the scale of the features), "
+                       f"rescale the features{_checks.or_wider(dtype)}.")
+  return s

@@ -361,12 +361,13 @@ def problem_from_grams(
     normalized: Frobenius-normalise every centered Gram first (pyHSICLasso's convention); APIB does not.
     max_block_bytes: memory budget for the centered Gram entries processed at once (for the whole batch where it
       is vmapped, on accelerators; CPU builds one layer at a time).
-    dtype: float32 (default) or float64.
+    dtype: float32 (default) or float64; float16 and bfloat16 are computed in float32 (the problem is float32):
+      sums of products of Gram entries overflow float16, and the solver's factorisations support neither.
 
   Returns:
     A :class:`LassoProblem`, with a leading batch axis when the Grams have one.
   """
-  dtype = _checks.resolve_dtype(dtype)
+  dtype = _checks.compute_dtype(dtype)
   gram_x = _checks.as_float_array("gram_x", gram_x, dtype, ndim=(3, 4), finite=False)
   batched = gram_x.ndim == 4
   gram_y = _checks.as_float_array("gram_y", gram_y, dtype, ndim=3 if batched else 2, finite=False)
@@ -447,7 +448,24 @@ def _from_features_streaming(x, lbar, rule, gamma, t, normalized):
 
 @functools.partial(jax.jit, static_argnames=("rule",))
 def _output_gram(y, rule, gamma):
-  return kernels.center(kernels.gaussian_from_features(y.reshape(y.shape[0], -1), kernels.from_jit(rule, gamma)))
+  """``L̄`` of features ``y`` and whether their squared norms are finite (their validation, as for ``x``)."""
+  y = y.reshape(y.shape[0], -1)
+  return kernels.center(kernels.gaussian_from_features(y, kernels.from_jit(rule, gamma))), kernels.finite_norms(y)
+
+
+def _output_gram_unchecked(y, kernel, bandwidth, dtype):
+  """``(L̄, y, finite)``: the centered output Gram, ``y`` as an array and the flag that validates it (``None`` for
+  labels, validated here); ``raise_unless_finite_norms("y", y, finite)`` completes the check once the flag is
+  wanted, so that a build can launch before waiting for it."""
+  if kernel == "delta":
+    return kernels.labels_gram("y", y, centered=True, dtype=dtype), y, None
+  if kernel != "gaussian":
+    raise ValueError(f"kernel must be 'gaussian' or 'delta', got {kernel!r}.")
+  y = _checks.as_float_array("y", y, dtype, ndim=tuple(range(1, 9)), finite=False)  # checked by the computation
+  _checks.check_samples("y", y.shape[0])
+  _checks.check_values_per_sample("y", y.shape)
+  lbar, finite = _output_gram(y, *kernels.jit_bandwidth(kernels.validate_bandwidth(bandwidth)))
+  return lbar, y, finite
 
 
 def output_gram(
@@ -464,16 +482,15 @@ def output_gram(
     kernel: ``"gaussian"`` or ``"delta"`` (class labels, pyHSICLasso's classification kernel).
     bandwidth: rule for the Gaussian kernel; ``"apib"`` gives ``gamma = 1 / (number of output values)``.
     dtype: float32 or float64.
+
+  Raises:
+    ValueError: for a bad shape or argument, or (after the computation, which does the check) for NaN/Inf in ``y``
+      or values whose deviations from their mean overflow its dtype when squared.
   """
-  dtype = _checks.resolve_dtype(dtype)
-  if kernel == "delta":
-    return kernels.labels_gram("y", y, centered=True, dtype=dtype)
-  if kernel != "gaussian":
-    raise ValueError(f"kernel must be 'gaussian' or 'delta', got {kernel!r}.")
-  y = _checks.as_float_array("y", y, dtype, ndim=tuple(range(1, 9)))
-  _checks.check_samples("y", y.shape[0])
-  _checks.check_values_per_sample("y", y.shape)
-  return _output_gram(y, *kernels.jit_bandwidth(kernels.validate_bandwidth(bandwidth)))
+  lbar, y, finite = _output_gram_unchecked(y, kernel, bandwidth, _checks.resolve_dtype(dtype))
+  if finite is not None:
+    _checks.raise_unless_finite_norms("y", y, finite)
+  return lbar
 
 
 def problem_from_features(
@@ -499,16 +516,17 @@ def problem_from_features(
     max_block_bytes: memory budget for Gram entries held at once. When all ``c`` Grams fit, they are built in one
       vmapped call; otherwise they are streamed from ``x`` in tiles (each entry of the upper triangle computed
       once).
-    dtype: float32 (default) or float64.
+    dtype: float32 (default) or float64; float16 and bfloat16 are computed in float32 (the problem is float32):
+      sums of products of Gram entries overflow float16, and the solver's factorisations support neither.
 
   Returns:
     A :class:`LassoProblem`.
 
   Raises:
     ValueError: for a bad shape or argument, or (after the build, which computes the check) for NaN/Inf in ``x``
-      or values whose deviations from their mean overflow its dtype when squared.
+      or ``y`` or values whose deviations from their mean overflow its dtype when squared.
   """
-  dtype = _checks.resolve_dtype(dtype)
+  dtype = _checks.compute_dtype(dtype)
   bandwidth = kernels.validate_bandwidth(bandwidth)
   y_bandwidth = kernels.validate_bandwidth(bandwidth if y_bandwidth is None else y_bandwidth, "y_bandwidth")
   x = _checks.as_float_array("x", x, dtype, ndim=3, finite=False)  # checked by the computation itself
@@ -521,7 +539,7 @@ def problem_from_features(
   if y_n != n:
     raise ValueError(f"x and y must have the same number of samples n on axis 0: x has shape {tuple(x.shape)}, "
                      f"y has shape {tuple(jnp.shape(y))}.")
-  lbar = output_gram(y, kernel=y_kernel, bandwidth=y_bandwidth, dtype=dtype)
+  lbar, y, finite_y = _output_gram_unchecked(y, y_kernel, y_bandwidth, dtype)
   if c * n * n * dtype.itemsize <= max_block_bytes:
     grams, finite = kernels._channel_grams(  # pylint: disable=protected-access
         x, *kernels.jit_bandwidth(bandwidth), False, False, None)
@@ -529,8 +547,11 @@ def problem_from_features(
   else:
     problem, finite = _from_features_streaming(x, lbar, *kernels.jit_bandwidth(bandwidth),
                                                _tile_side(c, n, dtype.itemsize, max_block_bytes), normalized)
-  # x is validated by the build (its squared norms), not by a pass of its own; see kernels._channel_grams.
+  # x and y are validated by the build (their squared norms), not by passes of their own; see
+  # kernels._channel_grams.
   _checks.raise_unless_finite_norms("x", x, finite)
+  if finite_y is not None:
+    _checks.raise_unless_finite_norms("y", y, finite_y)
   return problem
 
 

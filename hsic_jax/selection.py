@@ -44,7 +44,8 @@ def lasso_select(
     positive: ``False`` reproduces the APIB reference's signed Lasso (a channel is kept if ``beta != 0``).
     tol: relative duality-gap tolerance (default 1e-5 in float32, 1e-9 in float64).
     max_iter: iteration cap.
-    dtype: float32 (default) or float64 (needs ``jax.enable_x64``).
+    dtype: float32 (default) or float64 (needs ``jax.enable_x64``); float16 and bfloat16 are computed (and
+      returned) in float32.
 
   Returns:
     :class:`LassoResult`: ``beta`` (c,), ``selected`` (c,) mask, ``objective``, ``gap``, ``iterations``, ...
@@ -86,16 +87,44 @@ def lasso_select_features(
   return solver.solve(p, lam, positive=positive, tol=tol, max_iter=max_iter)
 
 
+def _check_ratio(ratio) -> float:
+  try:
+    value = float(ratio)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}.") from err
+  if not 0 < value < 1:
+    raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}.")
+  return value
+
+
 def lambda_grid(problem: LassoProblem, *, num: int = 50, ratio: float = 1e-3,
                 positive: bool = True) -> Float[Array, " num"]:
-  """Log-spaced penalties from ``lambda_max`` down to ``ratio * lambda_max`` (unbatched problem)."""
-  if num < 1 or not 0 < ratio < 1:
-    raise ValueError(f"num must be >= 1 and ratio in (0, 1), got num={num}, ratio={ratio}.")
+  """Log-spaced penalties from ``lambda_max`` down to ``ratio * lambda_max`` (unbatched problem; a float16 or
+  bfloat16 one gives float32 penalties, as it is solved in float32)."""
+  num = _checks.check_count("num", num, 1)
+  ratio = _check_ratio(ratio)
   solver.check_problem(problem)
   if problem.lin.ndim != 1:
     raise ValueError(f"lambda_grid takes one unbatched problem; got q of shape {tuple(problem.lin.shape)}.")
+  problem = solver.widen(problem)
   top = solver.lambda_max(problem, positive=positive)
   return top * jnp.logspace(0.0, np.log10(ratio), num, dtype=problem.lin.dtype)
+
+
+def _check_lams(lams: ArrayLike) -> None:
+  """ValueError unless ``lams`` is a non-empty 1-D array of finite penalties >= 0 (values checked when concrete)."""
+  if not isinstance(lams, jax.Array):
+    try:
+      host = np.asarray(lams)
+    except Exception as err:  # noqa: BLE001 - anything that is not array-like
+      raise ValueError(f"lams must be a 1-D array of penalties >= 0, got {type(lams).__name__}.") from err
+    if not (jnp.issubdtype(host.dtype, jnp.floating) or jnp.issubdtype(host.dtype, jnp.integer)):
+      raise ValueError(f"lams must be a 1-D array of penalties >= 0, got {lams!r} (dtype {host.dtype}).")
+    lams = host
+  if jnp.ndim(lams) != 1 or jnp.shape(lams)[0] < 1:
+    raise ValueError(f"lams must be a 1-D array of penalties >= 0 holding at least one, got shape "
+                     f"{tuple(jnp.shape(lams))}.")
+  _checks.check_nonnegative_scalar("lams", lams)
 
 
 def lasso_path(
@@ -112,19 +141,24 @@ def lasso_path(
 
   Args:
     problem: an unbatched :class:`LassoProblem`.
-    lams: penalties; by default :func:`lambda_grid` (``num`` values from ``lambda_max`` to ``ratio`` times it).
+    lams: penalties ``>= 0``; by default :func:`lambda_grid` (``num`` values from ``lambda_max`` to ``ratio`` times
+      it).
+    num, ratio: the default grid's size (an integer >= 1) and range (in (0, 1)).
+    positive, tol, max_iter: solver settings, as in :func:`hsic_jax.solve`.
 
   Returns:
-    A :class:`LassoResult` with a leading axis over ``lams``.
+    A :class:`LassoResult` with a leading axis over ``lams``. A float16 or bfloat16 problem is solved (and its
+    result returned) in float32.
   """
+  solver.check_problem(problem)
   if problem.lin.ndim != 1:
     raise ValueError(f"lasso_path takes one unbatched problem; got lin of shape {problem.lin.shape}.")
+  problem = solver.widen(problem)
   if lams is None:
     lams = lambda_grid(problem, num=num, ratio=ratio, positive=positive)
-  lams = jnp.asarray(lams, problem.lin.dtype)
-  if lams.ndim != 1:
-    raise ValueError(f"lams must be a 1-D array of penalties, got shape {lams.shape}.")
-  return solver.solve(problem, lams, positive=positive, tol=tol, max_iter=max_iter)
+  else:
+    _check_lams(lams)
+  return solver.solve(problem, jnp.asarray(lams, problem.lin.dtype), positive=positive, tol=tol, max_iter=max_iter)
 
 
 class KSelection(NamedTuple):
@@ -219,10 +253,17 @@ def select_k(
     k: channels to keep, ``1 <= k <= width`` (per problem for a batch).
     widths: true number of channels of each problem of a zero-padded batch (default: all ``c``).
     positive: nonnegative (default) or signed Lasso.
-    tol, max_iter: solver settings for every step.
-    max_steps: cap on bisection steps.
+    tol, max_iter: solver settings for every step (``tol > 0`` or None for the default, ``max_iter >= 1``).
+    max_steps: cap on bisection steps (an integer >= 0).
+
+  Returns:
+    A :class:`KSelection`. A float16 or bfloat16 problem is solved (and its result returned) in float32.
   """
   solver.check_problem(problem)
+  problem = solver.widen(problem)
+  tol = solver.resolve_tol(tol, problem.lin.dtype)
+  max_iter = _checks.check_count("max_iter", max_iter, 1)
+  max_steps = _checks.check_count("max_steps", max_steps, 0)
   c = problem.num_channels
   k_arr = np.asarray(k)
   if k_arr.shape != problem.lin.shape[:-1]:
@@ -240,6 +281,5 @@ def select_k(
       raise ValueError(f"k must be an integer in [1, {int(widths_arr)}] (never an empty layer), got {k!r}.")
     raise ValueError(f"k must hold an integer in [1, width] per problem (never an empty layer, never more channels "
                      f"than it has), got k={k_arr.tolist()} for widths {widths_arr.tolist()}.")
-  tol = solver.default_tol(problem.lin.dtype) if tol is None else tol
   return _select_k(problem, jnp.asarray(k_arr, jnp.int32), jnp.asarray(widths_arr, jnp.int32),
-                   jnp.asarray(tol, problem.lin.dtype), int(max_iter), int(max_steps), bool(positive))
+                   jnp.asarray(tol, problem.lin.dtype), max_iter, max_steps, bool(positive))

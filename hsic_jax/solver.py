@@ -51,6 +51,22 @@ DEFAULT_TOL = {4: 1e-5, 8: 1e-9}
 
 def default_tol(dtype) -> float:
   return DEFAULT_TOL.get(jnp.dtype(dtype).itemsize, 1e-5)
+
+
+def resolve_tol(tol, dtype) -> float:
+  """``tol`` as a float, or the default for ``dtype`` when None; ValueError unless it is a number > 0."""
+  if tol is None:
+    return default_tol(dtype)
+  message = f"tol must be > 0 (a relative duality-gap tolerance) or None for the default, got {tol!r}."
+  try:
+    value = float(tol)
+  except (TypeError, ValueError) as err:
+    raise ValueError(message) from err
+  if not value > 0:  # NaN too
+    raise ValueError(message)
+  return value
+
+
 DEFAULT_MAX_ITER = 20_000
 # Active-set (Newton) iterations tried at each convergence test; they stop early once the support repeats. On the
 # ResNet-50 workload the first test, after only 20 gradient steps, takes 3 to 10 of them (mostly 5 to 8); with a
@@ -304,6 +320,14 @@ def _solve(problem, lam, init, tol, max_iter, check_every, positive):
   return jax.tree.map(lambda a: a.reshape(batch + a.shape[1:]), out)
 
 
+def widen(problem: LassoProblem) -> LassoProblem:
+  """The problem in float32 when it is float16 or bfloat16 (LAPACK, which the face solves use, has neither, and
+  their range and precision cannot hold a solve); any other problem as it is."""
+  if jnp.dtype(problem.lin.dtype).itemsize >= 4:
+    return problem
+  return LassoProblem(*(jnp.asarray(a, jnp.float32) for a in problem))
+
+
 def check_problem(problem: LassoProblem, name: str = "problem") -> None:
   if not isinstance(problem, LassoProblem):
     raise ValueError(f"{name} must be a LassoProblem (see hsic_jax.problem_from_grams), got {type(problem).__name__}.")
@@ -339,9 +363,11 @@ def solve(
     check_every: proximal-gradient steps between convergence tests (each test also tries an active-set step).
 
   Returns:
-    A :class:`LassoResult` with the problem's and ``lam``'s broadcast batch shape.
+    A :class:`LassoResult` with the problem's and ``lam``'s broadcast batch shape. A float16 or bfloat16 problem is
+    solved (and its result returned) in float32.
   """
   check_problem(problem)
+  problem = widen(problem)
   _checks.check_nonnegative_scalar("lam", lam)
   try:
     jnp.broadcast_shapes(problem.lin.shape[:-1], jnp.shape(lam))
@@ -349,18 +375,15 @@ def solve(
     raise ValueError(f"lam of shape {jnp.shape(lam)} does not broadcast against the problem's batch shape "
                      f"{problem.lin.shape[:-1]}: pass a scalar, one lam per problem, a grid for one "
                      "problem, or for a batch of b problems a (g, 1) grid (g penalties for each of them).") from err
-  tol = default_tol(problem.lin.dtype) if tol is None else tol
-  if not tol > 0:
-    raise ValueError(f"tol must be > 0, got {tol}.")
-  if max_iter < 1 or check_every < 1:
-    raise ValueError(f"max_iter and check_every must be >= 1, got {max_iter} and {check_every}.")
+  tol = resolve_tol(tol, problem.lin.dtype)
+  max_iter = _checks.check_count("max_iter", max_iter, 1)
+  check_every = _checks.check_count("check_every", check_every, 1)
   if init is not None:
     init = jnp.asarray(init, problem.lin.dtype)
     _checks.check_finite("init", init)
     if init.shape[-1] != problem.num_channels:
       raise ValueError(f"init must have {problem.num_channels} coefficients on its last axis, got shape {init.shape}.")
-  return _solve(problem, jnp.asarray(lam, problem.lin.dtype), init, tol, int(max_iter), int(check_every),
-                bool(positive))
+  return _solve(problem, jnp.asarray(lam, problem.lin.dtype), init, tol, max_iter, check_every, bool(positive))
 
 
 def lambda_max(problem: LassoProblem, *, positive: bool = True) -> Float[Array, "*b"]:
@@ -370,6 +393,7 @@ def lambda_max(problem: LassoProblem, *, positive: bool = True) -> Float[Array, 
   for all ``k`` (nonnegative) or ``|q_k| <= lam`` (signed).
   """
   check_problem(problem)
+  problem = widen(problem)
   if positive:
     return jnp.maximum(jnp.max(problem.lin, axis=-1), 0.0)
   return jnp.max(jnp.abs(problem.lin), axis=-1)

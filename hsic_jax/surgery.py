@@ -5,8 +5,9 @@ Removing channels ``R`` of a group ``g`` deletes, from every member slice ``(pat
 (see :class:`hsic_jax.groups.ChannelSlice`). Groups compose: several groups may index one leaf along one axis
 (concatenation, at different offsets) or along different axes (a conv's input and output), and a leaf keeps the
 positions that no group removes. Optimizer-state subtrees that mirror the parameters (momentum ``trace``, Adam
-``mu``/``nu``) are cut the same way, and a :class:`PrunePlan` records the cut so that a pruned checkpoint can be
-rebuilt from the dense one (:func:`apply_plan`).
+``mu``/``nu``) are cut the same way (a leaf in them that follows a cut axis without mirroring its parameter, such as
+a factored moment, is refused), and a :class:`PrunePlan` records the cut so that a pruned checkpoint can be rebuilt
+from the dense one (:func:`apply_plan`).
 
 :func:`mask` is the reference that surgery is checked against: it zeroes the removed channels in the dense state
 instead of deleting them. Zeroing every consumer ("in") slice removes the channels' contribution exactly, also
@@ -32,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -175,6 +176,26 @@ def _channel_positions(member: ChannelSlice, channels: np.ndarray, n_axis: int) 
   return (np.arange(member.spatial)[:, None] * c_total + base[None, :]).reshape(-1)
 
 
+def _check_groups_arg(groups: Any) -> list[ChannelGroup]:
+  """``groups`` as a list, after checking that it is a sequence (any iterable) of :class:`ChannelGroup`."""
+  if groups is None or isinstance(groups, (str, bytes, Mapping, ChannelGroup)) or not isinstance(groups, Iterable):
+    raise ValueError(f"groups must be a sequence of ChannelGroup (e.g. model.channel_groups() or derive_groups(...)), "
+                     f"got {type(groups).__name__}")
+  groups = list(groups)
+  for i, g in enumerate(groups):
+    if not isinstance(g, ChannelGroup):
+      raise ValueError(f"groups[{i}] must be a ChannelGroup, got {type(g).__name__}")
+  return groups
+
+
+def _check_keep_arg(keep: Any) -> Mapping[str, Any]:
+  if not isinstance(keep, Mapping):
+    hint = " (dict(pairs) turns (name, indices) pairs into one)" if isinstance(keep, (list, tuple)) else ""
+    raise ValueError(f"keep must be a mapping from group name to kept channel indices, e.g. {{'conv1': [0, 2]}}, "
+                     f"got {type(keep).__name__}{hint}")
+  return keep
+
+
 def _validate_groups(groups: Sequence[ChannelGroup], leaves: Mapping[Path, Any]) -> dict[str, ChannelGroup]:
   """Checks that every member of every group exists in the state with a consistent axis length."""
   by_name: dict[str, ChannelGroup] = {}
@@ -235,22 +256,28 @@ def _validate_keep(keep: Mapping[str, Any], by_name: Mapping[str, ChannelGroup])
       shown = f"{known[:12]}" + (f" and {len(known) - 12} more" if len(known) > 12 else "")
       raise ValueError(f"keep names unknown group {name!r}; expected one of {shown}")
     g = by_name[name]
-    arr = np.asarray(idx)
+    try:
+      arr = np.asarray(idx)
+    except ValueError as e:  # a ragged nesting
+      raise ValueError(f"keep[{name!r}] must be a 1-D sequence of channel indices, got {idx!r}") from e
     if arr.ndim != 1:
       raise ValueError(f"keep[{name!r}] must be a 1-D sequence of channel indices, got shape {arr.shape}")
     if arr.size == 0:
       raise ValueError(f"keep[{name!r}] is empty; a group is never emptied (keep at least 1 of {g.size} channels)")
     if arr.dtype == np.bool_:
       raise ValueError(f"keep[{name!r}] is a boolean mask; expected channel indices (np.flatnonzero(mask))")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    # Python ints beyond int64 make an object array: they are integers, range-checked below.
+    big_ints = arr.dtype == object and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in arr)
+    if not (big_ints or np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
       raise ValueError(f"keep[{name!r}] must hold integer channel indices, got {arr.tolist()[:10]}")
-    if not np.issubdtype(arr.dtype, np.integer):
+    if np.issubdtype(arr.dtype, np.floating):
       if not np.all(np.isfinite(arr)) or not np.all(np.equal(np.mod(arr, 1), 0)):
         raise ValueError(f"keep[{name!r}] must hold integer channel indices, got {arr.tolist()[:10]}")
-      arr = arr.astype(np.int64)
+    # The range is checked on the values given, before the cast to int64 (1e20 would wrap around to -2**63).
     bad = arr[(arr < 0) | (arr >= g.size)]
     if bad.size:
-      raise ValueError(f"keep[{name!r}] has indices {bad.tolist()[:10]} out of range; expected 0 <= i < {g.size}")
+      shown = [int(i) if isinstance(i, float) and abs(i) < 2**63 else i for i in bad.tolist()[:10]]
+      raise ValueError(f"keep[{name!r}] has indices {shown} out of range; expected 0 <= i < {g.size}")
     arr = np.sort(arr.astype(np.int64))
     dup = arr[1:][arr[1:] == arr[:-1]]
     if dup.size:
@@ -323,23 +350,51 @@ def _slice_leaves(leaves: Mapping[Path, Any], masks: Mapping[tuple[Path, int], n
 
 def _prune_opt_state(opt_state: Any, leaves: Mapping[Path, Any],
                      masks: Mapping[tuple[Path, int], np.ndarray]) -> Any:
-  """Cuts every optimizer-state subtree whose leaves mirror parameter leaves (same path and shape)."""
-  shapes = {p: _leaf_shape(l) for p, l in leaves.items()}
+  """Cuts the optimizer-state leaves that mirror parameter leaves, refusing those that follow a cut axis otherwise.
 
-  def mirrors(node: Any) -> bool:
+  A per-parameter subtree is a mapping (or ``nnx.State``) whose leaf paths are all state paths: momentum
+  ``trace``, Adam ``mu``/``nu``, Adafactor's ``v``, ``v_row`` and ``v_col``. In it, a leaf of its parameter's shape
+  is cut like the parameter; a leaf of another shape is kept if none of its axes has the length of one of the
+  parameter's cut axes (a placeholder of shape ``(1,)``, a statistic reduced over the cut axis), and refused
+  otherwise: a factored moment (Adafactor's ``v_row``/``v_col`` of a cut axis) has no per-channel layout this
+  function could know. Leaves outside such subtrees (``count``) are kept.
+  """
+  shapes = {p: _leaf_shape(l) for p, l in leaves.items()}
+  cuts: dict[Path, dict[int, np.ndarray]] = {}
+  for (path, axis), m in masks.items():
+    cuts.setdefault(path, {})[axis] = m
+
+  def per_parameter(node: Any) -> bool:
     if not isinstance(node, (Mapping, nnx.State)):
       return False
     sub = flatten_state(node)
-    return bool(sub) and all(p in shapes and _leaf_shape(l) == shapes[p] for p, l in sub.items())
+    return bool(sub) and all(p in shapes for p in sub)
 
-  def cut(node: Any) -> Any:
-    if not mirrors(node):
+  def cut(keypath: Any, node: Any) -> Any:
+    if not per_parameter(node):
       return node
     sub = flatten_state(node)
-    sub_masks = {k: v for k, v in masks.items() if k[0] in sub}
+    sub_masks = {}
+    for p, leaf in sub.items():
+      if p not in cuts:
+        continue
+      shape = _leaf_shape(leaf)
+      if shape == shapes[p]:
+        sub_masks.update({(p, axis): m for axis, m in cuts[p].items()})
+        continue
+      for axis, m in cuts[p].items():
+        if m.size in shape:
+          where = path_str(keypath_to_path(keypath) + p)
+          raise ValueError(
+              f"opt_state leaf {where!r} has shape {shape}, which has the length {m.size} of axis {axis} of parameter "
+              f"{path_str(p)!r} {shapes[p]} that the pruning cuts to {int(m.sum())}, but not the parameter's shape: "
+              "it is no per-channel copy of the parameter (e.g. a factored second moment, as Adafactor keeps for "
+              "large parameters) and cannot be cut. Expected an optimizer state whose per-parameter leaves mirror "
+              "the parameters (SGD momentum, Adam); otherwise pass opt_state=None and initialise the optimizer "
+              "again for the pruned parameters.")
     return _rebuild(node, _slice_leaves(sub, sub_masks))
 
-  return jax.tree_util.tree_map(cut, opt_state, is_leaf=mirrors)
+  return jax.tree_util.tree_map_with_path(cut, opt_state, is_leaf=per_parameter)
 
 
 def _new_widths(widths: Sequence[int] | None, groups: Mapping[str, ChannelGroup],
@@ -358,6 +413,11 @@ def _new_widths(widths: Sequence[int] | None, groups: Mapping[str, ChannelGroup]
   set_by: dict[int, str] = {}
   for name, kept in keep.items():
     g = groups[name]
+    if not g.width_indices and kept.size < g.size:
+      raise ValueError(f"widths cannot follow the cut of group {name!r} ({g.size} -> {kept.size} channels): the group "
+                       "has no width_indices (groups from derive_groups have none), so no entry of the width list "
+                       "gives its width; pass widths=None (the pruned state's shapes are the new model's) or give the "
+                       "group the width_indices it sets")
     for i in g.width_indices:
       if i in set_by and new[i] != kept.size:
         raise ValueError(f"groups {set_by[i]!r} and {name!r} both set widths[{i}] but keep different counts "
@@ -386,18 +446,22 @@ def prune(state: Any, groups: Sequence[ChannelGroup], keep: Mapping[str, Any], *
     keep: group name -> kept channel indices, unique and in ``[0, size)``; they are sorted (the kept channels keep
       their original order whatever order is given).
     widths: the model's width list; the result's ``widths`` sets ``widths[i] = len(keep[g])`` for every ``i`` in
-      ``g.width_indices``.
-    opt_state: an optax optimizer state for ``state``'s parameters; every subtree whose leaves have the paths and
-      shapes of state leaves (momentum ``trace``, Adam ``mu`` and ``nu``) is cut the same way, other leaves
-      (``count``) are kept.
+      ``g.width_indices``. A group that is cut must have width indices (derived groups have none).
+    opt_state: an optax optimizer state for ``state``'s parameters. In every subtree whose leaves have the paths of
+      state leaves (momentum ``trace``, Adam ``mu`` and ``nu``), the leaves of their parameter's shape are cut the
+      same way; leaves of other shapes are kept if their shape does not follow a cut axis (placeholders), and
+      refused otherwise (factored moments such as Adafactor's for large parameters). Other leaves (``count``) are
+      kept.
 
   Returns:
     ``PruneResult(state, opt_state, widths, plan)``; ``Model(widths)`` has exactly the pruned state's structure.
 
   Raises:
-    ValueError: unknown group name; indices out of range, duplicated or empty (a group is never emptied); a
-      non-prunable group cut; a member path missing from the state or an axis length that does not match its
-      group; a width list that does not match the groups.
+    ValueError: ``groups`` not a sequence of :class:`ChannelGroup` or ``keep`` not a mapping; unknown group name;
+      indices out of range, duplicated or empty (a group is never emptied); a non-prunable group cut; a member path
+      missing from the state or an axis length that does not match its group; a width list that does not match the
+      groups or cannot follow a cut group (no width indices); an ``opt_state`` leaf that follows a cut axis but
+      does not mirror its parameter.
 
   >>> import numpy as np
   >>> from hsic_jax.groups import ChannelGroup, ChannelSlice
@@ -408,6 +472,7 @@ def prune(state: Any, groups: Sequence[ChannelGroup], keep: Mapping[str, Any], *
   >>> res.state["a"]["kernel"].shape, res.state["b"]["kernel"].shape, res.widths
   ((3, 3, 3, 2), (3, 3, 2, 5), [2])
   """
+  groups, keep = _check_groups_arg(groups), _check_keep_arg(keep)
   leaves = flatten_state(state)
   by_name = _validate_groups(groups, leaves)
   kept = _validate_keep(keep, by_name)
@@ -439,6 +504,9 @@ def apply_plan(state: Any, groups: Sequence[ChannelGroup], plan: PrunePlan, *, o
   Raises:
     ValueError: if a plan group is missing from ``groups`` or has another size, or the state does not match.
   """
+  groups = _check_groups_arg(groups)
+  if not isinstance(plan, PrunePlan):
+    raise ValueError(f"plan must be a PrunePlan (e.g. PrunePlan.from_json(text)), got {type(plan).__name__}")
   by_name = {g.name: g for g in groups}
   for name, size in plan.sizes.items():
     if name not in by_name:
@@ -474,6 +542,7 @@ def mask(state: Any, groups: Sequence[ChannelGroup], keep: Mapping[str, Any], *,
   Raises:
     ValueError: as :func:`prune`.
   """
+  groups, keep = _check_groups_arg(groups), _check_keep_arg(keep)
   leaves = flatten_state(state)
   by_name = _validate_groups(groups, leaves)
   kept = _validate_keep(keep, by_name)

@@ -6,14 +6,30 @@ from __future__ import annotations
 import json
 
 import jax
+import numpy as np
 from flax import nnx
 
 import models
 from models import import_torch
-
 from train import pipeline
 from train.configs import resnet50_apib
 from train.datasets import make_fake_imagenet
+
+
+def _numpy_resnet50() -> nnx.Module:
+  """A ResNet-50 with He-normal kernels drawn by numpy (JAX's eager initialisation compiles once per shape)."""
+  model = nnx.eval_shape(lambda: models.get_model("resnet50", rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    key = path[-1].key
+    if key == "kernel":
+      return rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
+    return (np.ones if key in ("scale", "var") else np.zeros)(leaf.shape, np.float32)
+
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
+  return nnx.merge(graphdef, state)
 
 
 def test_resnet50_apib_runs_every_stage_on_imagenet_format_data(tmp_path):
@@ -25,7 +41,7 @@ def test_resnet50_apib_runs_every_stage_on_imagenet_format_data(tmp_path):
   cfg.data.num_workers = 0
   # No ImageNet weights offline: the dense model is a randomly initialised ResNet-50 saved as an orbax checkpoint,
   # as models.import_torch writes them (the `pretrain` source is exercised by the digits pipeline test).
-  dense = models.get_model("resnet50", rngs=nnx.Rngs(0))
+  dense = _numpy_resnet50()
   cfg.dense.path = str(import_torch.save_checkpoint(dense, tmp_path / "dense_ckpt"))
   cfg.finetune.epochs = 1
   cfg.finetune.batch_size = 8

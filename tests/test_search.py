@@ -73,3 +73,11 @@ def test_bad_arguments(kw, match):
   args = {"target": 10.0, **kw}
   with pytest.raises(ValueError, match=match):
     hj.global_lambda_search(_problems(), _channels, key="channels", **args)
+
+
+def test_stacks_by_width_and_one_padded_stack_agree():
+  problems = _problems(widths=(12, 8, 16, 8))
+  a = hj.global_lambda_search(problems, _channels, target=16.0, key="channels", bucket=True)
+  b = hj.global_lambda_search(problems, _channels, target=16.0, key="channels", bucket=False)
+  assert a.widths == b.widths and all(np.array_equal(x, y) for x, y in zip(a.keep, b.keep))
+  np.testing.assert_allclose([p.lam for p in a.trace], [p.lam for p in b.trace], rtol=1e-6)

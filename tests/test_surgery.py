@@ -487,6 +487,71 @@ def test_nnx_optimizer_state_is_cut() -> None:
   assert nnx.state(optimizer)["opt_state"][0]["mu"]["conv1"]["kernel"].shape == (3, 3, 3, 6)  # input untouched
 
 
+def _small_state(fc_out: int) -> tuple[dict[str, Any], list[ChannelGroup]]:
+  """conv (3 -> 8 channels) feeding fc (8 -> fc_out), plus an embedding (5, 4) that no group touches."""
+  rng = np.random.default_rng(0)
+  state = {"conv": {"kernel": rng.normal(size=(3, 3, 3, 8)), "bias": rng.normal(size=8)},
+           "fc": {"kernel": rng.normal(size=(8, fc_out)), "bias": rng.normal(size=fc_out)},
+           "emb": {"table": rng.normal(size=(5, 4))}}
+  state = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), state)
+  group = ChannelGroup("conv", 8, (ChannelSlice(("conv", "kernel"), 3, "out"), ChannelSlice(("conv", "bias"), 0, "out"),
+                                   ChannelSlice(("fc", "kernel"), 0, "in")), width_indices=(0,))
+  return state, [group]
+
+
+def _random_moments(opt_state: Any) -> Any:
+  rng = np.random.default_rng(1)
+  return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype) if a.ndim else a, opt_state)
+
+
+@pytest.mark.parametrize("make_opt", [lambda: optax.adafactor(1e-3),
+                                      lambda: optax.adafactor(1e-3, min_dim_size_to_factor=4),
+                                      lambda: optax.sgd(0.1, momentum=0.9), lambda: optax.adam(1e-3)],
+                         ids=["adafactor", "adafactor_factored_emb", "sgd_momentum", "adam"])
+def test_opt_state_whose_subtrees_partly_mirror_the_params_is_cut(make_opt: Callable[[], Any]) -> None:
+  # Adafactor keeps v of the parameter's shape for small parameters and (1,) placeholders in v_row / v_col; with
+  # min_dim_size_to_factor=4 the untouched (5, 4) embedding is factored, so its v is a (1,) placeholder among the
+  # mirrored leaves of v. Every mirrored leaf is cut, and the pruned model's first optimizer step runs.
+  state, groups = _small_state(fc_out=3)  # fc (8, 3): 3 < 4, never factored
+  opt = make_opt()
+  opt_state = _random_moments(opt.init(state))
+  keep = {"conv": [0, 2, 5]}
+  res = prune(state, groups, keep, opt_state=opt_state)
+  fresh = opt.init(res.state)
+  assert jax.tree.structure(res.opt_state) == jax.tree.structure(fresh)
+  assert shapes(res.opt_state) == shapes(fresh)
+  before = flatten_state(opt_state)
+  checked = 0
+  for path, leaf in flatten_state(res.opt_state).items():  # mirrored leaves hold the kept channels' moments
+    old = np.asarray(before[path])
+    if path[-2:] == ("conv", "kernel") and old.shape == (3, 3, 3, 8):
+      np.testing.assert_array_equal(np.asarray(leaf), old[..., keep["conv"]])
+      checked += 1
+    elif path[-2:] == ("fc", "kernel") and old.shape == (8, 3):
+      np.testing.assert_array_equal(np.asarray(leaf), old[keep["conv"]])
+      checked += 1
+    elif path[-2:] == ("emb", "table"):
+      np.testing.assert_array_equal(np.asarray(leaf), old)  # untouched
+  assert checked >= 2
+  grads = jax.tree.map(jnp.ones_like, res.state)
+  updates, _ = opt.update(grads, res.opt_state, res.state)
+  assert shapes(updates) == shapes(res.state)
+
+
+def test_factored_moments_of_a_cut_axis_are_refused() -> None:
+  # fc (8, 6) is factored (both sizes >= 4): v_row (6,) averages over the cut input axis (kept), v_col (8,) is
+  # indexed by it and has no per-channel layout that surgery can know: refused, naming opt_state and the leaf.
+  state, groups = _small_state(fc_out=6)
+  opt = optax.adafactor(1e-3, min_dim_size_to_factor=4)
+  opt_state = opt.init(state)
+  with pytest.raises(ValueError, match=r"^opt_state leaf '0/v_col/fc/kernel' has shape \(8,\), which has the length "
+                     r"8 of axis 0 of parameter 'fc/kernel' \(8, 6\) that the pruning cuts to 3.*opt_state=None"):
+    prune(state, groups, {"conv": [0, 2, 5]}, opt_state=opt_state)
+  # Keeping every channel cuts nothing, and the state passes through.
+  res = prune(state, groups, {"conv": list(range(8))}, opt_state=opt_state)
+  assert shapes(res.opt_state) == shapes(opt_state)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Plans.
 
@@ -558,6 +623,46 @@ def test_bad_keep_is_rejected(chain: Any, keep: dict[str, Any], match: str) -> N
     prune(state, groups, keep, widths=widths)
   with pytest.raises(ValueError, match=match):
     mask(state, groups, keep)
+
+
+def test_bad_keep_and_groups_arguments_are_rejected(chain: Any) -> None:
+  state, groups, widths = chain
+  for keep, match in ((None, r"^keep must be a mapping from group name to kept channel indices.*got NoneType$"),
+                      ([("conv1", [0, 1])], r"^keep must be a mapping .*got list \(dict\(pairs\)"),
+                      ({"conv1": [0, 1e20]}, r"^keep\['conv1'\] has indices \[1e\+20\] out of range; expected "
+                                             r"0 <= i < 6$"),
+                      ({"conv1": [0, 10**20]}, r"^keep\['conv1'\] has indices \[100000000000000000000\] out of "
+                                               r"range"),
+                      ({"conv1": [0, -3.0]}, r"^keep\['conv1'\] has indices \[-3\] out of range")):
+    with pytest.raises(ValueError, match=match):
+      prune(state, groups, keep, widths=widths)
+    with pytest.raises(ValueError, match=match):
+      mask(state, groups, keep)
+  for bad, match in ((None, r"^groups must be a sequence of ChannelGroup .*got NoneType$"),
+                     (groups[0], r"^groups must be a sequence of ChannelGroup .*got ChannelGroup$"),
+                     ([groups[0], ("conv2", 8)], r"^groups\[1\] must be a ChannelGroup, got tuple$")):
+    with pytest.raises(ValueError, match=match):
+      prune(state, bad, {"conv1": [0]})
+    with pytest.raises(ValueError, match=match):
+      mask(state, bad, {"conv1": [0]})
+  plan = prune(state, groups, {"conv1": [0, 1]}, widths=widths).plan
+  with pytest.raises(ValueError, match=r"^groups must be a sequence of ChannelGroup"):
+    apply_plan(state, None, plan)
+  with pytest.raises(ValueError, match=r"^plan must be a PrunePlan"):
+    apply_plan(state, groups, plan.to_json())
+  # Any iterable of groups works (it is read twice: a generator was exhausted after the first pass).
+  assert prune(state, (g for g in groups), {"conv1": [0, 1]}, widths=widths).widths == [2, 8]
+
+
+def test_widths_cannot_follow_a_cut_group_without_width_indices(chain: Any) -> None:
+  # Derived groups (derive_groups) have no width_indices: the width list would come back dense for the cut group.
+  state, groups, widths = chain
+  derived = [dataclasses.replace(g, width_indices=()) for g in groups]
+  with pytest.raises(ValueError, match=r"^widths cannot follow the cut of group 'conv1' \(6 -> 2 channels\): the "
+                     r"group has no width_indices .*pass widths=None"):
+    prune(state, derived, {"conv1": [0, 3]}, widths=widths)
+  assert prune(state, derived, {"conv1": [0, 3]}).widths is None  # without widths the cut is fine
+  assert prune(state, derived, {"conv1": list(range(6))}, widths=widths).widths == widths  # nothing cut
 
 
 def test_unsorted_keep_is_sorted(chain: Any) -> None:

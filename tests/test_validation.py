@@ -296,3 +296,170 @@ def test_non_finite_gram_in_one_layer_of_a_batch(value):
   big[2, 1, 0, 3] += 0.5
   with pytest.raises(ValueError, match="gram_x must hold symmetric"):
     hj.problem_from_grams(big, gys)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Features at any scale, half-precision dtypes and argument types.
+
+
+def _linear_cka64(x, y):
+  """Linear CKA in float64 numpy: the oracle."""
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  y = np.asarray(y, np.float64).reshape(len(y), -1)
+  x, y = x - x.mean(0), y - y.mean(0)
+  kx, ky = x @ x.T, y @ y.T
+  return float(np.sum(kx * ky) / np.sqrt(np.sum(kx * kx) * np.sum(ky * ky)))
+
+
+@pytest.fixture(scope="module")
+def wide_layers():
+  rng = np.random.default_rng(7)
+  a = rng.normal(size=(256, 4096)).astype(np.float32)
+  b = (a[:, :2048] + rng.normal(size=(256, 2048))).astype(np.float32)
+  return a, b
+
+
+@pytest.mark.parametrize("scale", [1e-10, 1.0, 1e9, 1e20])
+def test_linear_cka_and_hsic_matrix_are_right_at_any_scale(wide_layers, scale):
+  # Gram products of features of 1e9 at n = 256, d = 4096 overflow float32 (and those of 1e-10 underflow): CKA
+  # does not depend on the scale, and the features are scaled to unit magnitude before their products.
+  a, b = wide_layers
+  a, b = (a * np.float32(scale)), (b * np.float32(scale))
+  want = _linear_cka64(a, b)
+  assert float(hj.linear_cka(a, b)) == pytest.approx(want, abs=1e-5)
+  s = np.asarray(hj.hsic_matrix([a, b]))
+  np.testing.assert_allclose(s, [[1.0, want], [want, 1.0]], atol=1e-5)
+  assert np.all(np.diag(s) <= 1.0 + 1e-6)
+
+
+def test_raw_hsic_is_right_at_any_scale_or_refused():
+  rng = np.random.default_rng(8)
+  a = rng.normal(size=(32, 64)).astype(np.float32)
+  b = (a[:, :16] + rng.normal(size=(32, 16))).astype(np.float32)
+
+  def raw64(x, y):
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    x, y = x - x.mean(0), y - y.mean(0)
+    return np.sum((x @ x.T) * (y @ y.T)) / (len(x) - 1) ** 2
+
+  for scale in (1e-6, 1e8):  # raw HSIC near 1e-23 and 1e33: inside float32's range, though the Gram sums are not
+    x, y = a * np.float32(scale), b * np.float32(scale)
+    s = np.asarray(hj.hsic_matrix([x, y], normalized=False))
+    np.testing.assert_allclose(s, [[raw64(x, x), raw64(x, y)], [raw64(x, y), raw64(y, y)]], rtol=1e-5)
+  for bad, layers in ((0, [a * np.float32(1e15), b]), (1, [a, b * np.float32(1e-30)])):  # beyond float32 either way
+    with pytest.raises(ValueError, match=rf"^features\[{bad}\] holds values up to .* whose raw HSIC "
+                       r"\(normalized=False\) is outside the range of float32: pass normalized=True"):
+      hj.hsic_matrix(layers, normalized=False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_cka_in_half_precision_is_computed_in_float32(dtype):
+  # float16 sums of Gram products overflow at ordinary scale (CKA came out 0 or NaN); they are taken in float32.
+  rng = np.random.default_rng(9)
+  a = rng.normal(size=(64, 32)).astype(np.float16)
+  b = (a[:, :16] + rng.normal(size=(64, 16))).astype(np.float16)
+  want = _linear_cka64(a, b)
+  got = hj.linear_cka(a, b, dtype=dtype)
+  assert got.dtype == jnp.float32 and float(got) == pytest.approx(want, abs=1e-5)
+  s = hj.hsic_matrix([a, b], dtype=dtype)
+  assert s.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(s), [[1.0, want], [want, 1.0]], atol=1e-5)
+  k, l = (a.astype(np.float64) @ a.T.astype(np.float64)), (b.astype(np.float64) @ b.T.astype(np.float64))
+  assert float(hj.cka(k, l, dtype=dtype)) == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("max_block_bytes", [None, 512])  # 512: streamed from x in tiles
+def test_gaussian_features_whose_squares_overflow_are_refused(max_block_bytes):
+  # Finite features from about 1e19 have squared distances that overflow float32 (the Gram came out NaN); the error
+  # names the argument, as channel_grams does, and the problem is never built from a NaN output Gram.
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=(64, 3, 4)).astype(np.float32)
+  y = rng.normal(size=(64, 16)).astype(np.float32) * np.float32(1e20)
+  msg = r"holds values up to .*e\+20 whose squared deviations from their mean overflow float32: rescale"
+  with pytest.raises(ValueError, match="^x " + msg):
+    hj.gaussian_gram(y)
+  with pytest.raises(ValueError, match="^x " + msg):
+    hj.gaussian_cka(y, x[:, 0])
+  with pytest.raises(ValueError, match="^y " + msg):
+    hj.gaussian_cka(x[:, 0], y)
+  with pytest.raises(ValueError, match="^features\\[1\\] " + msg):
+    hj.hsic_matrix([x, y], kernel="gaussian")
+  with pytest.raises(ValueError, match="^y " + msg):
+    hj.output_gram(y)
+  kw = {} if max_block_bytes is None else {"max_block_bytes": max_block_bytes}
+  with pytest.raises(ValueError, match="^y " + msg):
+    hj.problem_from_features(x, y, **kw)
+  with pytest.raises(ValueError, match="^y " + msg):
+    hj.lasso_select_features(x, y, 0.1)
+  nan_y = rng.normal(size=(64, 16))
+  nan_y[3, 2] = np.nan
+  with pytest.raises(ValueError, match=r"^y contains 1 NaN or Inf .* index \(3, 2\)"):
+    hj.problem_from_features(x, nan_y, **kw)
+
+
+def _one_channel_problem():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(64, 3, 1)).astype(np.float32)
+  y = x[:, 0] ** 2  # depends on channel 0 only
+  return hj.channel_grams(x, bandwidth=1.0), hj.gaussian_gram(y, bandwidth=1.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_problems_are_solved_in_float32(dtype):
+  # LAPACK has no float16 or bfloat16 Cholesky (NotImplementedError); such problems are solved in float32.
+  gx, gy = _one_channel_problem()
+  res = hj.lasso_select(gx, gy, 50.0, dtype=dtype)
+  assert res.beta.dtype == jnp.float32 and res.indices().tolist() == [0]
+  ref = hj.lasso_select(gx, gy, 50.0)
+  np.testing.assert_allclose(np.asarray(res.beta), np.asarray(ref.beta), rtol=1e-6)
+  half = jax.tree.map(lambda a: a.astype(dtype), hj.problem_from_grams(gx, gy))
+  as32 = jax.tree.map(lambda a: a.astype(jnp.float32), half)
+  sel = hj.select_k(half, 1)
+  assert np.asarray(sel.selected).tolist() == [True, False, False] and sel.lam.dtype == jnp.float32
+  path = hj.lasso_path(half, num=4)
+  assert path.beta.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(path.beta), np.asarray(hj.lasso_path(as32, num=4).beta))
+  np.testing.assert_array_equal(np.asarray(hj.solve(half, 1.0).beta), np.asarray(hj.solve(as32, 1.0).beta))
+
+
+def test_select_k_refuses_bad_solver_settings():
+  gx, gy = _grams()
+  p = hj.problem_from_grams(gx, gy)
+  for kw, msg in (({"max_iter": 0}, r"^max_iter must be an integer >= 1, got 0"),
+                  ({"max_iter": -5}, r"^max_iter must be an integer >= 1, got -5"),
+                  ({"max_iter": 2.5}, r"^max_iter must be an integer >= 1, got 2.5"),
+                  ({"max_steps": -1}, r"^max_steps must be an integer >= 0, got -1"),
+                  ({"tol": np.nan}, r"^tol must be > 0 .*got nan"),
+                  ({"tol": -1e-5}, r"^tol must be > 0 .*got -1e-05"),
+                  ({"tol": 0.0}, r"^tol must be > 0"),
+                  ({"tol": "small"}, r"^tol must be > 0 .*got 'small'")):
+    with pytest.raises(ValueError, match=msg):
+      hj.select_k(p, 2, **kw)
+  with pytest.raises(ValueError, match=r"^tol must be > 0 .*got nan"):
+    hj.solve(p, 0.1, tol=np.nan)
+  with pytest.raises(ValueError, match=r"^check_every must be an integer >= 1, got 0"):
+    hj.solve(p, 0.1, check_every=0)
+  # Valid settings as before: an integral float max_iter, max_steps=0 (no bisection: the top k at lambda_max / 2).
+  assert int(np.sum(np.asarray(hj.select_k(p, 2, max_iter=1e4, max_steps=0).selected))) == 2
+
+
+def test_lasso_path_refuses_bad_arguments():
+  gx, gy = _grams()
+  p = hj.problem_from_grams(gx, gy)
+  for problem in (None, {"quad": 1}, (1, 2)):
+    with pytest.raises(ValueError, match=r"^problem must be a LassoProblem"):
+      hj.lasso_path(problem)
+  for kw, msg in (({"num": 2.5}, r"^num must be an integer >= 1, got 2.5"),
+                  ({"num": 0}, r"^num must be an integer >= 1, got 0"),
+                  ({"ratio": "small"}, r"^ratio must be a number in \(0, 1\), got 'small'"),
+                  ({"ratio": 1.5}, r"^ratio must be a number in \(0, 1\), got 1.5"),
+                  ({"lams": "abc"}, r"^lams must be a 1-D array of penalties >= 0, got 'abc'"),
+                  ({"lams": [[0.1, 0.2]]}, r"^lams must be a 1-D array .*got shape \(1, 2\)"),
+                  ({"lams": []}, r"^lams must be a 1-D array of penalties >= 0 holding at least one"),
+                  ({"lams": [0.1, -1.0]}, r"^lams must be >= 0"),
+                  ({"lams": [0.1, np.nan]}, r"^lams must be finite")):
+    with pytest.raises(ValueError, match=msg):
+      hj.lasso_path(p, **kw)
+  with pytest.raises(ValueError, match=r"^num must be an integer >= 1, got 2.5"):
+    hj.lambda_grid(p, num=2.5)
+  assert hj.lasso_path(p, [0.0, 0.1]).beta.shape == (2, 3)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,10 +88,12 @@ class Run:
     """Saves ``model`` to ``workdir/name`` atomically (orbax writes a temporary directory, renamed at the end)."""
     tmp = self.path(name + ".tmp")
     if tmp.exists():
-      import shutil  # pylint: disable=import-outside-toplevel
       shutil.rmtree(tmp)
     import_torch.save_checkpoint(model, tmp, extra=extra)
-    os.replace(tmp, self.path(name))
+    final = self.path(name)
+    if final.exists():  # a stage run again with --only replaces its result
+      shutil.rmtree(final)
+    os.replace(tmp, final)
 
   def load_model(self, name: str) -> nnx.Module:
     return import_torch.load_checkpoint(self.path(name))
@@ -187,6 +190,11 @@ def stage_calibrate(run: Run) -> dict[str, Any]:
   return {"seconds": seconds}
 
 
+def default_multiple() -> int:
+  """Widths rounded to multiples of 8 on GPUs and TPUs (their matrix units' tile), of 1 on CPUs."""
+  return 1 if jax.default_backend() == "cpu" else 8
+
+
 def resolve_target(cfg: ml_collections.ConfigDict, dense: flops.Count) -> tuple[str, float]:
   """``(key, target)`` from ``select.target`` and ``select.ratio`` or ``select.absolute``."""
   key = cfg.select.target
@@ -234,11 +242,12 @@ def stage_select(run: Run) -> dict[str, Any]:
     c = counts(cfg, full_widths(kept), num_classes)
     return {"macs": float(c.macs), "params": float(c.params)}
 
+  multiple = int(cfg.select.round_to) or default_multiple()
   bar = tqdm(desc="select (lambda search)", unit="point", leave=False)
   t0 = time.perf_counter()
   result = hj.global_lambda_search(
       problems, cost, target, key=key, tolerance=float(cfg.select.tolerance), omega=int(cfg.select.omega),
-      multiple=int(cfg.select.round_to), positive=bool(cfg.select.positive), grid=int(cfg.select.grid),
+      multiple=multiple, positive=bool(cfg.select.positive), grid=int(cfg.select.grid),
       max_steps=int(cfg.select.max_steps), progress=lambda p: bar.update(1))
   seconds = time.perf_counter() - t0
   bar.close()
@@ -255,6 +264,7 @@ def stage_select(run: Run) -> dict[str, Any]:
         "decisions": [{"decision": d, "group": g.name, "size": g.size, "kept": len(k)}
                       for (d, g), k in zip(pairs, result.keep)],
         "keep": keep, "reachable": list(result.reachable), "positive": bool(cfg.select.positive),
+        "round_to": multiple, "omega": int(cfg.select.omega),
         "search": [p.to_dict() for p in result.trace], "seconds": seconds})
   return {"seconds": seconds}
 
@@ -388,7 +398,13 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, *, only
   run = Run(config, workdir, mesh if mesh is not None else train_lib.make_mesh(), jax.process_index() == 0)
   if run.writer:
     check_config(config, workdir)
-  data.prepare(config.data)
+  if run.writer:
+    data.prepare(config.data)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("data prepared")
+  if not run.writer:
+    data.prepare(config.data)  # finds it prepared
   timings_path = workdir / "seconds.json"
   timings = _read_json(timings_path) if timings_path.exists() else {}
   for i, stage in enumerate(STAGES):
