@@ -20,7 +20,9 @@ CIFAR-10's training images, so its accuracy there measures agreement with itself
 data set, set ``--config.data.source_dir=.../cifar-10-batches-bin --config.data.eval_split=test``. CIFAR-100:
 ``--config.data.name=cifar100_folder`` with a CIFAR-100 binary folder and dense weights trained on it.
 
-Measured: see the README's ``resnet56_apib`` section (hardware, time, result).
+Measured (2-core CPU, no accelerator, the short-run command above, about 8 minutes): 125.49M -> 57.14M MACs
+(45.5%), 0.853M -> 0.404M params (47.4%); agreement with the dense model on the 465 held-out images 84.09% right
+after surgery (BN statistics re-estimated; 37.85% without), 92.26% after the 2 epochs. Details in the README.
 """
 
 from train.configs.base import get_base_config
