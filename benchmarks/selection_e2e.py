@@ -1,6 +1,7 @@
 """The whole APIB selection, timed per stage, against the procedure of APIB's reference code in the same run.
 
 ``python -m benchmarks.selection_e2e [--quick] [--no-readme] [--out DIR] [--shared DIR] [--ref-budget S]``
+(``--render`` rewrites the README block and the plot from the saved JSON.)
 
 For each workload, hsic_jax runs the program's own code paths with the program's settings (``train.configs``):
 
@@ -54,6 +55,7 @@ import os
 import pathlib
 import subprocess
 import tempfile
+import textwrap
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -78,6 +80,8 @@ MAX_DOUBLINGS = 60
 # APIB README's --alpha (the initial hi of the reference's bisection), algorithms.md 1.9.
 ALPHA0 = {"resnet56": 8e-4, "resnet50": 7e-5}
 QUICK_ALPHA0 = 1e-3
+# main.py's --alpha default, used when the README gives none: a second start, only counted (see run_reference).
+DEFAULT_ALPHA = 1e-6
 REPEATS = 3
 QUICK_REPEATS = 2
 REF_BUDGET = 240.0
@@ -119,7 +123,8 @@ def real_workloads(shared: pathlib.Path) -> list[Workload]:
       Workload("ResNet-56", c56, r56, images[:int(c56.calib.num_images)], ALPHA0["resnet56"],
                "pretrained CIFAR-10 weights, real CIFAR-10 training images"),
       Workload("ResNet-50", c50, r50, big, ALPHA0["resnet50"],
-               "randomly initialised (no ImageNet weights offline), CIFAR-10 images resized to 224x224"),
+               "randomly initialised, as no ImageNet weights are available offline; CIFAR-10 images resized to "
+               "224x224"),
   ]
 
 
@@ -357,6 +362,29 @@ def emulator(problems: Sequence[hj.LassoProblem], omega: int, cost: Callable[[Se
   return evaluate
 
 
+def apib_bisection(value: Callable[[float, str], float], target: float, alpha0: float, tolerance: float) -> bool:
+  """The reference's outer search (``auto_prune``): ``lo = 0, hi = alpha0``; ``hi`` doubled while
+  ``value(hi) >= target``; then bisection until ``value`` is within ``tolerance`` of ``target`` (or ``mid < 1e-15``,
+  or ``MAX_BISECTION`` steps). ``value(alpha, phase)`` evaluates one alpha; returns whether the band was reached."""
+  lo, hi = 0.0, float(alpha0)
+  for _ in range(MAX_DOUBLINGS):
+    if value(hi, "double") < target:
+      break
+    hi *= 2.0
+  for _ in range(MAX_BISECTION):
+    mid = 0.5 * (lo + hi)
+    f = value(mid, "bisect")
+    if f > target * (1 + tolerance):
+      lo = mid
+    elif f < target * (1 - tolerance):
+      hi = mid
+    else:
+      return True
+    if mid < 1e-15:
+      break
+  return False
+
+
 def reference_search(layers: Sequence[tuple[np.ndarray, np.ndarray]], cost: Callable[[Sequence[int]], dict[str, float]],
                      key: str, target: float, *, alpha0: float, tolerance: float, omega: int, budget: float,
                      emulate: Callable[[], Callable[[float], dict[str, Any]]]) -> dict[str, Any]:
@@ -393,24 +421,7 @@ def reference_search(layers: Sequence[tuple[np.ndarray, np.ndarray]], cost: Call
           f"{key} {point[key]:,.0f}" + (f", {point['seconds']:.2f} s" if point["measured"] else ""), flush=True)
     return float(point[key])
 
-  lo, hi = 0.0, float(alpha0)
-  for _ in range(MAX_DOUBLINGS):
-    if value(hi, "double") < target:
-      break
-    hi *= 2.0
-  reached = False
-  for _ in range(MAX_BISECTION):
-    mid = 0.5 * (lo + hi)
-    f = value(mid, "bisect")
-    if f > target * (1 + tolerance):
-      lo = mid
-    elif f < target * (1 - tolerance):
-      hi = mid
-    else:
-      reached = True
-      break
-    if mid < 1e-15:
-      break
+  reached = apib_bisection(value, target, alpha0, tolerance)
   measured = [e for e in evals if e["measured"]]
   per_eval = float(np.mean([e["seconds"] for e in measured]))
   extrapolated = len(measured) < len(evals)
@@ -426,8 +437,12 @@ def reference_search(layers: Sequence[tuple[np.ndarray, np.ndarray]], cost: Call
   }
 
 
-def run_reference(workload: Workload, ours: dict[str, Any], budget: float) -> dict[str, Any]:
-  """The reference procedure on the features hsic_jax captured (the same arrays, copied to float32 NumPy)."""
+def run_reference(workload: Workload, ours: dict[str, Any], budget: float, count: bool = True) -> dict[str, Any]:
+  """The reference procedure on the features hsic_jax captured (the same arrays, copied to float32 NumPy).
+
+  With ``count``, the counting stand-in (:func:`emulator`) is also checked against the measured evaluations and
+  run from the reference's default start ``DEFAULT_ALPHA`` (its compilation would double the quick run's time).
+  """
   cost, key, target, dense = cost_function(workload)
   cfg = workload.config
   omega = int(cfg.select.omega)
@@ -438,11 +453,23 @@ def run_reference(workload: Workload, ours: dict[str, Any], budget: float) -> di
   res["ratio_of_dense"] = res[key] / dense
   res["alpha0"] = workload.alpha0
   res["budget_seconds"] = budget
-  if res["extrapolated"]:
-    # How far the counting stand-in is from the measured reference, at the alphas both evaluated.
-    ev = emulator(ours["_problems"], omega, cost, key)
-    diffs = [abs(ev(e["alpha"])[key] - e[key]) / e[key] for e in res["evaluations"] if e["measured"]]
-    res["emulator_max_rel_diff"] = float(max(diffs))
+  if not count:
+    return res
+  ev = emulator(ours["_problems"], omega, cost, key)
+  # How far the counting stand-in is from the measured reference, at the alphas both evaluated.
+  diffs = [abs(ev(e["alpha"])[key] - e[key]) / e[key] for e in res["evaluations"] if e["measured"]]
+  res["emulator_max_rel_diff"] = float(max(diffs))
+  # The number of evaluations depends on where alpha0 falls: counted (not run, not timed) from the reference's
+  # command-line default as well.
+  counted: list[float] = []
+
+  def value(alpha: float, _phase: str) -> float:
+    counted.append(alpha)
+    return float(ev(alpha)[key])
+
+  ok = apib_bisection(value, target, DEFAULT_ALPHA, float(cfg.select.tolerance))
+  res["from_default_alpha"] = {"alpha0": DEFAULT_ALPHA, "evaluations_counted": len(counted), "reached": ok,
+                               "seconds_estimate": len(counted) * res["seconds_per_evaluation"]}
   return res
 
 
@@ -506,6 +533,11 @@ def results_summary(rows: Sequence[dict[str, Any]]) -> str:
   for r in rows:
     s, ref, st = r["search"], r["reference"], r["stages"]
     warm_top = max((k for k, _ in STAGES), key=lambda k: st[k]["warm"])
+    fd = ref.get("from_default_alpha")
+    default = "" if fd is None else (
+        f"; from its command-line default alpha {fd['alpha0']:g} it would take {fd['evaluations_counted']} "
+        f"(counted on hsic_jax's signed solutions, which are within {ref['emulator_max_rel_diff']:.1%} of its MACs "
+        f"where both ran; not run, about {_common.fmt(fd['seconds_estimate'])} s)")
     labels = dict(STAGES)
     out.append(
         f"- {r['workload']} ({r['note']}; n = {r['n']}, {r['decisions']} decisions): hsic_jax lands at "
@@ -515,10 +547,24 @@ def results_summary(rows: Sequence[dict[str, Any]]) -> str:
         f"{'reaches' if ref['reached'] else 'does not reach'} the band at alpha {ref['final_alpha']:.3g} "
         f"({ref['macs'] / 1e6:,.2f}M, {'measured' if ref['final_measured'] else 'counted'}) after "
         f"{ref['total_evaluations']} evaluations from alpha0 = {ref['alpha0']:g}, "
-        f"{ref['seconds_per_evaluation']:.2f} s each ({ref['grams_share']:.0%} of it rebuilding Grams). Warm, {labels[warm_top]} dominates "
+        f"{ref['seconds_per_evaluation']:.2f} s each ({ref['grams_share']:.0%} of it rebuilding Grams){default}. Warm, "
+        f"{labels[warm_top]} dominates "
         f"({st[warm_top]['warm'] / st['total']['warm']:.0%} of {_common.fmt(st['total']['warm'])} s); cold, "
         f"compilation is {st['total']['compile'] / st['total']['cold']:.0%} of {_common.fmt(st['total']['cold'])} s.")
   return "\n".join(out)
+
+
+def contention(rows: Sequence[dict[str, Any]]) -> str:
+  """A sentence on the share of the machine's CPU time that other processes took during each workload."""
+  parts = []
+  for r in rows:
+    share = r.get("others_cpu_share") or {}
+    if all(share.get(k) is not None for k in ("hsic_jax", "reference")):
+      parts.append(f"{share['hsic_jax']:.0%} during {r['workload']}'s hsic_jax stages and {share['reference']:.0%} "
+                   f"during its reference")
+  if not parts:
+    return ""
+  return "Other processes on this shared machine took " + ", ".join(parts) + " of the CPU time."
 
 
 def goals(rows: Sequence[dict[str, Any]]) -> str:
@@ -587,6 +633,30 @@ def plot(payload: dict[str, Any], path: pathlib.Path) -> pathlib.Path | None:
   return plots._save(fig, plt, path)  # pylint: disable=protected-access
 
 
+def cpu_snapshot() -> tuple[float, float, float] | None:
+  """``(busy CPU seconds of the machine, CPU seconds of this process, wall seconds)``, or None off Linux."""
+  try:
+    fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = os.sysconf("SC_CLK_TCK")
+    busy = (sum(int(f) for f in fields) - int(fields[3]) - int(fields[4])) / ticks  # less idle and iowait
+  except (OSError, ValueError, IndexError):
+    return None
+  own = os.times()
+  return busy, own.user + own.system, time.perf_counter()
+
+
+def others_share(start: tuple[float, float, float] | None, end: tuple[float, float, float] | None) -> float | None:
+  """Share of the machine's CPU time that other processes used between two snapshots (0: this run had it alone).
+
+  On a shared machine the timings are only comparable between runs that had the CPUs to themselves; this says how
+  far a run was from that.
+  """
+  if start is None or end is None or end[2] <= start[2]:
+    return None
+  others = (end[0] - start[0]) - (end[1] - start[1])
+  return max(0.0, others / ((end[2] - start[2]) * (os.cpu_count() or 1)))
+
+
 def _git_state() -> dict[str, Any]:
   root = pathlib.Path(__file__).resolve().parents[1]
   try:
@@ -603,7 +673,8 @@ def _ensure_section() -> None:
   text = _common.README.read_text() if _common.README.exists() else "# Benchmarks\n"
   if f"<!-- BEGIN {NAME} -->" in text:
     return
-  section = (f"{SECTION}\n\n{README_PARAGRAPH}\n\n<!-- BEGIN {NAME} -->\n<!-- END {NAME} -->\n\n")
+  paragraph = textwrap.fill(README_PARAGRAPH, width=116, break_long_words=False, break_on_hyphens=False)
+  section = f"{SECTION}\n\n{paragraph}\n\n<!-- BEGIN {NAME} -->\n<!-- END {NAME} -->\n\n"
   at = text.find(GOALS_SECTION)
   text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
   _common.README.write_text(text)
@@ -633,7 +704,15 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--ref-budget", type=float, default=None,
                       help=f"seconds of measured reference evaluations per workload before the rest are counted "
                            f"(default {REF_BUDGET:g}; unlimited with --quick)")
+  parser.add_argument("--render", action="store_true",
+                      help="rewrite the README block and the plot from the saved results, running nothing")
   args = parser.parse_args(argv)
+  if args.render:
+    payload = json.loads((_common.RESULTS / f"{NAME}.json").read_text())
+    render_readme(payload)
+    plot(payload, plots.png_path(NAME))
+    print(f"updated {_common.README} and {plots.png_path(NAME)}")
+    return
   if jax.default_backend() == "cpu":
     capped = hj.limit_lapack_threads()  # as the library advises for the CPU backend (see hsic_jax.runtime)
     print(f"LAPACK threads capped at 1 for: {', '.join(capped) or 'no library found'}")
@@ -648,16 +727,20 @@ def main(argv: list[str] | None = None) -> None:
   rows = []
   for w in workloads:
     print(f"{w.label}: hsic_jax stages", flush=True)
+    t0 = cpu_snapshot()
     ours = run_hsic_jax(w, repeats)
+    t1 = cpu_snapshot()
     print(f"{w.label}: reference procedure", flush=True)
-    ref = run_reference(w, ours, budget)
+    ref = run_reference(w, ours, budget, count=not quick)
+    t2 = cpu_snapshot()
     rows.append(summarise(w, ours, ref))
+    rows[-1]["others_cpu_share"] = {"hsic_jax": others_share(t0, t1), "reference": others_share(t1, t2)}
   load["after"] = list(os.getloadavg())
 
   md = results_table(rows)
   summary = results_summary(rows)
   goal_text = goals(rows)
-  print(md, summary, goal_text, sep="\n\n")
+  print(md, summary, goal_text, contention(rows), sep="\n\n")
   payload = {"quick": quick, "repeats": repeats, "ref_budget_seconds": budget, "load_average": load,
              "git": _git_state(), "rows": rows}
   out = args.out if args.out is not None else (pathlib.Path(tempfile.mkdtemp(prefix=f"{NAME}_")) if quick else None)
@@ -673,15 +756,22 @@ def main(argv: list[str] | None = None) -> None:
   if plot(json.loads(path.read_text()), png) is not None:
     print(f"wrote {png}")
   if not args.no_readme and not quick and out is None:
-    m = _common.machine()
-    _ensure_section()
-    _common.update_readme(NAME, (
-        f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPU cores), jax {m['jax']}; warm = median of "
-        f"{repeats} runs after the cold one; load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} "
-        f"after. The reference's time is against the problem builds + search row (both start from the same "
-        f"captured features); the total row adds hsic_jax's warm forward pass to it.\n\n"
-        + md + "\n\n" + summary + "\n\nGoals:\n\n" + goal_text + "\n\n" + plots.readme_link(NAME)))
+    render_readme(json.loads(path.read_text()))
     print(f"updated {_common.README}")
+
+
+def render_readme(payload: dict[str, Any]) -> None:
+  """Writes this benchmark's README section (once) and its block from a results payload."""
+  m, rows = payload["machine"], payload["rows"]
+  _ensure_section()
+  _common.update_readme(NAME, (
+      f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPU cores), jax {m['jax']}; warm = median of "
+      f"{payload['repeats']} runs after the cold one. {contention(rows)} The reference's time is against the problem "
+      f"builds + search row (both start from the same captured features); the total row adds hsic_jax's warm "
+      f"forward pass to it. The reference's number of evaluations depends on where its start alpha0 (the APIB "
+      f"README's value for the model) falls against the target.\n\n"
+      + results_table(rows) + "\n\n" + results_summary(rows) + "\n\nGoals:\n\n" + goals(rows) + "\n\n"
+      + plots.readme_link(NAME)))
 
 
 if __name__ == "__main__":

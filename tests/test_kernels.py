@@ -220,5 +220,5 @@ def test_a_sweep_over_explicit_gammas_compiles_once():
                                                      max_block_bytes=1024).quad))
   assert not np.allclose(quads[0], quads[1])  # the gamma did reach the kernels
   # pylint: disable=protected-access
-  assert kernels._gaussian_gram._cache_size() == 1
+  assert kernels._gaussian_gram_checked._cache_size() == 1  # the compiled entry of gaussian_gram
   assert problem_lib._from_features_streaming._cache_size() == 1

@@ -1,7 +1,7 @@
 """benchmarks.selection_e2e: the quick run reports every stage and ratio, hsic_jax's search and the reference
 procedure both land in the MACs band (the comparison is like for like), the reference's Lasso works on the scale
-``alpha = lam / n^2`` (checked against an independent float64 computation), and the README section goes in its
-place."""
+``alpha = lam / n^2`` (checked against an independent float64 computation), its outer bisection doubles, bisects and
+stops as APIB's ``auto_prune`` (capped where that loops forever), and the README section goes in its place."""
 
 from __future__ import annotations
 
@@ -105,3 +105,27 @@ def test_readme_section_goes_before_the_goals(tmp_path, monkeypatch):
   text = readme.read_text()
   assert text.count(se.SECTION) == 1 and text.count("<!-- BEGIN selection_e2e -->") == 1
   assert text.index("## Other") < text.index(se.SECTION) < text.index("table") < text.index("## Where the goals")
+
+
+def test_reference_bisection_doubles_then_bisects_and_stops_on_a_jump():
+  calls: list[tuple[float, str]] = []
+
+  def macs(alpha: float) -> float:
+    return 100.0 / (1.0 + 1e3 * alpha)  # decreasing in alpha
+
+  def value(alpha: float, phase: str) -> float:
+    calls.append((alpha, phase))
+    return macs(alpha)
+
+  assert se.apib_bisection(value, 50.0, 1e-4, 0.01)
+  doubles = [a for a, ph in calls if ph == "double"]
+  assert doubles == pytest.approx([1e-4 * 2**i for i in range(len(doubles))])
+  assert macs(doubles[-1]) < 50.0 <= macs(doubles[-2])  # the doubling stops at the first point below the target
+  assert calls[len(doubles)] == (pytest.approx(doubles[-1] / 2), "bisect")  # lo = 0
+  assert abs(macs(calls[-1][0]) - 50.0) <= 0.5  # the last evaluated alpha is in the band
+  assert all(abs(macs(a) - 50.0) > 0.5 for a, _ in calls[:-1])  # and it stopped there
+
+  # A jump across the whole band: the cap ends the search (the reference's own loop has none).
+  calls.clear()
+  assert not se.apib_bisection(lambda a, ph: calls.append((a, ph)) or (100.0 if a < 1.0 else 0.0), 50.0, 0.5, 0.01)
+  assert sum(ph == "bisect" for _, ph in calls) == se.MAX_BISECTION

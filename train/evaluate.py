@@ -17,16 +17,22 @@ from ml_collections import config_flags
 
 from train import config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config whose data section to use", lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a run workdir or a model checkpoint directory")
-_SPLIT = flags.DEFINE_string("split", None, "data split (default: the config's data.eval_split)")
+# Flags of their own (not absl's global FLAGS): the program and train.evaluate can live in one process.
+_FLAGS = flags.FlagValues()
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config whose data section to use", lock_config=True,
+                                          flag_values=_FLAGS)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a run workdir or a model checkpoint directory",
+                                  flag_values=_FLAGS)
+_SPLIT = flags.DEFINE_string("split", None, "data split (default: the config's data.eval_split)",
+                             flag_values=_FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   try:
     argv, _ = config_lib.resolve_argv(argv)
-    flags.FLAGS(argv)
+    _FLAGS(argv)
     config = _CONFIG.value
     if not _CHECKPOINT.value:
       raise config_lib.ConfigError("--checkpoint is required (a run workdir or a checkpoint directory)")

@@ -17,24 +17,35 @@ from ml_collections import config_flags
 
 from train import config_lib
 
+# Flags of their own (not absl's global FLAGS): the program and train.evaluate can live in one process.
+_FLAGS = flags.FlagValues()
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config: a name in train/configs/ or a path",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
-_ONLY = flags.DEFINE_enum("only", None, ["dense", "calibrate", "select", "surgery", "finetune", "evaluate", "report"],
-                          "run only this stage, from the previous stage's saved result")
+                                          lock_config=True, flag_values=_FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)",
+                                flag_values=_FLAGS)
+_CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/hsic_jax/jax",
+                             "JAX's persistent compilation cache directory ('' to turn it off): a run started again "
+                             "does not compile again", flag_values=_FLAGS)
+_ONLY = flags.DEFINE_enum("only", None,
+                          ["dense", "calibrate", "select", "surgery", "finetune", "evaluate", "report"],
+                          "run only this stage, from the previous stage's saved result", flag_values=_FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   try:
     argv, name = config_lib.resolve_argv(argv)
-    flags.FLAGS(argv)
+    _FLAGS(argv)
     config = _CONFIG.value
   except (config_lib.ConfigError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
     print(f"error: {config_lib.explain(err)}", file=sys.stderr)
     return 2
   # Host set-up before JAX starts any work: multi-host runs, and SciPy's LAPACK threads on the CPU backend.
   import jax  # pylint: disable=import-outside-toplevel
+  if _CACHE.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   if config.distributed:
     jax.distributed.initialize()
   if jax.default_backend() == "cpu":

@@ -8,6 +8,8 @@ Command::
 The APIB paper prunes MobileNet-V2 too; its reference code gives no target for it, so this config asks for half the
 dense MACs, with APIB's CIFAR recipe otherwise (omega 1, tolerance 1%, 128 calibration images, 135 epochs of SGD).
 The dense model is trained here by the `pretrain` stage. Data as in `resnet56_apib`.
+
+Measured: not run end to end here yet, so there is no time or result to report.
 """
 
 from train.configs._cifar_scratch import scratch_config

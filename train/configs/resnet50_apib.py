@@ -13,6 +13,9 @@ reference code's pooled feature); fine-tuning with the reference recipe: SGD, mo
 every parameter, lr 0.025, per-step cosine, batch 64, random-resized-crop + flip; evaluation at 224 after resizing
 the shorter side to 256. The paper reports -56% FLOPs at -0.08% top-1 (a different operating point than its README).
 Epochs: the reference default 135; on a TPU slice raise the batch and the learning rate together.
+
+Measured: not run end to end here yet, so there is no time or result to report; the test suite runs its stages
+at tiny scale.
 """
 
 from train.configs.base import get_base_config
