@@ -7,6 +7,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 import models
@@ -36,6 +37,7 @@ def _numpy_resnet50() -> nnx.Module:
   return nnx.merge(graphdef, state)
 
 
+@pytest.mark.slow  # about 95 s on 2 cores, nearly all XLA compilation: bash run.sh test -m slow
 def test_resnet50_apib_runs_every_stage_on_imagenet_format_data(tmp_path):
   data_dir = tmp_path / "tfds"
   make_fake_imagenet(data_dir, train=16, validation=8, seed=0)
