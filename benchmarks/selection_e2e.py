@@ -571,7 +571,7 @@ def contention(rows: Sequence[dict[str, Any]]) -> str:
                    f"during its reference")
   if not parts:
     return ""
-  text = "Other processes on this shared machine took " + ", ".join(parts) + " of the CPU time."
+  text = "Share of the CPU time that other processes on this shared machine took: " + ", ".join(parts) + "."
   bad = [r["workload"] for r in rows if r.get("contended")]
   if bad:
     text += (f" **{' and '.join(bad)}: measured under contention (above {CONTENDED:.0%}); those timings and ratios "
