@@ -25,7 +25,7 @@ def _scipy_dirs() -> tuple[pathlib.Path, ...]:
 def limit_lapack_threads(threads: int = 1) -> dict[str, int]:
   """Caps the threads of the BLAS/LAPACK library that JAX's CPU backend calls; returns each one's previous count.
 
-  Call it once at start-up in a program that solves HSIC Lasso on the CPU backend (the demo and the solver
+  Call it once at start-up in a program that solves HSIC Lasso on the CPU backend (the examples and the solver
   benchmark do, on that backend only). On a GPU or TPU the solver's factorisations run on the device and the cap
   buys nothing; it would still cap SciPy's host threads, so those programs leave it out.
 

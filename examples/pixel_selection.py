@@ -1,8 +1,8 @@
-"""Offline demo: nonnegative HSIC Lasso picks the pixels that carry the class, on scikit-learn's digits.
+"""Offline example: nonnegative HSIC Lasso picks the pixels that carry the class, on scikit-learn's digits.
 
-``python -m hsic_jax.demo [--out runs/demo] [--k 8 16 24] [--seed 0]``
+``python -m examples.pixel_selection [--out runs/pixel_selection] [--k 8 16 24] [--seed 0]``
 
-Each 8x8 digit image is 64 scalar "channels". For every budget ``k`` the demo keeps exactly ``k`` pixels with
+Each 8x8 digit image is 64 scalar "channels". For every budget ``k`` the example keeps exactly ``k`` pixels with
 :func:`hsic_jax.select_k` (Gaussian kernel per pixel, delta kernel on the labels, Frobenius-normalised Grams:
 pyHSICLasso's conventions), fits a logistic regression on those pixels only, and compares its held-out accuracy with
 ``k`` random pixels and with all 64. Writes ``report.json``, ``report.md`` and ``selected_pixels.png`` to ``--out``.
@@ -31,11 +31,11 @@ def _fit_score(x_tr, y_tr, x_te, y_te) -> float:
 
 
 def run(out: pathlib.Path, ks: list[int], seed: int, n_calib: int) -> dict:
-  """Runs the demo and writes its report; returns the report dict."""
+  """Runs the example and writes its report; returns the report dict."""
   try:
     from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
   except ImportError as err:
-    raise SystemExit("the demo needs scikit-learn: pip install -e '.[bench]'") from err
+    raise SystemExit("the example needs scikit-learn: pip install -e '.[bench]'") from err
   out.mkdir(parents=True, exist_ok=True)
   data = load_digits()
   x = data.data.astype(np.float32) / 16.0
@@ -109,8 +109,8 @@ def _plot(path: pathlib.Path, masks: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m hsic_jax.demo", description=__doc__.splitlines()[0])
-  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/demo"))
+  parser = argparse.ArgumentParser(prog="python -m examples.pixel_selection", description=__doc__.splitlines()[0])
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/pixel_selection"))
   parser.add_argument("--k", type=int, nargs="+", default=[4, 8, 16, 24])
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--calib", type=int, default=400, help="calibration samples (n) for the Gram matrices")

@@ -1,11 +1,11 @@
-"""The offline demo (``bash run.sh main``): it runs, writes its report, and its selection beats random pixels."""
+"""The pixel-selection example (``python -m examples.pixel_selection``): it runs, writes its report, and its selection beats random pixels."""
 
 import json
 
 import numpy as np
 import pytest
 
-from hsic_jax import demo
+from examples import pixel_selection as demo
 
 
 def test_demo_writes_a_report_whose_selection_beats_random_pixels(tmp_path, capsys):
@@ -33,4 +33,4 @@ def test_demo_arguments_are_checked(tmp_path, capsys, args, msg):
   with pytest.raises(SystemExit):
     demo.main(["--out", str(tmp_path)] + args)
   err = capsys.readouterr().err
-  assert msg in err and "python -m hsic_jax.demo" in err
+  assert msg in err and "python -m examples.pixel_selection" in err

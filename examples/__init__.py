@@ -1,0 +1,1 @@
+"""Examples of the library used on its own (outside the pruning program)."""
