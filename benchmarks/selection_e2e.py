@@ -15,8 +15,7 @@ Each stage runs once cold (its first call in the process: compilation + run), th
 "compile" is cold minus warm. The total is the sum of the stages. As in ``stage_select``, the cost function's set-up
 (the first ``flops.count`` traces the model once) is outside the search's time; it is recorded apart.
 
-**The peer** is the procedure of APIB's reference code (``prune.py`` / ``pruners/HSIClasso.py``, algorithms.md 1.4 -
-1.7), run on the same captured features: for every alpha it evaluates, every layer rebuilds its centered Gaussian
+**The peer** is the procedure of APIB's reference code (``prune.py`` / ``pruners/HSIClasso.py``), run on the same captured features: for every alpha it evaluates, every layer rebuilds its centered Gaussian
 Grams in NumPy (float32, gamma = 1/P per channel and 1/Q for the output, no normalisation), forms the explicit
 ``n^2 x C`` design and fits scikit-learn's ``Lasso(alpha, warm_start=True, selection='random', random_state=0)``
 (signed, ``fit_intercept=True``, ``max_iter=1000``, ``tol=1e-4``), with the per-layer omega bisection; the outer
@@ -77,7 +76,7 @@ STAGES = (("capture", "forward pass with taps"), ("build", "problem builds"), ("
 # The reference's outer bisection has no cap; this one stops a jump of the MACs across the band from looping forever.
 MAX_BISECTION = 60
 MAX_DOUBLINGS = 60
-# APIB README's --alpha (the initial hi of the reference's bisection), algorithms.md 1.9.
+# APIB README's --alpha (the initial hi of the reference's bisection) for these networks.
 ALPHA0 = {"resnet56": 8e-4, "resnet50": 7e-5}
 QUICK_ALPHA0 = 1e-3
 # main.py's --alpha default, used when the README gives none: a second start, only counted (see run_reference).
@@ -265,7 +264,7 @@ def run_hsic_jax(workload: Workload, repeats: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The reference procedure (APIB's code, algorithms.md 1.4 - 1.7).
+# The reference procedure (APIB's code: Grams, Lasso, omega and alpha bisections).
 
 
 def _centered_gaussian(z: np.ndarray) -> np.ndarray:
