@@ -16,7 +16,8 @@ Each stage runs once cold (its first call in the process: compilation + run), th
 (the first ``flops.count`` traces the model once) is outside the search's time; it is recorded apart.
 
 **The peer** is the procedure of APIB's reference code (``prune.py`` / ``pruners/HSIClasso.py``), run on the same
-captured features: for every alpha it evaluates, every layer rebuilds its centered Gaussian Grams in NumPy (float32, gamma = 1/P per channel and 1/Q for the output, no normalisation), forms the explicit
+captured features: for every alpha it evaluates, every layer rebuilds its centered Gaussian Grams in NumPy
+(float32, gamma = 1/P per channel and 1/Q for the output, no normalisation), forms the explicit
 ``n^2 x C`` design and fits scikit-learn's ``Lasso(alpha, warm_start=True, selection='random', random_state=0)``
 (signed, ``fit_intercept=True``, ``max_iter=1000``, ``tol=1e-4``), with the per-layer omega bisection; the outer
 bisection on alpha starts from ``lo = 0, hi = alpha0`` (the APIB README's value), doubles ``hi`` while

@@ -14,7 +14,8 @@ Every model built by :func:`get_model` has
   a pruned model is the same class built with new widths;
 - ``.channel_groups()``: the :class:`hsic_jax.ChannelGroup` of every internal set of coupled channels, the
   prunable ones marked ``prunable=True`` with the width-list entries they set in ``width_indices``;
-- ``.decisions()``: the names of its APIB pruning decisions (consumer layers: the layers whose input channels APIB selects) in forward order;
+- ``.decisions()``: the names of its APIB pruning decisions (consumer layers: the layers whose input channels APIB
+  selects) in forward order;
 - ``model(x, capture=True) -> (logits, taps)``: ``taps[decision]`` is a :class:`Tap` with the consumer's input
   ``(n, h, w, c)`` and its pre-BN output (ResNet-50 also records ``taps["fc"]``, the pooled feature);
 - ``.eval()`` / ``.train()`` to switch BatchNorm between running and batch statistics.

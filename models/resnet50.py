@@ -6,7 +6,8 @@ conv1 1x1, conv2 3x3 (stride 2 in the first block of stages 2-4), conv3 1x1; the
 projection shortcut ``downsample = bn(conv1x1/stride(x))``; global average pool; ``fc``. Dense: 4089.18M MACs,
 25.557M params.
 
-Width list (37 ints, the layout of ITPruner's ResNet-50 width lists): ``[stem, s1b0.p1, s1b0.p2, W1, s1b1.p1, s1b1.p2, s1b2.p1, s1b2.p2,
+Width list (37 ints, the layout of ITPruner's ResNet-50 width lists):
+``[stem, s1b0.p1, s1b0.p2, W1, s1b1.p1, s1b1.p2, s1b2.p1, s1b2.p2,
 s2b0.p1, s2b0.p2, W2, ...]``: per block its conv1 width p1 and conv2 width p2, with the stage (residual stream)
 width W_s inserted after the first block's pair, i.e. at indices 3, 10, 19 and 32. Default
 ``[64, 64, 64, 256, 64, 64, ..., 512, 512, 2048, ...]``. APIB prunes p1 and p2; ITPruner also changes the stem and
