@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import models as registry
+from hsic_jax import _jaxpr_walk
 from models._common import check_num_classes
 
 Path = tuple[str, ...]
@@ -97,28 +98,27 @@ class _Op:
   kernel_shape: tuple[int, ...]
 
 
-def _sub_jaxprs(eqn: Any) -> list[Any]:
-  subs = []
-  for v in eqn.params.values():
-    for item in (v if isinstance(v, (tuple, list)) else (v,)):
-      inner = getattr(item, "jaxpr", item)
-      if hasattr(inner, "eqns") and hasattr(inner, "invars"):
-        subs.append(inner)
-  return subs
-
-
 # Ops that keep a parameter's identity (the kernel may be reshaped/cast on its way to the conv).
 _PASS_THROUGH = {"convert_element_type", "reshape", "transpose", "copy", "squeeze", "expand_dims", "copy_p"}
 
 
-def _walk(jaxpr: Any, origin: dict[Any, Path], ops: list[_Op], first_use: dict[Path, int]) -> None:
-  """Finds conv/dense ops whose weight operand derives from a parameter; records first use of every parameter."""
-  for eqn in jaxpr.eqns:
-    in_paths = [origin.get(v) if not hasattr(v, "val") else None for v in eqn.invars]
+def _walk(jaxpr: Any, origin: Sequence[Path | None], ops: list[_Op], first_use: dict[Path, int]) -> None:
+  """Finds conv/dense ops whose weight operand derives from a parameter; records first use of every parameter.
+
+  Each value carries the path of the parameter it was read from (through casts, reshapes and transposes) or
+  ``None``; call-like equations (``pjit``, ``custom_jvp``, ...) are inlined by the shared walker, and the bodies of
+  other equations with sub-jaxprs (``scan``, ``while``) are entered with the operands' paths when their inputs match
+  the operands one-to-one (each such body's ops are counted once).
+  """
+
+  def on_eqn(eqn: Any, in_paths: list[Path | None]) -> None:
     for pth in in_paths:
       if pth is not None and pth not in first_use:
         first_use[pth] = len(first_use)
+
+  def rule(eqn: Any, in_paths: list[Path | None]) -> list[Path | None]:
     name = eqn.primitive.name
+    out: list[Path | None] = [None] * len(eqn.outvars)
     if name == "conv_general_dilated" and in_paths[1] is not None:
       # MACs = N * H_out * W_out * (C_out * C_in/groups * k_h * k_w) = N * positions * prod(kernel.shape).
       dn = eqn.params["dimension_numbers"]
@@ -138,11 +138,14 @@ def _walk(jaxpr: Any, origin: dict[Any, Path], ops: list[_Op], first_use: dict[P
       ops.append(_Op(in_paths[w], "fc", math.prod(out_shape) * contracted, out_hw, 1,
                      tuple(eqn.invars[w].aval.shape)))
     elif name in _PASS_THROUGH and in_paths and in_paths[0] is not None:
-      origin[eqn.outvars[0]] = in_paths[0]
-    for sub in _sub_jaxprs(eqn):
+      out[0] = in_paths[0]
+    for sub in _jaxpr_walk.sub_jaxprs(eqn):
       if len(sub.invars) == len(eqn.invars):
-        inner = {iv: pth for iv, pth in zip(sub.invars, in_paths) if pth is not None}
-        _walk(sub, inner, ops, first_use)
+        _walk(sub, in_paths, ops, first_use)
+    return out
+
+  _jaxpr_walk.interpret(jaxpr, [None] * len(jaxpr.constvars), list(origin), rule, default=lambda v: None,
+                        on_eqn=on_eqn)
 
 
 def _key_str(key: Any) -> str:
@@ -173,7 +176,7 @@ def _trace(model: nnx.Module, input_hw: tuple[int, int]) -> tuple[list[_Op], dic
 
   x = jax.ShapeDtypeStruct((1, *input_hw, 3), jnp.float32)
   closed = jax.make_jaxpr(forward)(leaves, x)
-  origin = {v: pth for v, pth in zip(closed.jaxpr.invars[:len(paths)], paths)}
+  origin: list[Path | None] = [*paths, *[None] * (len(closed.jaxpr.invars) - len(paths))]
   ops: list[_Op] = []
   first_use: dict[Path, int] = {}
   _walk(closed.jaxpr, origin, ops, first_use)
