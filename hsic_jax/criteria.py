@@ -443,19 +443,13 @@ def hrank_scores(group: ChannelGroup, *, activations: Any, **_: Any) -> np.ndarr
 
 
 @jax.jit
-def _chip_reduce(a: jax.Array) -> jax.Array:
-  """``(b, c, m)`` matrices with the singular values of ``A`` and of ``A`` with any one row zeroed, ``m =
-  min(c, hw)``: for ``hw > c``, ``A^T = Q R`` gives ``A = R^T Q^T``, and zeroing row ``k`` of ``A`` zeroes row
-  ``k`` of ``R^T``, while ``Q^T``'s orthonormal rows keep the singular values."""
-  if a.shape[2] <= a.shape[1]:
-    return a
-  r = jnp.linalg.qr(jnp.swapaxes(a, 1, 2), mode="r")
-  return jnp.swapaxes(r, 1, 2)
+def _chip_wide(a: jax.Array, channels: jax.Array) -> jax.Array:
+  """``(b, k)``: ``||A||_* - ||A with row channels[j] zeroed||_*`` for ``a`` ``(b, c, hw)`` with ``hw >= c``.
 
-
-@jax.jit
-def _chip_drops(m: jax.Array, channels: jax.Array) -> jax.Array:
-  """``(b, k)``: ``||M||_* - ||M with row channels[j] zeroed||_*`` for every matrix of ``m`` ``(b, c, m)``."""
+  ``A^T = Q R`` gives ``A = R^T Q^T``; zeroing row ``k`` of ``A`` zeroes row ``k`` of ``R^T``, and ``Q^T``'s
+  orthonormal rows keep the singular values, so every SVD is of a ``(c, c)`` matrix.
+  """
+  m = jnp.swapaxes(jnp.linalg.qr(jnp.swapaxes(a, 1, 2), mode="r"), 1, 2)
   full = jnp.linalg.svd(m, compute_uv=False).sum(-1)
   keep = 1.0 - jax.nn.one_hot(channels, m.shape[1], dtype=m.dtype)  # (k, c)
 
@@ -465,14 +459,32 @@ def _chip_drops(m: jax.Array, channels: jax.Array) -> jax.Array:
   return full[:, None] - jax.vmap(without)(m)
 
 
+@jax.jit
+def _chip_tall(a: jax.Array, channels: jax.Array) -> jax.Array:
+  """``(b, k)`` as :func:`_chip_wide`, for ``hw < c``, with SVDs of ``(hw, hw)`` matrices only.
+
+  ``A = Q R`` (``Q`` ``(c, hw)`` with orthonormal columns); zeroing row ``k`` gives ``(Q - e_k q^T) R``, ``q`` row
+  ``k`` of ``Q``, whose Gram matrix is ``R^T (I - q q^T) R``: the same singular values as ``(I - beta q q^T) R``
+  with ``(I - beta q q^T)^2 = I - q q^T``, i.e. ``beta = 1 / (1 + sqrt(1 - |q|^2))`` (``|q| <= 1``).
+  """
+  q, r = jnp.linalg.qr(a)  # (b, c, hw), (b, hw, hw)
+  full = jnp.linalg.svd(r, compute_uv=False).sum(-1)
+  rows = q[:, channels]  # (b, k, hw)
+  beta = 1.0 / (1.0 + jnp.sqrt(jnp.clip(1.0 - jnp.sum(rows * rows, -1), 0.0)))  # (b, k)
+  qr_ = jnp.einsum("bkh,bhw->bkw", rows, r)  # q^T R
+  mats = r[:, None] - beta[..., None, None] * rows[..., :, None] * qr_[..., None, :]
+  return full[:, None] - jnp.linalg.svd(mats, compute_uv=False).sum(-1)
+
+
 def chip_scores(group: ChannelGroup, *, activations: Any, **_: Any) -> np.ndarray:
   """CHIP, channel independence (Sui et al. 2021, "CHIP: CHannel Independence-based Pruning for Compact Neural
   Networks"): for each image, ``A`` is the ``(c, h*w)`` matrix of the layer's feature maps and
   ``s_c = ||A||_* - ||A with row c set to 0||_*`` (nuclear norms), averaged over images. A channel that is zero or a
   combination of the others changes ``||A||_*`` little and goes first.
 
-  Each image costs ``c + 1`` singular value decompositions of a ``(c, min(c, h*w))`` matrix (``A`` reduced by one QR
-  factorisation when ``h*w > c``), batched over images and channels and compiled, in chunks of at most
+  Each image costs one QR factorisation and ``c + 1`` singular value decompositions of ``(m, m)`` matrices,
+  ``m = min(c, h*w)``, with the same singular values as ``A`` and as each ``A`` with a row zeroed (see
+  :func:`_chip_wide` and :func:`_chip_tall`), batched over images and channels and compiled, in chunks of at most
   :data:`CHUNK_ELEMENTS` elements. In float32 the differences carry an absolute error of about ``1e-6 ||A||_*``.
 
   >>> from hsic_jax.groups import ChannelGroup
@@ -484,18 +496,19 @@ def chip_scores(group: ChannelGroup, *, activations: Any, **_: Any) -> np.ndarra
   n, h, w, c = x.shape
   a = jnp.transpose(x.reshape(n, h * w, c), (0, 2, 1))
   mdim = min(c, h * w)
-  k = _chunks(c, c * mdim)  # channels per call: the masked copies of one image fit the chunk
-  b = _chunks(n, k * c * mdim)  # images per call
+  per_channel = (c if h * w >= c else mdim) * mdim  # one masked matrix
+  k = _chunks(c, per_channel)  # channels per call
+  b = _chunks(n, k * per_channel + c * h * w)  # images per call
+  drops_of = _chip_wide if h * w >= c else _chip_tall
   channel_sets = [np.arange(s, s + k) % c for s in range(0, c, k)]  # the last set wraps: fixed shapes, one compile
   total = np.zeros(c, np.float64)
   for s in range(0, n, b):
     chunk = a[s:s + b]
     real = chunk.shape[0]
-    if real < b:
+    if real < b:  # zero images: their drops are 0 (tall: a zero R), and they are cut off anyway
       chunk = jnp.concatenate([chunk, jnp.zeros((b - real,) + chunk.shape[1:], chunk.dtype)])
-    reduced = _chip_reduce(chunk)
     for j, chans in enumerate(channel_sets):
-      drops = np.asarray(_chip_drops(reduced, jnp.asarray(chans)), np.float64)[:real].sum(0)
+      drops = np.asarray(drops_of(chunk, jnp.asarray(chans)), np.float64)[:real].sum(0)
       width = min(k, c - j * k)
       total[chans[:width]] += drops[:width]
   return total / n
