@@ -89,7 +89,8 @@ def test_taylor_bn_gate_and_kernel_form():
   np.testing.assert_allclose(criteria.channel_scores("taylor", _conv_group(bias=True), state=st2, grads=g2),
                              [1.0, 256.0, 4.0])
   with pytest.raises(ValueError, match="grads"):
-    criteria.channel_scores("taylor", _conv_group(bias=True), state=st2, grads={"conv": {"kernel": g2["conv"]["kernel"]}})
+    criteria.channel_scores("taylor", _conv_group(bias=True), state=st2,
+                            grads={"conv": {"kernel": g2["conv"]["kernel"]}})
 
 
 def test_hrank_known_ranks():
