@@ -14,11 +14,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 from hsic_jax.groups import ChannelGroup, ChannelSlice
 from hsic_jax.jaxpr_groups import GroupDerivationWarning, check_groups, derive_groups, derive_model_groups
+from hsic_jax.surgery import prune
 from tests.test_surgery import (TOYS, ChainNet, ConcatNet, ResidualNet, _registry, abstract_model, assert_parity,
                                 random_state, registry_input, registry_names)
 
@@ -372,3 +374,203 @@ def test_registry_groups_match_declared(name: str) -> None:
   declared_sets = {frozenset(g.members) for g in declared}
   undeclared = [g for g in derived if frozenset(g.members) not in declared_sets]
   assert [(g.size, g.note) for g in undeclared] == [(3, "network input"), (undeclared[-1].size, "network output")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Derived groups against an independent masked forward.
+#
+# Each net is a pure function of a parameter dict whose shapes follow the parameters, so the pruned parameters run
+# through the same code. ``fwd(p, x, drop)`` multiplies each labelled channel set by ``drop[label]`` (a 0/1
+# vector) at every place the net produces it, which is what removing those channels means; the oracle is that
+# the pruned parameters give the dense output with the removed channels zeroed so, for every derived group that is
+# prunable, and the hand-written expectation says which groups those are.
+
+
+def _conv(x: jax.Array, k: jax.Array, *, stride: int = 1, groups: int = 1) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, k, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=groups)
+
+
+def _z(h: jax.Array, drop: dict[str, Any], label: str) -> jax.Array:
+  return h * drop[label] if label in drop else h
+
+
+def _head(p: dict[str, Any], h: jax.Array) -> jax.Array:
+  return jnp.mean(h, axis=(1, 2)) @ p["fc"]["kernel"]
+
+
+def _bn(p: dict[str, Any], h: jax.Array) -> jax.Array:
+  return (h - p["mean"]) * jax.lax.rsqrt(p["var"] + 1e-5) * p["scale"] + p["bias"]
+
+
+def _net_concat(p: dict[str, Any], x: jax.Array, d: dict[str, Any]) -> jax.Array:
+  a = _z(jax.nn.relu(_conv(x, p["a"]["kernel"])), d, "a")
+  b = _z(jax.nn.relu(_conv(x, p["b"]["kernel"])), d, "b")
+  h = jax.nn.relu(_bn(p["cat_bn"], jnp.concatenate([a, b], axis=-1)))
+  na = a.shape[-1]  # the BatchNorm makes each part's channels again: a removed channel is zero after it too
+  h = jnp.concatenate([_z(h[..., :na], d, "a"), _z(h[..., na:], d, "b")], axis=-1)
+  return _head(p, _z(jax.nn.relu(_conv(h, p["mix"]["kernel"])), d, "mix"))
+
+
+def _net_depthwise(p: dict[str, Any], x: jax.Array, d: dict[str, Any]) -> jax.Array:
+  h = _z(jax.nn.relu(_bn(p["bn1"], _conv(x, p["c1"]["kernel"]))), d, "c1")
+  h = _conv(h, p["dw"]["kernel"], groups=h.shape[-1]) + p["dw"]["bias"]
+  h = _z(jax.nn.relu(_bn(p["bn2"], h)), d, "c1")  # a depthwise conv makes the same channels again
+  return _head(p, _z(jax.nn.relu(_conv(h, p["pw"]["kernel"])), d, "pw"))
+
+
+def _net_residual(p: dict[str, Any], x: jax.Array, d: dict[str, Any]) -> jax.Array:
+  s = _z(jax.nn.relu(_conv(x, p["stem"]["kernel"])), d, "stream")
+  h = _z(jax.nn.relu(_bn(p["bn_a"], _conv(s, p["conv_a"]["kernel"]))), d, "mid")
+  s = s + _z(_bn(p["bn_b"], _conv(h, p["conv_b"]["kernel"])), d, "stream")
+  s = s + _z(_conv(jax.nn.relu(s), p["conv_c"]["kernel"]), d, "stream")
+  return _head(p, jax.nn.relu(s))
+
+
+def _net_split(p: dict[str, Any], x: jax.Array, d: dict[str, Any]) -> jax.Array:
+  a = _z(jax.nn.relu(_conv(x, p["a"]["kernel"])), d, "a")
+  b = _z(jax.nn.relu(_conv(x, p["b"]["kernel"])), d, "b")
+  u, v = jnp.split(jnp.concatenate([a, b], axis=-1), [a.shape[-1]], axis=-1)  # back at the concat boundary
+  h = _z(_conv(u, p["cu"]["kernel"]) + _conv(v, p["cv"]["kernel"]), d, "uv")
+  w = _conv(h, p["whole"]["kernel"])
+  w1, w2 = jnp.split(w, 2, axis=-1)  # halves of one layer's channels: fixed
+  return _head(p, jax.nn.relu(w1 * w2))
+
+
+def _net_transpose(p: dict[str, Any], x: jax.Array, d: dict[str, Any]) -> jax.Array:
+  h = _z(jax.nn.relu(_conv(x, p["c1"]["kernel"], stride=2)), d, "c1")
+  h = jax.lax.conv_transpose(h, p["up"]["kernel"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = _z(jax.nn.relu(h + p["up"]["bias"]), d, "up")
+  return _head(p, _z(jax.nn.relu(_conv(h, p["c3"]["kernel"])), d, "c3"))
+
+
+def _net_group_norm(p: dict[str, Any], x: jax.Array, d: dict[str, Any]) -> jax.Array:
+  h = _conv(x, p["c1"]["kernel"])
+  n, hh, ww, c = h.shape
+  g = h.reshape(n, hh, ww, 2, c // 2)  # two groups of channels normalised together
+  g = (g - g.mean(axis=(1, 2, 4), keepdims=True)) * jax.lax.rsqrt(g.var(axis=(1, 2, 4), keepdims=True) + 1e-5)
+  h = jax.nn.relu(g.reshape(n, hh, ww, c) * p["gn"]["scale"] + p["gn"]["bias"])
+  return _head(p, _z(jax.nn.relu(_conv(h, p["c2"]["kernel"])), d, "c2"))
+
+
+def _net_se(p: dict[str, Any], x: jax.Array, d: dict[str, Any]) -> jax.Array:
+  h = _z(jax.nn.relu(_conv(x, p["c1"]["kernel"])), d, "c1")
+  z = _z(jax.nn.silu(h.mean(axis=(1, 2)) @ p["down"]["kernel"] + p["down"]["bias"]), d, "down")
+  gate = _z(jax.nn.sigmoid(z @ p["up"]["kernel"] + p["up"]["bias"]), d, "c1")
+  h = h * gate[:, None, None, :]
+  return _head(p, _z(jax.nn.relu(_conv(h, p["c2"]["kernel"])), d, "c2"))
+
+
+def _coords(h: jax.Array) -> jax.Array:
+  n, hh, ww, _ = h.shape
+  yy, xx = jnp.meshgrid(jnp.linspace(-1, 1, hh), jnp.linspace(-1, 1, ww), indexing="ij")
+  return jnp.broadcast_to(jnp.stack([yy, xx], -1)[None], (n, hh, ww, 2))
+
+
+def _after(extra: str) -> Callable[..., jax.Array]:
+  """conv -> relu -> [its channels, then 2 extra channels] -> conv -> dense: the extras come *after*."""
+  def net(p: dict[str, Any], x: jax.Array, d: dict[str, Any]) -> jax.Array:
+    h = _z(jax.nn.relu(_conv(x, p["c1"]["kernel"])), d, "c1")
+    if extra == "coords":  # CoordConv
+      h = jnp.concatenate([h, _coords(h)], axis=-1)
+    elif extra == "pad":
+      h = jnp.pad(h, ((0, 0), (0, 0), (0, 0), (0, 2)))
+    elif extra == "learned":
+      learned = _z(jnp.broadcast_to(p["extra"], (*h.shape[:3], p["extra"].shape[-1])), d, "extra")
+      h = jnp.concatenate([h, learned], axis=-1)
+    else:  # the coordinates first, which always worked
+      h = jnp.concatenate([_coords(h), h], axis=-1)
+    return _head(p, _z(jax.nn.relu(_conv(h, p["c2"]["kernel"])), d, "c2"))
+  return net
+
+
+_K3 = (3, 3)
+# name -> (net, parameter shapes, {label: (path, axis) of one of its members}, {(path, axis): reason} of fixed sets)
+ORACLE_NETS: dict[str, tuple[Callable[..., jax.Array], dict[str, tuple[int, ...]], dict[str, Any], dict[Any, str]]] = {
+    "concat": (_net_concat, {"a/kernel": (*_K3, 3, 4), "b/kernel": (*_K3, 3, 3), "cat_bn": (7,),
+                             "mix/kernel": (1, 1, 7, 5), "fc/kernel": (5, 2)},
+               {"a": ("a/kernel", 3), "b": ("b/kernel", 3), "mix": ("mix/kernel", 3)}, {}),
+    "depthwise": (_net_depthwise, {"c1/kernel": (*_K3, 3, 6), "bn1": (6,), "dw/kernel": (*_K3, 1, 6), "dw/bias": (6,),
+                                   "bn2": (6,), "pw/kernel": (1, 1, 6, 5), "fc/kernel": (5, 2)},
+                  {"c1": ("dw/kernel", 3), "pw": ("pw/kernel", 3)}, {}),
+    "residual": (_net_residual, {"stem/kernel": (*_K3, 3, 6), "conv_a/kernel": (*_K3, 6, 4), "bn_a": (4,),
+                                 "conv_b/kernel": (*_K3, 4, 6), "bn_b": (6,), "conv_c/kernel": (1, 1, 6, 6),
+                                 "fc/kernel": (6, 2)},
+                 {"stream": ("conv_c/kernel", 3), "mid": ("conv_a/kernel", 3)}, {}),
+    "split": (_net_split, {"a/kernel": (*_K3, 3, 4), "b/kernel": (*_K3, 3, 3), "cu/kernel": (1, 1, 4, 5),
+                           "cv/kernel": (1, 1, 3, 5), "whole/kernel": (1, 1, 5, 6), "fc/kernel": (3, 2)},
+              {"a": ("a/kernel", 3), "b": ("b/kernel", 3), "uv": ("cu/kernel", 3)},
+              {("whole/kernel", 3): "sliced into a partial channel range"}),
+    "transpose_conv": (_net_transpose, {"c1/kernel": (*_K3, 3, 6), "up/kernel": (*_K3, 6, 4), "up/bias": (4,),
+                                        "c3/kernel": (1, 1, 4, 5), "fc/kernel": (5, 2)},
+                       {"c1": ("c1/kernel", 3), "up": ("up/kernel", 3), "c3": ("c3/kernel", 3)}, {}),
+    "group_norm": (_net_group_norm, {"c1/kernel": (*_K3, 3, 6), "gn/scale": (6,), "gn/bias": (6,),
+                                     "c2/kernel": (1, 1, 6, 5), "fc/kernel": (5, 2)},
+                   {"c2": ("c2/kernel", 3)}, {("c1/kernel", 3): "split by a reshape"}),
+    "squeeze_excitation": (_net_se, {"c1/kernel": (*_K3, 3, 6), "down/kernel": (6, 3), "down/bias": (3,),
+                                     "up/kernel": (3, 6), "up/bias": (6,), "c2/kernel": (1, 1, 6, 5),
+                                     "fc/kernel": (5, 2)},
+                           {"c1": ("c1/kernel", 3), "down": ("down/kernel", 1), "c2": ("c2/kernel", 3)}, {}),
+    **{f"extra_{kind}": (_after(kind), {"c1/kernel": (*_K3, 3, 4), "c2/kernel": (1, 1, 6, 5), "fc/kernel": (5, 2),
+                                        **({"extra": (1, 1, 1, 2)} if kind == "learned" else {})},
+                         {"c1": ("c1/kernel", 3), "c2": ("c2/kernel", 3),
+                          **({"extra": ("extra", 3)} if kind == "learned" else {})},
+                         {} if kind == "learned" else {("c2/kernel", 2): "constant channels"})
+       for kind in ("coords", "pad", "learned", "first")},
+}
+
+
+def _oracle_params(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, Any]:
+  """Random parameters: BatchNorm-like entries (a bare name with a 1-D shape) get scale/bias/mean/var."""
+  rng = np.random.default_rng(seed)
+  params: dict[str, Any] = {}
+  for name, shape in shapes.items():
+    if "/" not in name and len(shape) == 1:
+      params[name] = {"scale": rng.uniform(0.5, 1.5, shape), "bias": rng.normal(size=shape) * 0.3,
+                      "mean": rng.normal(size=shape) * 0.3, "var": rng.uniform(0.5, 1.5, shape)}
+      continue
+    node = params
+    *parents, leaf = name.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    fan_in = int(np.prod(shape[:-1])) or 1
+    node[leaf] = rng.normal(size=shape) * (np.sqrt(2.0 / fan_in) if leaf == "kernel" else 0.5)
+  return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+
+
+def _group_of(groups: list[ChannelGroup], where: tuple[str, int]) -> ChannelGroup:
+  """The one group with a member at ``where`` (path, axis); of several (an axis that takes a layer's channels and
+  constant ones), the one group that is not prunable."""
+  path, axis = tuple(where[0].split("/")), where[1]
+  hits = [g for g in groups if any(m.path == path and m.axis == axis for m in g.members)]
+  if len(hits) > 1:
+    hits = [g for g in hits if not g.prunable]
+  assert len(hits) == 1, (where, [g.name for g in hits])
+  return hits[0]
+
+
+@pytest.mark.parametrize("name", sorted(ORACLE_NETS))
+def test_derived_groups_match_a_masked_forward(name: str) -> None:
+  net, shapes, labels, fixed = ORACLE_NETS[name]
+  params = _oracle_params(shapes, seed=len(name))
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 8, 8, 3)), jnp.float32)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    groups = derive_groups(lambda p, x: net(p, x, {}), params, x)
+  assert [str(w.message) for w in caught if issubclass(w.category, GroupDerivationWarning)] == []
+  by_label = {label: _group_of(groups, where) for label, where in labels.items()}
+  assert sorted(g.name for g in groups if g.prunable) == sorted(g.name for g in by_label.values()), [
+      (g.name, g.note) for g in groups]
+  for where, reason in fixed.items():
+    g = _group_of(groups, where)
+    assert not g.prunable and reason in g.note, (where, g.note)
+  dense = net(params, x, {})
+  rng = np.random.default_rng(3)
+  for label, g in by_label.items():
+    keep = np.sort(rng.choice(g.size, size=max(1, g.size // 2), replace=False))
+    drop = np.zeros(g.size, np.float32)
+    drop[keep] = 1
+    pruned = prune(params, groups, {g.name: keep}).state
+    masked = net(params, x, {label: drop})
+    np.testing.assert_allclose(net(pruned, x, {}), masked, rtol=1e-4, atol=1e-5, err_msg=f"{name}: {label}")
+    assert not np.allclose(masked, dense, atol=1e-4), f"{name}: removing {label} changed nothing"

@@ -238,3 +238,130 @@ def test_evaluate_command_reproduces_the_reported_accuracy(env, finished):
   rep = json.loads((workdir / "report.json").read_text())
   assert got["examples"] == rep["evaluation"]["examples"]
   np.testing.assert_allclose(got["top1"], rep["pruned"]["top1"], atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Other selection methods and criteria, on a copy of the finished run's dense model (stages called in process).
+
+
+def _variant_run(finished, tmp_path, **select):
+  import shutil  # pylint: disable=import-outside-toplevel
+  workdir, _ = finished
+  shutil.copytree(workdir / "dense", tmp_path / "dense")
+  cfg = pipeline.ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  for key, value in select.items():
+    node = cfg.select
+    *head, last = key.split("__")
+    for h in head:
+      node = node[h]
+    node[last] = value
+  return pipeline.Run(cfg, tmp_path, pipeline.train_lib.make_mesh(jax.devices()[:1]), True)
+
+
+def _stages(run, *names):
+  for name in names:
+    pipeline._STAGE_FNS[name](run)  # pylint: disable=protected-access
+  return json.loads((run.workdir / "selection.json").read_text())
+
+
+def _activations_numpy(model, images, batch_size):
+  """Each decision's input activation, read from the model's own taps with BatchNorm in batch-statistics mode, one
+  calibration batch at a time (each batch normalised by its own statistics, as calibration does)."""
+  model.train()
+  parts = [model(jax.numpy.asarray(images[s:s + batch_size]), capture=True)[1]
+           for s in range(0, len(images), batch_size)]
+  model.eval()
+  return [np.concatenate([np.asarray(t[d].input, np.float64) for t in parts]) for d in model.decisions()]
+
+
+def _linear_cka(a, b):
+  def centred_gram(f):
+    f = f.reshape(len(f), -1)
+    k = f @ f.T
+    h = np.eye(len(k)) - 1.0 / len(k)
+    return h @ k @ h
+  ka, kb = centred_gram(a), centred_gram(b)
+  return float(np.sum(ka * kb) / np.sqrt(np.sum(ka * ka) * np.sum(kb * kb)))
+
+
+def _l1_of_producer(state, group):
+  """Per-channel L1 norm of the group's producing conv kernels (HWIO, output axis last), from the state."""
+  flat = hj.flatten_state(state)
+  total = np.zeros(group.size)
+  for m in group.members:
+    leaf = np.asarray(flat[m.path])
+    if m.role == "out" and m.path[-1] == "kernel" and leaf.ndim >= 2:
+      total += np.abs(np.moveaxis(leaf, m.axis, -1)).reshape(-1, group.size).sum(0)
+  return total
+
+
+def test_itpruner_widths_follow_the_importances_of_independent_cka_and_fit_the_budget(finished, tmp_path):
+  from train import data  # pylint: disable=import-outside-toplevel
+  run = _variant_run(finished, tmp_path, method="itpruner", criterion="l1", itpruner__beta=50.0)
+  sel = _stages(run, "calibrate", "select", "surgery")
+  dense = run.load_model("dense")
+  # The similarity matrix is linear CKA between the decisions' activations, recomputed here in numpy.
+  cfg = run.config
+  images, _, _ = data.calibration_batch(cfg.data, int(cfg.calib.num_images), seed=int(cfg.calib.seed))
+  acts = _activations_numpy(dense, images, int(cfg.calib.batch_size))
+  want = np.array([[_linear_cka(a, b) for b in acts] for a in acts])
+  np.testing.assert_allclose(np.asarray(sel["similarity"]), want, atol=2e-4)
+  r = want.sum(1) - np.diag(want)
+  np.testing.assert_allclose(sel["importance"], np.exp(-50.0 * r / r.sum()), rtol=2e-3)
+  # The budget holds, counted exactly on the pruned model; widths are those of the surgery.
+  pruned = run.load_model("pruned")
+  exact = models.flops.count("resnet20", pruned.widths, exact=True, input_hw=(8, 8))
+  assert exact.macs <= sel["target"] and exact.macs == sel["costs"]["macs"]
+  assert exact.macs >= (1 - sel["tolerance"]) * sel["target"]
+  assert pruned.widths == sel["widths"]
+  # The channels are the top L1 norms of each producing conv.
+  state = nnx.to_pure_dict(nnx.state(dense))
+  from train import calibrate  # pylint: disable=import-outside-toplevel
+  for (_, g), d in zip(calibrate.decision_groups(dense), sel["decisions"]):
+    l1 = _l1_of_producer(state, g)
+    kept = sel["keep"][g.name]
+    assert len(kept) == d["kept"]
+    dropped = sorted(set(range(g.size)) - set(kept))
+    if dropped:
+      assert l1[kept].min() >= l1[dropped].max()
+
+
+def test_uniform_widths_filled_by_l1_keep_each_layers_largest_norms(finished, tmp_path):
+  from train import calibrate  # pylint: disable=import-outside-toplevel
+  run = _variant_run(finished, tmp_path, criterion="l1", method="uniform")
+  sel = _stages(run, "calibrate", "select", "surgery")
+  dense = run.load_model("dense")
+  state = nnx.to_pure_dict(nnx.state(dense))
+  kept_fraction = [d["kept"] / d["size"] for d in sel["decisions"]]
+  # uniform: one fraction for every decision (up to rounding to whole channels)
+  assert max(kept_fraction) - min(kept_fraction) <= 1.0 / min(d["size"] for d in sel["decisions"]) + 1e-9
+  assert abs(sel["costs"]["macs"] - sel["target"]) <= sel["tolerance"] * sel["target"] or sel["costs"]["macs"] <= \
+      sel["target"]
+  for (_, g) in calibrate.decision_groups(dense):
+    l1 = _l1_of_producer(state, g)
+    kept = sel["keep"][g.name]
+    dropped = sorted(set(range(g.size)) - set(kept))
+    if dropped:
+      assert l1[kept].min() >= l1[dropped].max()
+
+
+def test_itpruner_widths_filled_by_hsic_lasso_keep_select_k_channels(finished, tmp_path):
+  run = _variant_run(finished, tmp_path, method="itpruner", criterion="hsic_lasso", itpruner__beta=50.0)
+  sel = _stages(run, "calibrate", "select")
+  _, problems = pipeline.calibrate.load_problems(run.path("calibration") / "problems.npz")
+  for p, d in zip(problems, sel["decisions"]):
+    want = np.flatnonzero(np.asarray(hj.select_k(p, d["kept"]).selected))
+    assert sel["keep"][d["group"]] == want.tolist()
+
+
+def test_selection_methods_and_criteria_are_checked():
+  cfg = digits_apib.get_config()
+  cfg.select.method = "global"
+  with pytest.raises(ValueError, match="use select.method='apib'"):
+    pipeline.evidence(cfg.select)
+  cfg.select.method, cfg.select.criterion = "uniform", "no_such"
+  with pytest.raises(ValueError, match="fpgm"):
+    pipeline.evidence(cfg.select)
+  cfg.select.method, cfg.select.criterion = "lottery", "l1"
+  with pytest.raises(ValueError, match="select.method must be one of"):
+    pipeline.evidence(cfg.select)

@@ -10,6 +10,13 @@ of bandwidth ``gamma = 1 / (values per sample)`` by default. Problems of several
 BatchNorm runs with the batch's own statistics (``bn_mode="batch"``, as APIB's reference code, which never switches
 the model to eval mode) or with the running statistics (``"running"``). The dense model's variables are not changed
 either way: the forward pass runs on a copy inside ``jit``.
+
+Other selection methods need other evidence from the same images, collected here too:
+
+- ITPruner: the normalised HSIC (linear CKA by default) between the activations of every pair of decisions, where a
+  decision's activation is its consumer's input (the channels whose number the decision sets, after BN and ReLU);
+- a baseline criterion (``hsic_jax.criteria``): per-channel scores of each decision's group, from the weights, the
+  same activations, or the gradient of the cross-entropy on the calibration images (first-order Taylor).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import hsic_jax as hj
-from hsic_jax import ChannelGroup
+from hsic_jax import ChannelGroup, criteria
 from train import train as train_lib
 
 
@@ -76,6 +83,71 @@ def make_capture(model: nnx.Module, bn_mode: str, decisions: Sequence[str], conv
     return _targets(taps, decisions, conv3_y)
 
   return lambda images: capture(split.params, split.batch_stats, images)
+
+
+def make_activations(model: nnx.Module, bn_mode: str, decisions: Sequence[str]):
+  """A jitted ``images -> [activation (n, h, w, c) per decision]`` (each consumer's input) on a copy of ``model``."""
+  if bn_mode not in ("batch", "running"):
+    raise ValueError(f"calib.bn_mode must be 'batch' or 'running', got {bn_mode!r}")
+  split = train_lib.split_model(model)
+  graphdef = split.train_def if bn_mode == "batch" else split.eval_def
+
+  @jax.jit
+  def capture(params, stats, images):
+    _, taps = train_lib.merge(graphdef, params, stats)(images, capture=True)
+    return [taps[d].input for d in decisions]
+
+  return lambda images: capture(split.params, split.batch_stats, images)
+
+
+def activations(model: nnx.Module, images: np.ndarray, cfg_calib: Any) -> list[jax.Array]:
+  """Every decision's activation on ``images``, taken ``cfg_calib.batch_size`` images at a time."""
+  decisions = [d for d, _ in decision_groups(model)]
+  capture = make_activations(model, cfg_calib.bn_mode, decisions)
+  bs = max(int(cfg_calib.batch_size), 1)
+  parts = [capture(jnp.asarray(images[s:s + bs])) for s in range(0, len(images), bs)]
+  return [jnp.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(decisions))]
+
+
+def layer_similarity(acts: Sequence[jax.Array], kernel: str) -> np.ndarray:
+  """ITPruner's ``(l, l)`` normalised HSIC between the decisions' activations (each flattened per image)."""
+  return np.asarray(hj.hsic_matrix(list(acts), kernel=kernel, normalized=True), np.float64)
+
+
+def loss_gradients(model: nnx.Module, images: np.ndarray, labels: np.ndarray, cfg_calib: Any) -> dict[str, Any]:
+  """Gradient of the mean cross-entropy on the calibration images with respect to the parameters (summed over
+  batches of ``cfg_calib.batch_size``, weighted by batch size), as a pure dict shaped like the parameters."""
+  split = train_lib.split_model(model)
+  graphdef = split.train_def if cfg_calib.bn_mode == "batch" else split.eval_def
+
+  @jax.jit
+  def grad(params, stats, x, y):
+    def loss(p):
+      logits = train_lib.merge(graphdef, p, stats)(x)
+      return jnp.sum(train_lib.cross_entropy(logits, y, 0.0))
+    return jax.grad(loss)(params)
+
+  bs = max(int(cfg_calib.batch_size), 1)
+  total = None
+  for s in range(0, len(images), bs):
+    g = grad(split.params, split.batch_stats, jnp.asarray(images[s:s + bs]), jnp.asarray(labels[s:s + bs]))
+    total = g if total is None else jax.tree.map(jnp.add, total, g)
+  return jax.tree.map(lambda t: np.asarray(t) / len(images), total)
+
+
+def criterion_scores(model: nnx.Module, criterion: str, images: np.ndarray, labels: np.ndarray, cfg_calib: Any,
+                     *, seed: int) -> list[np.ndarray]:
+  """Per-channel scores of every decision's group by ``criterion`` (higher is kept first)."""
+  pairs = decision_groups(model)
+  needs = criteria.criterion_needs(criterion)
+  state = nnx.to_pure_dict(nnx.state(model))
+  acts = activations(model, images, cfg_calib) if "activations" in needs else None
+  grads = loss_gradients(model, images, labels, cfg_calib) if "grads" in needs else None
+  out = []
+  for i, (_, g) in enumerate(tqdm(pairs, desc=f"scores ({criterion})", unit="layer", leave=False)):
+    out.append(np.asarray(criteria.channel_scores(criterion, g, state=state, grads=grads, seed=seed,
+                                                  activations=None if acts is None else acts[i]), np.float64))
+  return out
 
 
 def build_problems(model: nnx.Module, images: np.ndarray, cfg_calib: Any, cfg_select: Any

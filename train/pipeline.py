@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from tqdm import tqdm
 import hsic_jax as hj
 import models
 from models import flops, import_torch
+from hsic_jax import allocation, criteria
 from train import calibrate, data, report, train as train_lib
 
 STAGES = ("dense", "calibrate", "select", "surgery", "finetune", "evaluate", "report")
@@ -170,24 +171,95 @@ def stage_dense(run: Run) -> dict[str, Any]:
   return {}
 
 
+METHODS = ("apib", "itpruner", "uniform", "global")
+
+
+def evidence(cfg_select: ml_collections.ConfigDict) -> set[str]:
+  """What the selection needs from calibration: ``problems`` (HSIC Lasso), ``similarity`` (ITPruner), ``scores``
+  (a baseline criterion).
+
+  Raises:
+    ValueError: an unknown method or criterion, or a pairing that means nothing (a global ranking of HSIC Lasso,
+      which is what ``method="apib"`` is).
+  """
+  method, crit = cfg_select.method, cfg_select.criterion
+  if method not in METHODS:
+    raise ValueError(f"select.method must be one of {list(METHODS)}, got {method!r}")
+  if crit != "hsic_lasso" and crit not in criteria.criterion_names():
+    raise ValueError(f"select.criterion must be 'hsic_lasso' or one of {criteria.criterion_names()}, got {crit!r}")
+  if method == "global" and crit == "hsic_lasso":
+    raise ValueError("select.method='global' ranks a criterion's scores across layers; for HSIC Lasso the global "
+                     "ranking is APIB's single penalty: use select.method='apib'")
+  need = set()
+  if method == "apib" or crit == "hsic_lasso":
+    need.add("problems")
+  if method == "itpruner":
+    need.add("similarity")
+  if crit != "hsic_lasso":
+    need.add("scores")
+  return need
+
+
 def stage_calibrate(run: Run) -> dict[str, Any]:
+  """The evidence the selection needs, from the dense model on the calibration images."""
   cfg = run.config
+  need = evidence(cfg.select)
   model = run.load_model("dense")
   n = int(cfg.calib.num_images)
   images, labels, ids = data.calibration_batch(cfg.data, n, seed=int(cfg.calib.seed), augment=bool(cfg.calib.augment))
-  t0 = time.perf_counter()
-  decisions, problems = calibrate.build_problems(model, images, cfg.calib, cfg.select)
-  jax.block_until_ready(problems)
-  seconds = time.perf_counter() - t0
   out = run.path("calibration")
   if run.writer:
     out.mkdir(exist_ok=True)
-    calibrate.save_problems(out / "problems.npz", decisions, problems)
+  seconds: dict[str, float] = {}
+  decisions = [d for d, _ in calibrate.decision_groups(model)]
+  channels = []
+  if "problems" in need:
+    t0 = time.perf_counter()
+    decisions, problems = calibrate.build_problems(model, images, cfg.calib, cfg.select)
+    jax.block_until_ready(problems)
+    seconds["problems"] = time.perf_counter() - t0
+    channels = [int(p.num_channels) for p in problems]
+    if run.writer:
+      calibrate.save_problems(out / "problems.npz", decisions, problems)
+  if "similarity" in need:
+    t0 = time.perf_counter()
+    acts = calibrate.activations(model, images, cfg.calib)
+    sim = calibrate.layer_similarity(acts, cfg.select.itpruner.kernel)
+    seconds["similarity"] = time.perf_counter() - t0
+    del acts
+    if run.writer:
+      _save_npz(out / "similarity.npz", decisions=np.asarray(decisions), similarity=sim)
+  if "scores" in need:
+    t0 = time.perf_counter()
+    scores = calibrate.criterion_scores(model, cfg.select.criterion, images, labels, cfg.calib, seed=int(cfg.seed))
+    seconds["scores"] = time.perf_counter() - t0
+    if run.writer:
+      _save_npz(out / "scores.npz", decisions=np.asarray(decisions), **{str(i): sc for i, sc in enumerate(scores)})
+  if run.writer:
     _write_json(out / "calibration.json", {
         "num_images": n, "ids": [int(i) for i in ids], "labels": [int(l) for l in labels],
         "split": cfg.data.calib_split, "bn_mode": cfg.calib.bn_mode, "augment": bool(cfg.calib.augment),
-        "decisions": decisions, "channels": [int(p.num_channels) for p in problems], "seconds": seconds})
-  return {"seconds": seconds}
+        "decisions": decisions, "channels": channels, "evidence": sorted(need), "seconds": seconds,
+        "criterion": cfg.select.criterion, "method": cfg.select.method})
+  return {"seconds": sum(seconds.values())}
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, **arrays)
+  tmp.replace(path)
+
+
+def _load_npz(path: Path, decisions: list[str]) -> dict[str, np.ndarray]:
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      out = {k: np.asarray(f[k]) for k in f.files}
+  except (OSError, ValueError) as err:
+    raise ValueError(f"{path} cannot be read ({err}); delete {path.parent} to calibrate again") from err
+  if [str(d) for d in out.get("decisions", [])] != decisions:
+    raise ValueError(f"{path} was written for other decisions than this model's; delete {path.parent} to "
+                     "calibrate again")
+  return out
 
 
 def default_multiple() -> int:
@@ -214,59 +286,176 @@ def resolve_target(cfg: ml_collections.ConfigDict, dense: flops.Count) -> tuple[
   return key, target
 
 
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """What :func:`select_channels` chose: kept channels and widths per decision, and how they were found."""
+
+  widths: list[int]
+  keep: list[np.ndarray]
+  record: dict[str, Any]  # method-specific: lambda and trace (APIB), importances and allocation (ITPruner), ...
+  seconds: float
+
+
+def select_channels(cfg_select: ml_collections.ConfigDict, sizes: Sequence[int], cost: Callable[[Any], dict],
+                    key: str, target: float, *, multiple: int, problems: list[hj.LassoProblem] | None = None,
+                    similarity: np.ndarray | None = None, scores: list[np.ndarray] | None = None,
+                    params_budget: float | None = None, seed: int = 0) -> Selection:
+  """The widths of every decision and the channels that fill them (the ``select`` stage without its files).
+
+  ``cfg_select.method`` sets the widths: ``apib`` (one global HSIC Lasso penalty searched until ``cost[key]`` hits
+  ``target``), ``itpruner`` (layer importances from the normalised HSIC ``similarity`` between layers, then an
+  integer allocation under the budget), ``uniform`` (one kept fraction for every decision) or ``global`` (one
+  threshold on the criterion's per-layer-normalised ``scores``). ``cfg_select.criterion`` picks the channels:
+  ``hsic_lasso`` (APIB's own support, or exactly ``k`` channels by :func:`hsic_jax.select_k` for widths set
+  otherwise) or a baseline criterion of :mod:`hsic_jax.criteria` (its top scores).
+  """
+  method, crit = cfg_select.method, cfg_select.criterion
+  omega = int(cfg_select.omega)
+  tol = float(cfg_select.tolerance)
+  record: dict[str, Any] = {}
+  keep = None
+  t0 = time.perf_counter()
+  if method == "apib":
+    bar = tqdm(desc="select (lambda search)", unit="point", leave=False)
+    result = hj.global_lambda_search(
+        problems, cost, target, key=key, tolerance=tol, omega=omega, multiple=multiple,
+        positive=bool(cfg_select.positive), grid=int(cfg_select.grid), max_steps=int(cfg_select.max_steps),
+        progress=lambda p: bar.update(1))
+    bar.close()
+    widths = list(result.widths)
+    if crit == "hsic_lasso":
+      keep = list(result.keep)
+    record.update({"lambda": result.lam, "reachable": list(result.reachable),
+                   "search": [pt.to_dict() for pt in result.trace]})
+  elif method == "itpruner":
+    importance = allocation.layer_importance(similarity, beta=float(cfg_select.itpruner.beta),
+                                             normalize=bool(cfg_select.itpruner.normalize))
+    budgets = {key: target}
+    if params_budget and key != "params":
+      budgets["params"] = float(params_budget)
+    alloc = allocation.allocate_widths(np.asarray(importance), list(sizes), cost, budgets,
+                                       min_width=max(omega, 1), multiple=multiple, seed=seed)
+    widths = [int(w) for w in alloc.widths]
+    record.update({"similarity": np.asarray(similarity).tolist(), "importance": np.asarray(importance).tolist(),
+                   "beta": float(cfg_select.itpruner.beta), "budgets": budgets,
+                   "allocation": _allocation_summary(alloc)})
+  elif method == "uniform":
+    alloc = criteria.allocate_uniform(list(sizes), cost, target, key=key, tolerance=tol, min_width=omega,
+                                      multiple=multiple)
+    widths = [int(w) for w in alloc.widths]
+    record["allocation"] = _allocation_summary(alloc)
+  elif method == "global":
+    alloc = criteria.allocate_global(scores, cost, target, key=key, normalize=cfg_select.global_normalize,
+                                     tolerance=tol, min_width=omega, multiple=multiple)
+    widths = [int(w) for w in alloc.widths]
+    keep = list(alloc.keep)
+    record["allocation"] = _allocation_summary(alloc)
+  else:
+    raise ValueError(f"select.method must be one of {list(METHODS)}, got {method!r}")
+  if keep is None:
+    keep = lasso_keep(problems, widths, positive=bool(cfg_select.positive)) if crit == "hsic_lasso" else \
+        criteria.keep_for_widths(scores, widths)
+  keep = [np.sort(np.asarray(k, np.int64)) for k in keep]
+  if [len(k) for k in keep] != widths:
+    raise ValueError(f"the selection kept {[len(k) for k in keep]} channels where the widths are {widths}")
+  return Selection(widths, keep, record, time.perf_counter() - t0)
+
+
 def stage_select(run: Run) -> dict[str, Any]:
-  """APIB: one global lambda for every decision, searched until the MACs (or params) hit the target."""
+  """Widths and channels per decision (:func:`select_channels`) from the calibration evidence, to the target."""
   cfg = run.config
-  if cfg.select.method != "apib":
-    raise ValueError(f"select.method must be 'apib', got {cfg.select.method!r}")
+  need = evidence(cfg.select)
   dense_model = run.load_model("dense")
   pairs = calibrate.decision_groups(dense_model)
-  saved_decisions, problems = calibrate.load_problems(run.path("calibration") / "problems.npz")
   decisions = [d for d, _ in pairs]
-  if saved_decisions != decisions:
-    raise ValueError("the calibration problems were built for other decisions than this model's; delete "
-                     f"{run.path('calibration')} to calibrate again")
   num_classes = int(dense_model.num_classes)
   dense_widths = list(dense_model.widths)
   dense = counts(cfg, dense_widths, num_classes)
   key, target = resolve_target(cfg, dense)
-
-  def full_widths(kept: Any) -> list[int]:
-    ws = list(dense_widths)
-    for (_, g), k in zip(pairs, kept):
-      for i in g.width_indices:
-        ws[i] = int(k)
-    return ws
-
-  def cost(kept: Any) -> dict[str, float]:
-    c = counts(cfg, full_widths(kept), num_classes)
-    return {"macs": float(c.macs), "params": float(c.params)}
-
+  cal = run.path("calibration")
+  problems = similarity = scores = None
+  if "problems" in need:
+    saved_decisions, problems = calibrate.load_problems(cal / "problems.npz")
+    if saved_decisions != decisions:
+      raise ValueError("the calibration problems were built for other decisions than this model's; delete "
+                       f"{cal} to calibrate again")
+  if "similarity" in need:
+    similarity = _load_npz(cal / "similarity.npz", decisions)["similarity"]
+  if "scores" in need:
+    f = _load_npz(cal / "scores.npz", decisions)
+    scores = [f[str(i)] for i in range(len(decisions))]
+  cost = decision_cost(cfg, pairs, dense_widths, num_classes)
   multiple = int(cfg.select.round_to) or default_multiple()
-  bar = tqdm(desc="select (lambda search)", unit="point", leave=False)
-  t0 = time.perf_counter()
-  result = hj.global_lambda_search(
-      problems, cost, target, key=key, tolerance=float(cfg.select.tolerance), omega=int(cfg.select.omega),
-      multiple=multiple, positive=bool(cfg.select.positive), grid=int(cfg.select.grid),
-      max_steps=int(cfg.select.max_steps), progress=lambda p: bar.update(1))
-  seconds = time.perf_counter() - t0
-  bar.close()
-  if not result.within_tolerance:
-    tqdm.write(f"warning: the search could not land within {cfg.select.tolerance:.1%} of the target {key} "
-               f"{target:,.0f}; the nearest point below it has {result.costs[key]:,.0f}")
-  widths = full_widths(result.widths)
-  keep = {g.name: [int(i) for i in k] for (_, g), k in zip(pairs, result.keep)}
+  tol = float(cfg.select.tolerance)
+  params_budget = float(cfg.select.itpruner.params_ratio) * float(dense.params) or None
+  sel = select_channels(cfg.select, [int(g.size) for _, g in pairs], cost, key, target, multiple=multiple,
+                        problems=problems, similarity=similarity, scores=scores, params_budget=params_budget,
+                        seed=int(cfg.seed))
+  costs = cost(sel.widths)
+  if cfg.select.method == "itpruner":
+    within = all(costs[k] <= v * (1 + 1e-9) for k, v in sel.record["budgets"].items()) and \
+        costs[key] >= target * (1 - tol)
+  else:
+    within = abs(costs[key] - target) <= tol * target
+  if not within:
+    tqdm.write(f"warning: the selection could not land within {tol:.1%} of the target {key} {target:,.0f}; "
+               f"it has {costs[key]:,.0f}")
   if run.writer:
     _write_json(run.path("selection.json"), {
-        "method": "apib", "target_key": key, "target": target, "tolerance": float(cfg.select.tolerance),
-        "within_tolerance": result.within_tolerance, "lambda": result.lam, "costs": result.costs,
-        "dense": {"macs": dense.macs, "params": dense.params, "widths": dense_widths}, "widths": widths,
+        "method": cfg.select.method, "criterion": cfg.select.criterion, "target_key": key, "target": target,
+        "tolerance": tol, "within_tolerance": bool(within), "costs": costs,
+        "dense": {"macs": dense.macs, "params": dense.params, "widths": dense_widths},
+        "widths": full_widths(pairs, dense_widths, sel.widths),
         "decisions": [{"decision": d, "group": g.name, "size": g.size, "kept": len(k)}
-                      for (d, g), k in zip(pairs, result.keep)],
-        "keep": keep, "reachable": list(result.reachable), "positive": bool(cfg.select.positive),
-        "round_to": multiple, "omega": int(cfg.select.omega),
-        "search": [p.to_dict() for p in result.trace], "seconds": seconds})
-  return {"seconds": seconds}
+                      for (d, g), k in zip(pairs, sel.keep)],
+        "keep": {g.name: [int(i) for i in k] for (_, g), k in zip(pairs, sel.keep)},
+        "positive": bool(cfg.select.positive), "round_to": multiple, "omega": int(cfg.select.omega),
+        **sel.record, "seconds": sel.seconds})
+  return {"seconds": sel.seconds}
+
+
+def full_widths(pairs: Sequence[tuple[str, hj.ChannelGroup]], dense_widths: Sequence[int], kept: Any) -> list[int]:
+  """The model's whole width list with each decision's group set to its kept count."""
+  ws = list(dense_widths)
+  for (_, g), k in zip(pairs, kept):
+    for i in g.width_indices:
+      ws[i] = int(k)
+  return ws
+
+
+def decision_cost(cfg: ml_collections.ConfigDict, pairs: Sequence[tuple[str, hj.ChannelGroup]],
+                  dense_widths: Sequence[int], num_classes: int) -> Callable[[Any], dict[str, float]]:
+  """``widths per decision -> {"macs", "params"}``, counted exactly at the config's input size."""
+
+  def cost(kept: Any) -> dict[str, float]:
+    c = counts(cfg, full_widths(pairs, dense_widths, kept), num_classes)
+    return {"macs": float(c.macs), "params": float(c.params)}
+
+  return cost
+
+
+def _allocation_summary(alloc: Any) -> dict[str, Any]:
+  out = {}
+  for k, v in dataclasses.asdict(alloc).items():
+    if k in ("keep",):
+      continue
+    out[k] = v
+  return json.loads(json.dumps(out, default=_json_default))
+
+
+def lasso_keep(problems: list[hj.LassoProblem], widths: list[int], *, positive: bool) -> list[np.ndarray]:
+  """Exactly ``widths[d]`` channels of each decision by HSIC Lasso (:func:`hsic_jax.select_k`), problems of one
+  channel count solved in one batched call."""
+  keep: list[np.ndarray] = [np.empty(0, np.int64)] * len(problems)
+  sizes = [int(p.num_channels) for p in problems]
+  for c in sorted(set(sizes)):
+    idx = [i for i, s in enumerate(sizes) if s == c]
+    stacked, _ = hj.stack_problems([problems[i] for i in idx])
+    sel = hj.select_k(stacked, np.asarray([widths[i] for i in idx], np.int32), positive=positive)
+    mask = np.asarray(sel.selected)
+    for j, i in enumerate(idx):
+      keep[i] = np.flatnonzero(mask[j])
+  return keep
 
 
 def stage_surgery(run: Run) -> dict[str, Any]:
@@ -350,7 +539,7 @@ _STAGE_FNS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "dense": stage_dense, "calibrate": stage_calibrate, "select": stage_select, "surgery": stage_surgery,
     "finetune": stage_finetune, "evaluate": stage_evaluate, "report": stage_report}
 
-RESULTS = {"dense": "dense", "calibrate": "calibration/problems.npz", "select": "selection.json",
+RESULTS = {"dense": "dense", "calibrate": "calibration/calibration.json", "select": "selection.json",
            "surgery": "pruned", "finetune": "final", "evaluate": "evaluation.json", "report": "report.json"}
 
 

@@ -4,9 +4,10 @@ Written last, from the stages' saved results, and atomically: a run interrupted 
 
 ``report.json`` keys: ``dense.{macs,params,top1,top5}``, ``pruned.{macs,params,top1_before_finetune,
 top1_before_finetune_raw,top1,top5}``, ``widths`` (per decision: group, dense and pruned width), ``model_widths``
-(the pruned model's whole width list), ``search`` (a list of ``{lambda, macs, params, widths, phase}``),
-``selection`` (target, lambda, whether the band was hit), ``calibration`` (image ids, BN mode), ``data``,
-``seconds`` (per stage) and ``config``.
+(the pruned model's whole width list), ``search`` (APIB: a list of ``{lambda, macs, params, widths, phase}``;
+empty for other methods), ``selection`` (method, criterion, target, lambda for APIB, importances and the
+allocation for ITPruner, whether the target was hit), ``calibration`` (image ids, BN mode), ``data``, ``seconds``
+(per stage) and ``config``.
 """
 
 from __future__ import annotations
@@ -59,24 +60,56 @@ def build(workdir: Path, config: ml_collections.ConfigDict, data_info: dict[str,
       "ratios": {"macs": costs["macs"] / dense["macs"], "params": costs["params"] / dense["params"]},
       "widths": widths,
       "model_widths": sel["widths"],
-      "search": sel["search"],
-      "selection": {k: sel[k] for k in ("target_key", "target", "tolerance", "within_tolerance", "lambda",
-                                        "reachable", "positive", "round_to", "omega")},
+      "search": sel.get("search", []),
+      "selection": {k: sel.get(k) for k in ("method", "criterion", "target_key", "target", "tolerance",
+                                            "within_tolerance", "lambda", "reachable", "positive", "round_to",
+                                            "omega", "importance", "beta", "budgets", "allocation")},
       "calibration": {k: calib[k] for k in ("num_images", "ids", "split", "bn_mode", "augment")},
       "evaluation": {"split": ev["split"], "examples": ev["final"]["examples"],
                      "bn_recalibrate": bool(config.eval.bn_recalibrate)},
       "data": data_info,
       "training": _history(workdir),
-      "seconds": {**seconds, "calibrate_problems": calib["seconds"], "select_search": sel["seconds"]},
+      "seconds": {**seconds, **{f"calibrate_{k}": v for k, v in _calib_seconds(calib).items()},
+                  "select_search": sel["seconds"]},
       "config": json.loads(config.to_json_best_effort()),
   }
+
+
+def _calib_seconds(calib: dict[str, Any]) -> dict[str, float]:
+  sec = calib["seconds"]
+  return dict(sec) if isinstance(sec, dict) else {"problems": float(sec)}
+
+
+_METHOD_TITLE = {"apib": "APIB", "itpruner": "ITPruner", "uniform": "uniform", "global": "global-ranking"}
+
+
+def _selection_line(rep: dict[str, Any]) -> str:
+  s = rep["selection"]
+  method, crit = s.get("method") or "apib", s.get("criterion") or "hsic_lasso"
+  reached = "reached" if s["within_tolerance"] else "**not reached**"
+  fill = "HSIC Lasso" if crit == "hsic_lasso" else f"criterion `{crit}`"
+  if method == "apib":
+    text = (f"Selection: global lambda {s['lambda']:.6g} for target {s['target_key']} {s['target']:,.0f} "
+            f"(tolerance {s['tolerance']:.1%}, {reached}); {len(rep['search'])} points evaluated; "
+            f"{'nonnegative' if s['positive'] else 'signed (reference)'} HSIC Lasso")
+    text += "." if crit == "hsic_lasso" else f"; the widths filled by {fill}."
+  elif method == "itpruner":
+    alloc = s.get("allocation") or {}
+    text = (f"Selection: ITPruner widths (beta {s['beta']:g}) under the budget "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in (s.get("budgets") or {}).items())
+            + f" ({reached}); objective {alloc.get('objective', float('nan')):.4f}; channels by {fill}.")
+  else:
+    text = (f"Selection: {_METHOD_TITLE[method]} widths for target {s['target_key']} {s['target']:,.0f} "
+            f"(tolerance {s['tolerance']:.1%}, {reached}); channels by {fill}.")
+  return text
 
 
 def markdown(rep: dict[str, Any]) -> str:
   d, p = rep["dense"], rep["pruned"]
   s = rep["selection"]
   lines = [
-      f"# {rep['model']}: APIB pruning to {rep['ratios'][s['target_key']]:.1%} of the dense {s['target_key']}", "",
+      f"# {rep['model']}: {_METHOD_TITLE.get(s.get('method') or 'apib', s.get('method'))} pruning to "
+      f"{rep['ratios'][s['target_key']]:.1%} of the dense {s['target_key']}", "",
       f"Evaluated on `{rep['data'].get('name', '')}` split `{rep['evaluation']['split']}` "
       f"({rep['evaluation']['examples']} images).", "",
       "| | MACs | params | top-1 | top-5 |", "|---|---:|---:|---:|---:|",
@@ -88,16 +121,14 @@ def markdown(rep: dict[str, Any]) -> str:
       f"Right after surgery: top-1 {p['top1_before_finetune_raw']:.4f} with the dense running BatchNorm statistics"
       + (f", {p['top1_before_finetune']:.4f} with them re-estimated on training batches."
          if rep["evaluation"]["bn_recalibrate"] else "."), "",
-      f"Selection: global lambda {s['lambda']:.6g} for target {s['target_key']} {s['target']:,.0f} "
-      f"(tolerance {s['tolerance']:.1%}, {'reached' if s['within_tolerance'] else '**not reached**'}); "
-      f"{len(rep['search'])} points evaluated; {'nonnegative' if s['positive'] else 'signed (reference)'} HSIC "
-      f"Lasso. Calibration: {rep['calibration']['num_images']} images of `{rep['calibration']['split']}`, BatchNorm "
-      f"in {rep['calibration']['bn_mode']}-statistics mode (ids in report.json).", "",
+      _selection_line(rep) + f" Calibration: {rep['calibration']['num_images']} images of "
+      f"`{rep['calibration']['split']}`, BatchNorm in {rep['calibration']['bn_mode']}-statistics mode (ids in "
+      "report.json).", "",
       "## Widths per decision", "", "| decision | group | dense | pruned |", "|---|---|---:|---:|"]
   lines += [f"| {w['decision']} | {w['group']} | {w['dense']} | {w['pruned']} |" for w in rep["widths"]]
   lines += ["", "## Seconds per stage", "", "| stage | s |", "|---|---:|"]
   lines += [f"| {k} | {v:.1f} |" for k, v in rep["seconds"].items()]
-  lines += ["", "Plots: widths.png, lambda_search.png, training.png.", ""]
+  lines += ["", "Plots: " + ", ".join(rep.get("plots") or ["widths.png", "training.png"]) + ".", ""]
   return "\n".join(lines)
 
 
@@ -127,6 +158,32 @@ def plots(workdir: Path, rep: dict[str, Any]) -> list[str]:
   s = rep["selection"]
   key = s["target_key"]
   pts = [p for p in rep["search"] if p["lambda"] > 0]
+  if pts:
+    made.append(_lambda_plot(workdir, pts, s, key, plt))
+  if s.get("importance"):
+    made.append(_importance_plot(workdir, rep, plt))
+  hist = rep["training"]
+  if hist:
+    made.append(_training_plot(workdir, rep, hist, plt))
+  return made
+
+
+def _importance_plot(workdir: Path, rep: dict[str, Any], plt: Any) -> str:
+  imp = rep["selection"]["importance"]
+  ws = rep["widths"]
+  fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(ws)), 3.6))
+  x = range(len(imp))
+  ax.bar(x, imp, color="#d95f02")
+  ax.set_xticks(list(x), [w["group"] for w in ws], rotation=90, fontsize=6)
+  ax.set_ylabel("a_i = exp(-beta rhat_i)")
+  ax.set_title(f"{rep['model']}: ITPruner layer importance")
+  fig.tight_layout()
+  fig.savefig(workdir / "importance.png", dpi=110)
+  plt.close(fig)
+  return "importance.png"
+
+
+def _lambda_plot(workdir: Path, pts: list[dict[str, Any]], s: dict[str, Any], key: str, plt: Any) -> str:
   fig, ax = plt.subplots(figsize=(6, 3.6))
   for phase, marker in (("grid", "o"), ("bisect", "x"), ("fill", "+")):
     sub = [p for p in pts if p["phase"] == phase]
@@ -143,32 +200,31 @@ def plots(workdir: Path, rep: dict[str, Any]) -> list[str]:
   fig.tight_layout()
   fig.savefig(workdir / "lambda_search.png", dpi=110)
   plt.close(fig)
-  made.append("lambda_search.png")
+  return "lambda_search.png"
 
-  hist = rep["training"]
-  if hist:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for stage, recs in hist.items():
-      ep = [r["epoch"] for r in recs]
-      axes[0].plot(ep, [r["train_loss"] for r in recs], marker=".", label=f"{stage} train")
-      if recs and "eval_loss" in recs[0]:
-        axes[0].plot(ep, [r["eval_loss"] for r in recs], marker=".", ls="--", label=f"{stage} eval")
-        axes[1].plot(ep, [r["eval_top1"] for r in recs], marker=".", label=f"{stage} eval top-1")
-      axes[1].plot(ep, [r["train_accuracy"] for r in recs], marker=".", ls=":", label=f"{stage} train acc")
-    axes[1].axhline(rep["dense"]["top1"], color="k", lw=0.8, ls="--", label="dense top-1")
-    axes[1].axhline(rep["pruned"]["top1_before_finetune"], color="grey", lw=0.8, ls=":",
-                    label="pruned top-1, before fine-tuning")
-    axes[0].set_xlabel("epoch")
-    axes[0].set_ylabel("loss")
-    axes[1].set_xlabel("epoch")
-    axes[1].set_ylabel("accuracy")
-    for a in axes:
-      a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(workdir / "training.png", dpi=110)
-    plt.close(fig)
-    made.append("training.png")
-  return made
+
+def _training_plot(workdir: Path, rep: dict[str, Any], hist: dict[str, Any], plt: Any) -> str:
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  for stage, recs in hist.items():
+    ep = [r["epoch"] for r in recs]
+    axes[0].plot(ep, [r["train_loss"] for r in recs], marker=".", label=f"{stage} train")
+    if recs and "eval_loss" in recs[0]:
+      axes[0].plot(ep, [r["eval_loss"] for r in recs], marker=".", ls="--", label=f"{stage} eval")
+      axes[1].plot(ep, [r["eval_top1"] for r in recs], marker=".", label=f"{stage} eval top-1")
+    axes[1].plot(ep, [r["train_accuracy"] for r in recs], marker=".", ls=":", label=f"{stage} train acc")
+  axes[1].axhline(rep["dense"]["top1"], color="k", lw=0.8, ls="--", label="dense top-1")
+  axes[1].axhline(rep["pruned"]["top1_before_finetune"], color="grey", lw=0.8, ls=":",
+                  label="pruned top-1, before fine-tuning")
+  axes[0].set_xlabel("epoch")
+  axes[0].set_ylabel("loss")
+  axes[1].set_xlabel("epoch")
+  axes[1].set_ylabel("accuracy")
+  for a in axes:
+    a.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(workdir / "training.png", dpi=110)
+  plt.close(fig)
+  return "training.png"
 
 
 def write(workdir: Path, config: ml_collections.ConfigDict, data_info: dict[str, Any]) -> dict[str, Any]:

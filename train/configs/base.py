@@ -95,7 +95,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.calib.resnet50_conv3_y = "block"  # ResNet-50 conv3's target: its own output, or "pooled" (reference)
 
   config.select = ml_collections.ConfigDict()
+  # How the widths are set: "apib" (one global HSIC Lasso penalty searched to the target), "itpruner" (layer
+  # importances from the normalised HSIC between layers, then an integer allocation under the budget), "uniform"
+  # (one kept fraction for every layer) or "global" (one threshold on a criterion's normalised scores).
   config.select.method = "apib"
+  # Which channels fill them: "hsic_lasso" (APIB), or a baseline criterion: random, l1, l2, fpgm, bn_scale,
+  # taylor, hrank, chip. With method "apib" and another criterion, APIB's widths are filled by that criterion.
+  config.select.criterion = "hsic_lasso"
+  config.select.global_normalize = "l2"  # per-layer score normalisation of method "global"
   config.select.target = "macs"     # "macs" or "params"
   config.select.ratio = 0.454       # kept fraction of the dense model's count ...
   config.select.absolute = 0.0      # ... or an absolute count (used when > 0)
@@ -107,6 +114,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.select.normalized = False  # Frobenius-normalised Grams (pyHSICLasso); APIB does not normalise
   config.select.grid = 24
   config.select.max_steps = 40
+  config.select.itpruner = ml_collections.ConfigDict()
+  config.select.itpruner.beta = 500.0       # a_i = exp(-beta * rhat_i); the reference's value for ResNet-56
+  config.select.itpruner.normalize = True   # rhat = r / sum(r) (the reference skips it only when beta == 1)
+  config.select.itpruner.kernel = "linear"  # "linear" (linear CKA, the reference) or "gaussian" (median bandwidth)
+  config.select.itpruner.params_ratio = 0.0  # > 0: also keep params under this fraction of the dense model's
 
   config.finetune = apib_recipe()
 

@@ -1,0 +1,34 @@
+"""ITPruner on the pretrained CIFAR-10 ResNet-20: widths from layer importances under 48.1% of the dense MACs.
+
+Command::
+
+  python -m train.main --config=resnet20_itpruner
+  # a short run on a CPU:
+  python -m train.main --config=resnet20_itpruner --config.finetune.epochs=2 --config.finetune.lr=0.01 \
+      --config.finetune.distill_weight=0.5 --workdir=runs/r20_itp
+
+Paper setting it reproduces (ITPruner, ResNet-20 / CIFAR-10): 100 calibration images, linear CKA, beta 246, the
+reference's budget of 20M of its 41.57M units taken as the ratio 0.481 of the exact dense count. The same
+differences from the reference as ``resnet56_itpruner`` (pretrained weights kept and filled by L1 norm, inner
+block widths as the variables, an exactly checked integer allocation).
+Data: as in ``resnet56_apib``; dense weights: the shared PyTorch ResNet-20.
+
+Measured: not run end to end here yet, so there is no time or result to report.
+"""
+
+from train.configs.base import get_base_config, itpruner_recipe
+
+
+def get_config():
+  config = get_base_config()
+  config.model.name = "resnet20"
+  config.dense.source = "npz"
+  config.dense.path = "../shared/weights/resnet20_cifar10.npz"
+  config.calib.num_images = 100
+  config.calib.batch_size = 100
+  config.select.method = "itpruner"
+  config.select.criterion = "l1"
+  config.select.ratio = 20.0 / 41.57
+  config.select.itpruner.beta = 246.0
+  config.finetune = itpruner_recipe()
+  return config

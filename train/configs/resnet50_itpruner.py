@@ -1,0 +1,33 @@
+"""ITPruner on ResNet-50 / ImageNet: widths from layer importances under 54.9% of the dense MACs.
+
+Command (Cloud TPU or GPU, ImageNet prepared as TFDS ``imagenet2012`` in array_record format)::
+
+  python -m train.main --config=resnet50_itpruner --config.data.data_dir=gs://my-bucket/tfds \
+      --config.dense.path=gs://my-bucket/resnet50_dense   # an orbax checkpoint (models.import_torch)
+
+Paper setting it reproduces (ITPruner, ResNet-50 / ImageNet, -45.3% FLOPs at 75.75% top-1): 100 calibration
+images at 224x224, BatchNorm in batch-statistics mode, linear CKA, beta 2000, the reference's 2.3G budget of its
+4187.1M units taken as the ratio 0.549 of the exact dense count; channels kept by L1 norm (the reference's
+initialisation of the thin network); ITPruner's ImageNet recipe: SGD, Nesterov momentum 0.9, lr 0.1 per 256
+images, one warmup epoch then a per-step cosine, weight decay 4e-5 sparing BN scales and biases, label smoothing
+0.1, 120 epochs. The width variables are the 32 inner widths of the bottleneck blocks; the stem and the stage widths
+(the reference's other 5 variables) stay dense, since the residual streams tie them across blocks.
+
+Measured: not run end to end here yet, so there is no time or result to report.
+"""
+
+from train.configs.base import itpruner_recipe
+from train.configs.resnet50_apib import get_config as apib_config
+
+
+def get_config():
+  config = apib_config()
+  config.calib.num_images = 100
+  config.calib.batch_size = 50
+  config.select.method = "itpruner"
+  config.select.criterion = "l1"
+  config.select.ratio = 2300.5 / 4187.1
+  config.select.itpruner.beta = 2000.0
+  config.finetune = itpruner_recipe(imagenet=True)
+  config.finetune.checkpoint_every_steps = 2000
+  return config

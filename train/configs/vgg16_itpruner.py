@@ -1,0 +1,31 @@
+"""ITPruner on a CIFAR-10 VGG-16-BN: widths from layer importances under 31.7% of the dense MACs.
+
+Command::
+
+  python -m train.main --config=vgg16_itpruner
+  # a short run on a CPU (the dense model is trained here first):
+  python -m train.main --config=vgg16_itpruner --config.pretrain.epochs=2 --config.finetune.epochs=1
+
+Paper setting it reproduces (ITPruner, VGG-16 / CIFAR-10): 1024 calibration images (taken 128 per forward pass),
+the post-ReLU output of each conv as its layer's feature, linear CKA, beta 231, the reference's budget of 100M of
+its 315.18M units taken as the ratio 0.317 of the exact dense count; channels kept by L1 norm (the reference's
+initialisation of the thin VGG) and ITPruner's CIFAR training recipe. No pretrained weights ship for it, so the
+dense model is trained here by the ``pretrain`` stage (see ``_cifar_scratch``).
+
+Measured: not run end to end here yet, so there is no time or result to report.
+"""
+
+from train.configs._cifar_scratch import scratch_config
+from train.configs.base import itpruner_recipe
+
+
+def get_config():
+  config = scratch_config("vgg16")
+  config.calib.num_images = 1024
+  config.calib.batch_size = 128
+  config.select.method = "itpruner"
+  config.select.criterion = "l1"
+  config.select.ratio = 100.0 / 315.18
+  config.select.itpruner.beta = 231.0
+  config.finetune = itpruner_recipe()
+  return config
