@@ -227,24 +227,51 @@ def highest_precision(fn):
   return wrapped
 
 
-def on_cpu() -> bool:
-  """Whether JAX computes on the CPU (its default backend); read at trace time by choices that depend on it."""
-  return jax.default_backend() == "cpu"
+STRATEGIES = ("loop", "vmap")
 
 
-def one_problem_at_a_time() -> bool:
-  """Whether batches of problems run one at a time (``lax.map``) rather than vmapped.
+def _platform_of(x: Any) -> str | None:
+  """The platform of the devices a concrete JAX array lives on (``None`` for anything else)."""
+  if isinstance(x, jax.Array) and is_concrete(x):
+    try:
+      return next(iter(x.devices())).platform
+    except Exception:  # pylint: disable=broad-except  # e.g. a deleted buffer: let the computation say so
+      return None
+  return None
 
-  On XLA:CPU a vmapped while loop runs until its slowest problem converges and batched Cholesky factorisations,
+
+def default_platform() -> str:
+  """The platform a computation on uncommitted inputs runs on: ``jax.default_device`` where one is set (e.g. the
+  CPU of a GPU host), else the default backend."""
+  dev = jax.config.jax_default_device
+  if dev is None:
+    return jax.default_backend()
+  return dev if isinstance(dev, str) else dev.platform
+
+
+def strategy_for(*arrays: Any, strategy: str | None = None) -> str:
+  """How batches of problems (and channels of long features) run: ``"loop"`` (``lax.map``, one at a time) or
+  ``"vmap"``, decided at the public boundary and passed to the jitted code as a static argument.
+
+  On XLA:CPU a vmapped while loop runs until its slowest problem converges, and batched Cholesky factorisations,
   gathers and products are no faster per problem than single ones, so a loop is faster there; accelerators vmap.
-  Read at trace time.
+  The choice follows where the inputs live: the first concrete JAX array's platform, else (numpy inputs, tracers
+  inside a caller's ``jit``) :func:`default_platform`. An explicit ``strategy`` wins.
   """
-  return on_cpu()
+  if strategy is not None:
+    if strategy not in STRATEGIES:
+      raise ValueError(f"strategy must be one of {list(STRATEGIES)} or None, got {strategy!r}.")
+    return strategy
+  for a in arrays:
+    for leaf in jax.tree.leaves(a):
+      platform = _platform_of(leaf)
+      if platform is not None:
+        return "loop" if platform == "cpu" else "vmap"
+  return "loop" if default_platform() == "cpu" else "vmap"
 
 
-def map_batch(fn, args: tuple):
-  """``fn`` over the leading axis of every array in ``args``: ``lax.map`` where :func:`one_problem_at_a_time`,
-  else ``vmap``."""
-  if one_problem_at_a_time():
+def map_batch(fn, args: tuple, strategy: str):
+  """``fn`` over the leading axis of every array in ``args``: ``lax.map`` for ``"loop"``, else ``vmap``."""
+  if strategy == "loop":
     return jax.lax.map(lambda a: fn(*a), args)
   return jax.vmap(fn)(*args)

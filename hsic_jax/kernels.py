@@ -258,8 +258,8 @@ def _named_gaussian_gram(name, x, bandwidth, centered, normalized, dtype):
 SLICED_CHANNELS_MIN_DIM = 512
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "centered", "normalized", "batch_size"))
-def _channel_grams(x, rule, gamma, centered, normalized, batch_size):
+@functools.partial(jax.jit, static_argnames=("rule", "centered", "normalized", "batch_size", "strategy"))
+def _channel_grams(x, rule, gamma, centered, normalized, batch_size, strategy):
   """The ``(c, n, n)`` Grams and whether every sample's squared norm in every channel is finite.
 
   The flag is the validation of ``x``: a NaN or Inf anywhere (or values whose deviations from their channel's mean
@@ -269,7 +269,7 @@ def _channel_grams(x, rule, gamma, centered, normalized, batch_size):
   def one(xc):
     return _gaussian_gram(xc, rule, gamma, centered, normalized), finite_norms(xc)
 
-  if batch_size is None and x.shape[2] >= SLICED_CHANNELS_MIN_DIM and _checks.one_problem_at_a_time():
+  if batch_size is None and x.shape[2] >= SLICED_CHANNELS_MIN_DIM and strategy == "loop":
     # Long rows: one channel at a time, each read straight out of (n, c, d) (its rows are contiguous d-vectors),
     # rather than a (c, n, d) transposed copy of the whole input first (VGG-16 conv2 at n = 128: 20 ms, not 29).
     grams, finite = jax.lax.map(lambda k: one(jax.lax.dynamic_index_in_dim(x, k, axis=1, keepdims=False)),
@@ -319,7 +319,8 @@ def channel_grams(
   if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
                                  or batch_size < 1):
     raise ValueError(f"batch_size must be a positive number of channels or None, got {batch_size!r}.")
-  grams, finite = _channel_grams(x, *jit_bandwidth(validate_bandwidth(bandwidth)), centered, normalized, batch_size)
+  grams, finite = _channel_grams(x, *jit_bandwidth(validate_bandwidth(bandwidth)), centered, normalized, batch_size,
+                                 _checks.strategy_for(x))
   _checks.raise_unless_finite_norms("x", x, finite)
   return grams
 

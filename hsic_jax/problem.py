@@ -212,12 +212,12 @@ SHIFT_PROBE_ROWS = 8
 STREAM_TILE_BYTES = 8 * 2**20
 
 
-def _tile_side(c: int, n: int, itemsize: int, max_block_bytes: int) -> int:
+def _tile_side(c: int, n: int, itemsize: int, max_block_bytes: int, strategy: str) -> int:
   """Side ``t`` of the tiles: three live ``(c, t, t)`` arrays (e.g. distances, kernel, shifted) within
   ``max_block_bytes`` and, on CPUs, one within :data:`STREAM_TILE_BYTES`, evened out so that the overlap of the last
   tile with the one before it stays small, and a multiple of 8 when that costs no extra tile."""
   budget = max_block_bytes // 3
-  if _checks.on_cpu():
+  if strategy == "loop":  # a CPU
     budget = min(STREAM_TILE_BYTES, budget)
   most = max(1, min(n, math.isqrt(max(1, budget // max(1, c * itemsize)))))
   tiles = -(-n // most)
@@ -226,12 +226,12 @@ def _tile_side(c: int, n: int, itemsize: int, max_block_bytes: int) -> int:
   return rounded if t >= 16 and rounded <= most else t
 
 
-def _tiles_for(c: int, n: int, itemsize: int, max_block_bytes: int) -> int:
+def _tiles_for(c: int, n: int, itemsize: int, max_block_bytes: int, strategy: str) -> int:
   """0 when the centered Grams (three live copies: raw, centered, packed) fit in ``max_block_bytes`` at once, else
   the side of the tiles they are taken in."""
   if 3 * c * (n + n % 2)**2 * itemsize <= max_block_bytes:
     return 0
-  return _tile_side(c, n, itemsize, max_block_bytes)
+  return _tile_side(c, n, itemsize, max_block_bytes, strategy)
 
 
 def _accumulate_tiles(tile, lbar, *, c: int, n: int, t: int, row_sums: bool):
@@ -275,15 +275,15 @@ def _accumulate_tiles(tile, lbar, *, c: int, n: int, t: int, row_sums: bool):
   return quad, lin, (sums if row_sums else None)
 
 
-@functools.partial(jax.jit, static_argnames=("t", "normalized", "validate"))
-def _from_grams(gram_x, gram_y, t, normalized, validate=True):
+@functools.partial(jax.jit, static_argnames=("t", "normalized", "validate", "strategy"))
+def _from_grams(gram_x, gram_y, t, normalized, validate=True, strategy="loop"):
   """The problem (batched when ``gram_x`` has a leading batch axis) and, when ``validate``, the inputs'
   :func:`_checks.gram_stats` (one row per layer of a batch), computed in the same call so that validation costs no
   extra pass over the data nor an extra host round trip."""
   one = lambda gx, gy: _from_grams_one(gx, gy, t, normalized, validate)  # noqa: E731
   if gram_x.ndim == 3:
     return one(gram_x, gram_y)
-  return _checks.map_batch(one, (gram_x, gram_y))
+  return _checks.map_batch(one, (gram_x, gram_y), strategy)
 
 
 def _symmetry_probe(n: int, dtype) -> jax.Array:
@@ -383,10 +383,12 @@ def problem_from_grams(
   batch = gram_x.shape[0] if batched else 1
   if batch < 1:
     raise ValueError(f"gram_x must hold at least one layer on its batch axis, got shape {tuple(gram_x.shape)}.")
-  if not _checks.one_problem_at_a_time():
+  strategy = _checks.strategy_for(gram_x, gram_y)
+  if strategy == "vmap":
     max_block_bytes = max(1, max_block_bytes // batch)  # a vmapped batch holds every layer's block at once
-  problem, (stats_x, stats_y) = _from_grams(gram_x, gram_y, _tiles_for(c, n, dtype.itemsize, max_block_bytes),
-                                            normalized)
+  problem, (stats_x, stats_y) = _from_grams(gram_x, gram_y,
+                                            _tiles_for(c, n, dtype.itemsize, max_block_bytes, strategy),
+                                            normalized, strategy=strategy)
   if not (_checks.is_concrete(gram_x) and _checks.is_concrete(gram_y)):
     return problem
   _checks.raise_for_gram_stats("gram_x", gram_x, stats_x, batched=batched)
@@ -540,13 +542,16 @@ def problem_from_features(
     raise ValueError(f"x and y must have the same number of samples n on axis 0: x has shape {tuple(x.shape)}, "
                      f"y has shape {tuple(jnp.shape(y))}.")
   lbar, y, finite_y = _output_gram_unchecked(y, y_kernel, y_bandwidth, dtype)
+  strategy = _checks.strategy_for(x)
   if c * n * n * dtype.itemsize <= max_block_bytes:
     grams, finite = kernels._channel_grams(  # pylint: disable=protected-access
-        x, *kernels.jit_bandwidth(bandwidth), False, False, None)
-    problem = _from_grams(grams, lbar, _tiles_for(c, n, dtype.itemsize, max_block_bytes), normalized, False)[0]
+        x, *kernels.jit_bandwidth(bandwidth), False, False, None, strategy)
+    problem = _from_grams(grams, lbar, _tiles_for(c, n, dtype.itemsize, max_block_bytes, strategy), normalized,
+                          False, strategy)[0]
   else:
     problem, finite = _from_features_streaming(x, lbar, *kernels.jit_bandwidth(bandwidth),
-                                               _tile_side(c, n, dtype.itemsize, max_block_bytes), normalized)
+                                               _tile_side(c, n, dtype.itemsize, max_block_bytes, strategy),
+                                               normalized)
   # x and y are validated by the build (their squared norms), not by passes of their own; see
   # kernels._channel_grams.
   _checks.raise_unless_finite_norms("x", x, finite)

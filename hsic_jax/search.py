@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hsic_jax import _checks
 from hsic_jax import problem as problem_lib
 from hsic_jax import selection, solver
 from hsic_jax.problem import LassoProblem
@@ -116,7 +117,7 @@ class _Decisions:
     self.multiple = multiple
     self.positive, self.tol, self.max_iter = positive, tol, max_iter
     if bucket is None:
-      bucket = _bucket_by_default(self.sizes)
+      bucket = _bucket_by_default(self.sizes, _checks.strategy_for(*(p.quad for p in problems)))
     self.buckets: list[tuple[np.ndarray, LassoProblem]] = []
     groups = [np.flatnonzero(self.sizes == c) for c in sorted(set(self.sizes.tolist()))] if bucket else \
         [np.arange(len(problems))]
@@ -180,8 +181,8 @@ class _Decisions:
 BUCKET_WORK_RATIO = 3.0
 
 
-def _bucket_by_default(sizes: np.ndarray) -> bool:
-  if jax.default_backend() != "cpu":
+def _bucket_by_default(sizes: np.ndarray, strategy: str) -> bool:
+  if strategy != "loop":
     return False  # vmapped: the padded problems of a stack run side by side
   padded = len(sizes) * float(np.max(sizes)) ** 2
   return padded > BUCKET_WORK_RATIO * float(np.sum(sizes.astype(np.float64) ** 2))

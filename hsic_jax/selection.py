@@ -224,12 +224,12 @@ def _select_k_one(quad, lin, const, lip, k, width, tol, max_iter, max_steps, pos
   return KSelection(mask, res.lam, exact, res)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "max_steps", "positive"))
-def _select_k(problem, k, widths, tol, max_iter, max_steps, positive):
+@functools.partial(jax.jit, static_argnames=("max_iter", "max_steps", "positive", "strategy"))
+def _select_k(problem, k, widths, tol, max_iter, max_steps, positive, strategy):
   fn = functools.partial(_select_k_one, tol=tol, max_iter=max_iter, max_steps=max_steps, positive=positive,
-                         compact=_checks.one_problem_at_a_time())
+                         compact=strategy == "loop")
   args = (problem.quad, problem.lin, problem.const, problem.lipschitz, k, widths)
-  return fn(*args) if problem.lin.ndim == 1 else _checks.map_batch(fn, args)
+  return fn(*args) if problem.lin.ndim == 1 else _checks.map_batch(fn, args, strategy)
 
 
 def select_k(
@@ -241,6 +241,7 @@ def select_k(
     tol: float | None = None,
     max_iter: int = solver.DEFAULT_MAX_ITER,
     max_steps: int = 60,
+    strategy: str | None = None,
 ) -> KSelection:
   """Keeps exactly ``k`` channels: bisection on ``lam`` in ``[0, lambda_max]`` until the support has ``k`` entries.
 
@@ -255,6 +256,8 @@ def select_k(
     positive: nonnegative (default) or signed Lasso.
     tol, max_iter: solver settings for every step (``tol > 0`` or None for the default, ``max_iter >= 1``).
     max_steps: cap on bisection steps (an integer >= 0).
+    strategy: ``"loop"`` or ``"vmap"`` over a batch, as in :func:`hsic_jax.solve` (default: where the problem
+      lives).
 
   Returns:
     A :class:`KSelection`. A float16 or bfloat16 problem is solved (and its result returned) in float32.
@@ -282,4 +285,5 @@ def select_k(
     raise ValueError(f"k must hold an integer in [1, width] per problem (never an empty layer, never more channels "
                      f"than it has), got k={k_arr.tolist()} for widths {widths_arr.tolist()}.")
   return _select_k(problem, jnp.asarray(k_arr, jnp.int32), jnp.asarray(widths_arr, jnp.int32),
-                   jnp.asarray(tol, problem.lin.dtype), max_iter, max_steps, bool(positive))
+                   jnp.asarray(tol, problem.lin.dtype), max_iter, max_steps, bool(positive),
+                   _checks.strategy_for(problem.quad, strategy=strategy))

@@ -144,7 +144,7 @@ def test_tiles_of_every_side_equal_the_explicit_design(n, expected_sides):
     sides = set()
     for k in (1, 2, 3, 5, n // 2 + 1, n, 2 * n):
       budget = 3 * c * 8 * k * k
-      sides.add(problem._tiles_for(c, n, 8, budget))  # pylint: disable=protected-access
+      sides.add(problem._tiles_for(c, n, 8, budget, "loop"))  # pylint: disable=protected-access
       built = [hj.problem_from_grams(gx, gy, max_block_bytes=budget, dtype=jnp.float64)]
       if c * n * n * 8 > budget:  # streamed from the features
         built.append(hj.problem_from_features(x, y, max_block_bytes=budget, dtype=jnp.float64))
@@ -154,18 +154,16 @@ def test_tiles_of_every_side_equal_the_explicit_design(n, expected_sides):
     assert sides == expected_sides  # 5 and 3 do not divide 14, nor 2, 3, 5, 19 37; 37 is one tile (odd n)
 
 
-def test_tiles_fit_the_cpu_cache_only_on_cpus(monkeypatch):
+def test_tiles_fit_the_cpu_cache_only_on_cpus():
   # On a CPU a tile of every channel stays within STREAM_TILE_BYTES (cache); on an accelerator it takes what
   # max_block_bytes allows (fewer loop steps), three live copies within it either way.
-  from hsic_jax import _checks, problem  # pylint: disable=import-outside-toplevel
+  from hsic_jax import problem  # pylint: disable=import-outside-toplevel
   c, n, budget = 512, 1024, problem.DEFAULT_BLOCK_BYTES
-  monkeypatch.setattr(_checks, "on_cpu", lambda: True)  # whatever backend runs the test
-  cpu = problem._tile_side(c, n, 4, budget)  # pylint: disable=protected-access
+  cpu = problem._tile_side(c, n, 4, budget, "loop")  # pylint: disable=protected-access
   assert c * cpu * cpu * 4 <= problem.STREAM_TILE_BYTES
-  monkeypatch.setattr(_checks, "on_cpu", lambda: False)
-  accel = problem._tile_side(c, n, 4, budget)  # pylint: disable=protected-access
+  accel = problem._tile_side(c, n, 4, budget, "vmap")  # pylint: disable=protected-access
   assert accel > 2 * cpu and 3 * c * accel * accel * 4 <= budget
-  assert problem._tile_side(c, n, 4, 3 * c * 4 * 16 * 16) == 16  # pylint: disable=protected-access
+  assert problem._tile_side(c, n, 4, 3 * c * 4 * 16 * 16, "loop") == 16  # pylint: disable=protected-access
 
 
 def test_combined_batches_match_sklearn_on_stacked_design():
@@ -467,7 +465,7 @@ def test_odd_sample_counts_pad_correctly(n):
       np.testing.assert_allclose(np.asarray(pf.lin), np.asarray(p.lin), rtol=1e-10)
 
 
-def test_vmapped_batches_equal_one_at_a_time(monkeypatch):
+def test_vmapped_batches_equal_one_at_a_time():
   # Accelerators vmap batches and solve full-size masked systems; CPU loops over problems with compact solves.
   x, y = _random_problem(30, c=40)
   p = hj.problem_from_features(x, y)
@@ -476,14 +474,28 @@ def test_vmapped_batches_equal_one_at_a_time(monkeypatch):
   lams = jnp.array([0.05, 0.2]) * hj.lambda_max(stacked)
   looped = hj.solve(stacked, lams)
   looped_k = hj.select_k(stacked, np.array([3, 7]))
-  jax.clear_caches()
-  monkeypatch.setattr(_checks, "one_problem_at_a_time", lambda: False)
-  vmapped = hj.solve(stacked, lams)
-  vmapped_k = hj.select_k(stacked, np.array([3, 7]))
+  vmapped = hj.solve(stacked, lams, strategy="vmap")
+  vmapped_k = hj.select_k(stacked, np.array([3, 7]), strategy="vmap")
   np.testing.assert_allclose(np.asarray(vmapped.beta), np.asarray(looped.beta), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(vmapped_k.selected), np.asarray(looped_k.selected))
   assert np.asarray(vmapped.converged).all()
-  jax.clear_caches()
+  # The choice is a static argument of the compiled solver, so each strategy has its own compiled code.
+  jaxpr_loop = jax.make_jaxpr(lambda p: solver._solve(  # pylint: disable=protected-access
+      p, lams, None, 1e-5, 100, 10, True, "loop"))(stacked)
+  jaxpr_vmap = jax.make_jaxpr(lambda p: solver._solve(  # pylint: disable=protected-access
+      p, lams, None, 1e-5, 100, 10, True, "vmap"))(stacked)
+  assert str(jaxpr_loop) != str(jaxpr_vmap)
+  with pytest.raises(ValueError, match="strategy"):
+    hj.solve(stacked, lams, strategy="pmap")
+
+
+def test_strategy_follows_where_the_inputs_live():
+  cpu = jax.devices("cpu")[0]
+  assert _checks.strategy_for(jax.device_put(np.ones(3), cpu)) == "loop"
+  assert _checks.strategy_for(np.ones(3)) == ("loop" if jax.default_backend() == "cpu" else "vmap")
+  with jax.default_device(cpu):  # a GPU host computing on its CPU loops too
+    assert _checks.strategy_for(np.ones(3)) == "loop"
+  assert _checks.strategy_for(jax.device_put(np.ones(3), cpu), strategy="vmap") == "vmap"
 
 
 def _dot_precisions(jaxpr):
