@@ -8,11 +8,16 @@ The public API is re-exported here; each module does one thing:
 - :mod:`hsic_jax.selection`: ``lasso_select`` and friends (paths, batches, keep exactly k).
 - :mod:`hsic_jax.groups`: channel groups (parameter slices that share channels).
 - :mod:`hsic_jax.search`: one global penalty for all decisions, searched to a cost target (APIB).
+- :mod:`hsic_jax.allocation`: layer importances from normalised HSIC and integer widths under budgets (ITPruner).
+- :mod:`hsic_jax.criteria`: baseline channel criteria behind one registry, and widths from their scores.
 - :mod:`hsic_jax.surgery`: pure-functional channel removal from parameter, BatchNorm and optimizer state.
 - :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr.
 - :mod:`hsic_jax.runtime`: host-side settings for the CPU backend (LAPACK threads).
 """
 
+from hsic_jax import allocation, criteria
+from hsic_jax.allocation import Allocation, allocate_widths, layer_importance
+from hsic_jax.criteria import channel_scores, criterion_names, register_criterion
 from hsic_jax.groups import ChannelGroup, ChannelSlice, flatten_state, path_str
 from hsic_jax.jaxpr_groups import GroupDerivationWarning, check_groups, derive_groups, derive_model_groups
 from hsic_jax.kernels import (
@@ -53,6 +58,7 @@ from hsic_jax.surgery import PrunePlan, PruneResult, apply_plan, keep_top_k, mas
 __version__ = "0.1.0"
 
 __all__ = [
+    "Allocation",
     "Bandwidth",
     "ChannelGroup",
     "ChannelSlice",
@@ -64,12 +70,17 @@ __all__ = [
     "PruneResult",
     "SearchPoint",
     "SearchResult",
+    "allocate_widths",
+    "allocation",
     "apply_plan",
     "center",
     "channel_grams",
+    "channel_scores",
     "check_groups",
     "cka",
     "combine_problems",
+    "criteria",
+    "criterion_names",
     "delta_gram",
     "derive_groups",
     "derive_model_groups",
@@ -86,6 +97,7 @@ __all__ = [
     "lasso_path",
     "lasso_select",
     "lasso_select_features",
+    "layer_importance",
     "limit_lapack_threads",
     "linear_cka",
     "linear_gram",
@@ -96,6 +108,7 @@ __all__ = [
     "problem_from_features",
     "problem_from_grams",
     "prune",
+    "register_criterion",
     "round_width",
     "select_k",
     "solve",

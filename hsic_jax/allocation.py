@@ -328,6 +328,7 @@ class Allocation:
     starts: every start's results.
     cost_calls: calls of ``cost_fn``.
     seconds: wall time.
+    solver: ``"search"`` or ``"reference"`` (see :func:`allocate_widths`).
   """
 
   widths: tuple[int, ...]
@@ -341,6 +342,10 @@ class Allocation:
   starts: tuple[AllocationStart, ...]
   cost_calls: int
   seconds: float
+  solver: str = "search"
+
+
+SOLVERS = ("search", "reference")
 
 
 class _Lattice:
@@ -377,6 +382,12 @@ class _Lattice:
     pos = np.sum(self.table <= np.asarray(w, np.float64)[:, None] + 1e-9, axis=1) - 1
     pos = np.clip(np.minimum(pos, self.length - 1), 0, None)
     return self.table[self.rows, pos]
+
+  def nearest(self, w: np.ndarray) -> np.ndarray:
+    """Each width to its nearest allowed value (ties to the lower one)."""
+    d = np.abs(self.table - np.asarray(w, np.float64)[:, None])
+    d = np.where(np.arange(self.table.shape[1])[None, :] < self.length[:, None], d, np.inf)
+    return self.table[self.rows, np.argmin(d + 1e-9 * np.arange(self.table.shape[1])[None, :], axis=1)]
 
   def _pos(self, w: np.ndarray) -> np.ndarray:
     return np.minimum(np.sum(self.table < w[:, None], axis=1), self.length - 1)
@@ -537,7 +548,7 @@ def _relax(lat: _Lattice, lo: np.ndarray, x0: np.ndarray, maxiter: int) -> tuple
 def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn, budgets: Mapping[str, float], *,
                     min_width: int = 1, multiple: int = 1, starts: int = 8, seed: int = 0, check_points: int = 16,
                     fitted: Mapping[str, QuadraticCost] | None = None, maxiter: int = 200,
-                    max_moves: int | None = None) -> Allocation:
+                    max_moves: int | None = None, solver: str = "search") -> Allocation:
   """Integer widths maximising ``sum_i a_i w_i / c_i`` with every ``cost_fn(w)[k] <= budgets[k]``.
 
   Widths range over ``[round_width(min_width, c_i), c_i]`` in steps of ``multiple`` (the dense width ``c_i`` is
@@ -552,6 +563,14 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
   3. each result rounded down onto the lattice, repaired to feasibility, then improved by an integer local search
      (the best single step up that fits, else the best one-up-one-down exchange that gains and fits);
   4. the best candidate whose exact ``cost_fn`` holds every budget.
+
+  ``solver="reference"`` instead runs ITPruner's own optimisation (:func:`reference_allocation`: one SLSQP from the
+  dense widths with default tolerances on the raw importances), rounds to the nearest allowed width and then only
+  repairs: layers step down, least objective lost per unit of overshoot first, until every budget holds. With
+  ITPruner's importances (``exp(-beta rhat)``, about 1e-11 for beta 246 over 9 layers) the objective is so small
+  against SLSQP's default tolerance that it stops soon after reaching the budget, close to a uniform scaling tilted
+  by the importances: this is what reproduces ITPruner's published widths. Solved to optimality (``"search"``), the
+  same linear objective puts most layers at their minimum or their dense width.
 
   >>> alloc = allocate_widths([1.0, 2.0], [8, 8], lambda w: {"macs": float(w[0] + 3 * w[1])}, {"macs": 20.0})
   >>> alloc.widths, alloc.costs["macs"]
@@ -570,6 +589,7 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
     fitted: precomputed ``{key: QuadraticCost}`` for every budget key (skips the fit).
     maxiter: SLSQP iterations per start.
     max_moves: cap on local-search moves per start (default: the number of lattice points).
+    solver: ``"search"`` (the method above) or ``"reference"`` (ITPruner's SLSQP, rounded and repaired).
 
   Returns:
     An :class:`Allocation`; the dense widths when they already fit every budget.
@@ -589,6 +609,8 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
   for name, v in (("min_width", min_width), ("multiple", multiple), ("starts", starts)):
     if int(v) != v or int(v) < 1:
       raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+  if solver not in SOLVERS:
+    raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
   keys = list(budgets)
   bud = np.array([float(budgets[k]) for k in keys])
   calls = 0
@@ -612,7 +634,7 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
         f"[{reachable[k][0]:.6g}, {reachable[k][1]:.6g}])" for k in short))
   if all(dense_cost[k] <= b for k, b in zip(keys, bud)):
     return Allocation(tuple(int(x) for x in base), dense_obj, dense_obj, dense_cost, dict(budgets), True, dense_obj,
-                      reachable, (), calls, time.perf_counter() - t0)
+                      reachable, (), calls, time.perf_counter() - t0, solver)
   if fitted is None:
     counted = []
 
@@ -631,27 +653,14 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
       if fits[k].size != a.size:
         raise ValueError(f"fitted[{k!r}] has {fits[k].size} widths, expected {a.size}")
   lat = _Lattice(a, base, lo, int(multiple), [fits[k] for k in keys], bud)
-  moves = int(max_moves) if max_moves is not None else int(sum(len(v) for v in lat.values)) + 10
-  rng = np.random.default_rng(seed)
   c = base.astype(np.float64)
-  frac_lo = lo / c
-
-  inits: list[tuple[str, np.ndarray]] = [("uniform", c.copy())]
-  if int(starts) >= 2:
-    inits.append(("importance", lo + (a / max(float(a.max()), 1e-300)) * (c - lo)))
-  for s in range(int(starts) - len(inits)):
-    inits.append((f"random-{s}", lo + rng.uniform(size=a.size) * (c - lo)))
-
-  results: list[AllocationStart] = []
-  relaxed_best: float | None = None
-  for name, target in inits:
-    x0 = _ray_to_budget(lat, lo, target) / c
-    w_rel, ok = _relax(lat, lo, np.clip(x0, frac_lo, 1.0), int(maxiter))
-    rel_obj = lat.objective(w_rel)
-    relaxed_best = rel_obj if relaxed_best is None else max(relaxed_best, rel_obj)
-    results.append(_finish(lat, name, ok, rel_obj, lat.floor(w_rel), moves))
-  results.append(_finish(lat, "greedy", None, None, lat.greedy(lo.copy()), moves))
-
+  if solver == "reference":
+    x, ok = _reference_slsqp(a, c, [fits[k] for k in keys], bud)
+    start = _finish(lat, "reference", ok, float((a / c) @ (c * x)), lat.nearest(c * x), 0)
+    results = [start]
+    relaxed_best = start.relaxed_objective
+  else:
+    results, relaxed_best = _search(lat, a, c, lo, starts, seed, maxiter, max_moves)
   order = sorted(range(len(results)), key=lambda i: (not results[i].feasible, -results[i].objective, i))
   seen: set[tuple[int, ...]] = set()
   chosen, chosen_cost = None, None
@@ -670,7 +679,41 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
   w = np.array(chosen)
   feasible = all(chosen_cost[k] <= b for k, b in zip(keys, bud))
   return Allocation(tuple(int(x) for x in w), lat.objective(w), dense_obj, chosen_cost, dict(budgets), feasible,
-                    relaxed_best, reachable, tuple(results), calls, time.perf_counter() - t0)
+                    relaxed_best, reachable, tuple(results), calls, time.perf_counter() - t0, solver)
+
+
+def _reference_slsqp(a: np.ndarray, c: np.ndarray, costs: Sequence[QuadraticCost], budgets: np.ndarray
+                     ) -> tuple[np.ndarray, bool]:
+  """ITPruner's SLSQP: ``max a.x`` over ``x in [0, 1]`` from ``x = 1``, default tolerances, no constraint gradient."""
+  cons = [{"type": "ineq", "fun": (lambda x, q=q, b=b: np.array([b - q(c * x)]))} for q, b in zip(costs, budgets)]
+  res = optimize.minimize(lambda x: -float(a @ x), np.ones(a.size), jac=lambda x: -a, method="SLSQP",
+                          bounds=[(0, 1)] * a.size, constraints=cons)
+  return np.clip(np.asarray(res.x, np.float64), 0.0, 1.0), bool(res.success)
+
+
+def _search(lat: _Lattice, a: np.ndarray, c: np.ndarray, lo: np.ndarray, starts: int, seed: int, maxiter: int,
+            max_moves: int | None) -> tuple[list[AllocationStart], float | None]:
+  """The continuous starts and the greedy start of :func:`allocate_widths`, each finished on the lattice."""
+  moves = int(max_moves) if max_moves is not None else int(sum(len(v) for v in lat.values)) + 10
+  rng = np.random.default_rng(seed)
+  frac_lo = lo / c
+
+  inits: list[tuple[str, np.ndarray]] = [("uniform", c.copy())]
+  if int(starts) >= 2:
+    inits.append(("importance", lo + (a / max(float(a.max()), 1e-300)) * (c - lo)))
+  for s in range(int(starts) - len(inits)):
+    inits.append((f"random-{s}", lo + rng.uniform(size=a.size) * (c - lo)))
+
+  results: list[AllocationStart] = []
+  relaxed_best: float | None = None
+  for name, target in inits:
+    x0 = _ray_to_budget(lat, lo, target) / c
+    w_rel, ok = _relax(lat, lo, np.clip(x0, frac_lo, 1.0), int(maxiter))
+    rel_obj = lat.objective(w_rel)
+    relaxed_best = rel_obj if relaxed_best is None else max(relaxed_best, rel_obj)
+    results.append(_finish(lat, name, ok, rel_obj, lat.floor(w_rel), moves))
+  results.append(_finish(lat, "greedy", None, None, lat.greedy(lo.copy()), moves))
+  return results, relaxed_best
 
 
 def _finish(lat: _Lattice, name: str, ok: bool | None, rel_obj: float | None, w0: np.ndarray,
@@ -731,10 +774,8 @@ def reference_allocation(importance: Any, base_widths: Sequence[int], cost: Quad
   if not math.isfinite(float(budget)):
     raise ValueError(f"budget must be finite, got {budget!r}")
   c = base.astype(np.float64)
-  res = optimize.minimize(lambda x: -float(a @ x), np.ones(a.size), jac=lambda x: -a, method="SLSQP",
-                          bounds=[(0, 1)] * a.size,
-                          constraints=[{"type": "ineq", "fun": lambda x: np.array([float(budget) - cost(c * x)])}])
-  w = np.around(c * res.x).astype(np.int64)
+  x, ok = _reference_slsqp(a, c, [cost], np.array([float(budget)]))
+  w = np.around(c * x).astype(np.int64)
   val = cost(w)
-  return ReferenceAllocation(tuple(int(x) for x in w), tuple(float(x) for x in res.x), bool(res.success),
+  return ReferenceAllocation(tuple(int(v) for v in w), tuple(float(v) for v in x), ok,
                              float((a / c) @ w), val, float(budget), bool(val <= float(budget)), int(np.sum(w == 0)))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +157,41 @@ def test_on_itpruner_resnet56_allocation_holds_the_budget_where_the_reference_ma
     assert alloc.objective >= ref.objective - 1e-9
   # The reference widths are scored with the same objective (kept fraction weighted by importance).
   assert ref.objective == pytest.approx(float(np.sum(a * np.asarray(ref.widths) / np.asarray(base))))
+
+
+def test_reference_solver_is_repaired_to_the_budget_and_keeps_widths_above_zero():
+  base = itpruner_costs.base_widths("resnet56")
+  cost = lambda w: {"macs": itpruner_costs.constraint_flops("resnet56", w)}  # noqa: E731
+  quad = allocation.fit_quadratic_cost(cost, base)
+  a = np.exp(-50.0 * np.linspace(0.01, 0.07, 27))  # ITPruner-like: smooth, small importances
+  ref = allocation.reference_allocation(a, base, quad, 30e6)
+  alloc = allocation.allocate_widths(a, base, cost, {"macs": 30e6}, fitted={"macs": quad}, solver="reference")
+  assert alloc.solver == "reference" and alloc.feasible and min(alloc.widths) >= 1
+  assert cost(alloc.widths)["macs"] <= 30e6
+  # Repair only steps down from the reference's rounding (clamped to >= 1): no width grows.
+  assert all(w <= max(r, 1) for w, r in zip(alloc.widths, ref.widths))
+  with pytest.raises(ValueError, match="solver"):
+    allocation.allocate_widths(a, base, cost, {"macs": 30e6}, solver="slsqp")
+
+
+SHARED = Path(os.environ.get("HSIC_JAX_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+@pytest.mark.skipif(not (SHARED / "weights" / "resnet20_cifar10.npz").exists(), reason="needs ../shared")
+def test_reference_solver_gives_itpruners_published_resnet20_widths():
+  """ITPruner's published ResNet-20 widths at its 20M budget are [11, 11, 11, 22, 21, 22, 45, 43, 48]. Linear CKA
+  between the pretrained ResNet-20's 9 block activations on 100 CIFAR-10 images (batch statistics), importances at
+  beta 246 and ITPruner's own constraint give them back through the reference's SLSQP and rounding."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from models import cifar10, import_torch  # pylint: disable=import-outside-toplevel
+  from train import calibrate  # pylint: disable=import-outside-toplevel
+  images, _ = cifar10.load_split(SHARED / "data" / "cifar10-subset" / "cifar-10-batches-bin")
+  model = import_torch.import_torch_state("resnet20", import_torch.load_npz(SHARED / "weights" / "resnet20_cifar10.npz"))
+  calib = ml_collections.ConfigDict({"bn_mode": "batch", "batch_size": 100})
+  sim = calibrate.layer_similarity(calibrate.activations(model, cifar10.normalize(images[:100]), calib), "linear")
+  a = allocation.layer_importance(sim, beta=246.0)
+  base = itpruner_costs.base_widths("resnet20")
+  quad = allocation.fit_quadratic_cost(lambda w: {"macs": itpruner_costs.constraint_flops("resnet20", w)}, base)
+  ref = allocation.reference_allocation(a, base, quad, 20e6)
+  assert ref.widths == (11, 11, 11, 22, 21, 22, 45, 43, 48)
+  assert not ref.feasible  # 20.16M in the constraint's units: over the budget it was solved for

@@ -334,10 +334,11 @@ def select_channels(cfg_select: ml_collections.ConfigDict, sizes: Sequence[int],
     if params_budget and key != "params":
       budgets["params"] = float(params_budget)
     alloc = allocation.allocate_widths(np.asarray(importance), list(sizes), cost, budgets,
-                                       min_width=max(omega, 1), multiple=multiple, seed=seed)
+                                       min_width=max(omega, 1), multiple=multiple, seed=seed,
+                                       solver=str(cfg_select.itpruner.solver))
     widths = [int(w) for w in alloc.widths]
     record.update({"similarity": np.asarray(similarity).tolist(), "importance": np.asarray(importance).tolist(),
-                   "beta": float(cfg_select.itpruner.beta), "budgets": budgets,
+                   "beta": float(cfg_select.itpruner.beta), "budgets": budgets, "solver": alloc.solver,
                    "allocation": _allocation_summary(alloc)})
   elif method == "uniform":
     alloc = criteria.allocate_uniform(list(sizes), cost, target, key=key, tolerance=tol, min_width=omega,

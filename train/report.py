@@ -63,7 +63,7 @@ def build(workdir: Path, config: ml_collections.ConfigDict, data_info: dict[str,
       "search": sel.get("search", []),
       "selection": {k: sel.get(k) for k in ("method", "criterion", "target_key", "target", "tolerance",
                                             "within_tolerance", "lambda", "reachable", "positive", "round_to",
-                                            "omega", "importance", "beta", "budgets", "allocation")},
+                                            "omega", "importance", "beta", "budgets", "solver", "allocation")},
       "calibration": {k: calib[k] for k in ("num_images", "ids", "split", "bn_mode", "augment")},
       "evaluation": {"split": ev["split"], "examples": ev["final"]["examples"],
                      "bn_recalibrate": bool(config.eval.bn_recalibrate)},
@@ -97,7 +97,9 @@ def _selection_line(rep: dict[str, Any]) -> str:
     alloc = s.get("allocation") or {}
     text = (f"Selection: ITPruner widths (beta {s['beta']:g}) under the budget "
             + ", ".join(f"{k} {v:,.0f}" for k, v in (s.get("budgets") or {}).items())
-            + f" ({reached}); objective {alloc.get('objective', float('nan')):.4f}; channels by {fill}.")
+            + f" ({reached}), {s.get('solver') or 'search'} solver; objective sum a_i w_i / c_i "
+            f"{alloc.get('objective', float('nan')):.4g} ({alloc.get('dense_objective', float('nan')):.4g} at the "
+            f"dense widths); channels by {fill}.")
   else:
     text = (f"Selection: {_METHOD_TITLE[method]} widths for target {s['target_key']} {s['target']:,.0f} "
             f"(tolerance {s['tolerance']:.1%}, {reached}); channels by {fill}.")

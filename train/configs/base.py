@@ -119,6 +119,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.select.itpruner.normalize = True   # rhat = r / sum(r) (the reference skips it only when beta == 1)
   config.select.itpruner.kernel = "linear"  # "linear" (linear CKA, the reference) or "gaussian" (median bandwidth)
   config.select.itpruner.params_ratio = 0.0  # > 0: also keep params under this fraction of the dense model's
+  # "reference": ITPruner's SLSQP from the dense widths (stops early on its tiny objective: near-uniform widths
+  # tilted by importance, the published ones), rounded, then repaired until the budget holds with widths >= omega;
+  # "search": the optimum of the same linear objective (most layers end at their minimum or dense width).
+  config.select.itpruner.solver = "reference"
 
   config.finetune = apib_recipe()
 

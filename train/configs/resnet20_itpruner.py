@@ -10,7 +10,9 @@ Command::
 Paper setting it reproduces (ITPruner, ResNet-20 / CIFAR-10): 100 calibration images, linear CKA, beta 246, the
 reference's budget of 20M of its 41.57M units taken as the ratio 0.481 of the exact dense count. The same
 differences from the reference as ``resnet56_itpruner`` (pretrained weights kept and filled by L1 norm, inner
-block widths as the variables, an exactly checked integer allocation).
+block widths and activations as the variables and features, the reference's solver repaired to the exact budget).
+With ITPruner's own cost model and budget, these importances give back its published widths
+``[11, 11, 11, 22, 21, 22, 45, 43, 48]`` exactly (``tests/test_allocation.py``).
 Data: as in ``resnet56_apib``; dense weights: the shared PyTorch ResNet-20.
 
 Measured: not run end to end here yet, so there is no time or result to report.

@@ -20,10 +20,13 @@ here, counted exactly. Differences, by design:
   reference's own initialisation for ImageNet and VGG), and fine-tunes with ITPruner's CIFAR recipe (SGD, Nesterov
   momentum 0.9, lr 0.1, weight decay 5e-4, cosine, batch 128);
 - the width variables are the prunable widths of the pretrained network, one per residual block (each block's
-  inner width); the residual streams keep their widths, since a block's output width is shared by every block of
-  its stage through the identity shortcuts;
-- the allocation is an integer search whose every candidate is checked against the exact counter (the reference's
-  SLSQP result can break the budget after rounding and can give widths of 0).
+  inner width), and a block's feature is its inner activation (the second conv's input, after BN and ReLU), not
+  the block output; the residual streams keep their widths, since a block's output width is shared by every
+  block of its stage through the identity shortcuts;
+- the widths come from the reference's own SLSQP (``select.itpruner.solver="reference"``), then are repaired until
+  the exact count holds the budget with every width >= 1 (the reference's rounding can break the budget and can
+  give widths of 0). ``solver="search"`` solves the same problem to optimality instead, which sets most blocks to
+  width 1 or dense: see the pruning-quality study.
 Data: as in ``resnet56_apib``.
 
 Measured: see the README's pruning-quality study for this network under this method.
