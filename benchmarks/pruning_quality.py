@@ -1,0 +1,572 @@
+"""Pruning quality: APIB, ITPruner, the combined mode and the baseline criteria, on a real pretrained network.
+
+``python -m benchmarks.pruning_quality [--quick] [--no-readme] [--out DIR] [--shared DIR] [--finetune-steps N]``
+(``--render`` rewrites the README block and the plots from the saved JSON.)
+
+On the pretrained CIFAR-10 ResNet-56 (``../shared/weights``) and the real CIFAR-10 images of ``../shared/data``
+(validation: the last 10% of each batch file, as the program's ``cifar10_folder`` carves it; the network was
+trained on all of CIFAR-10's training images, so its accuracy there is agreement with itself, not generalisation),
+every method prunes the same dense model with the same calibration images (128 training images, BatchNorm with
+batch statistics, as ``resnet56_apib``) to 30%, 55% and 70% of its MACs removed, through the program's own code
+(``train.pipeline.select_channels``, ``prune_model``):
+
+- **APIB**: one global HSIC Lasso penalty searched to the target; its own support;
+- **ITPruner**: importances from linear CKA between the layers (beta 500), integer widths under the budget, channels
+  by L1 norm (the reference's fill);
+- **ITPruner + HSIC Lasso** (the combined mode): ITPruner's widths, channels by ``hsic_jax.select_k`` per layer;
+- **uniform + criterion**: the same kept fraction in every layer (searched to the target), channels by HSIC Lasso
+  or by each baseline criterion of ``hsic_jax.criteria`` (random, L1, L2, FPGM, BN scale, Taylor, HRank, CHIP): at
+  equal widths, only the choice of channels differs.
+
+For each: top-1 on the validation images right after surgery (BatchNorm statistics re-estimated on 20 training
+batches) and after the same short fine-tune (``--finetune-steps`` steps of SGD at batch 64, lr 0.01 cosine,
+distilled from the dense model, as the README's short ResNet-56 run), and the selection time (the evidence the
+method needs from the calibration images, plus the allocation). Then:
+
+- **overlap** at 55%: the Jaccard index of the channels two criteria keep at equal (uniform) widths, averaged over
+  layers;
+- **stability**: HSIC Lasso's kept channels (uniform widths at 55%) as the number of calibration images grows from
+  32 to 512, as the Jaccard index with the 512-image selection;
+- **selection time on ResNet-50** for every criterion (randomly initialised weights, as no ImageNet weights are
+  available offline; 64 CIFAR-10 images resized to 224x224; widths at 37.9% of the dense MACs), next to the APIB
+  paper's table (on a GPU): L1 7 s, FPGM 8 s, APIB 63 s, HRank 9,112 s, CHIP 545,618 s.
+
+The peer of each row is the L1-norm criterion at the same widths, in the same run: accuracy differences and time
+ratios are against it.
+
+``--quick`` (CI-sized; the fallback when the shared folder is missing is to stop with a message): the pretrained
+ResNet-20 instead of ResNet-56, one ratio (55%), a few methods, two fine-tuning steps, a short stability curve and
+no ResNet-50 section; its results go to ``--out`` or a temporary folder, never over the committed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import tempfile
+import textwrap
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from benchmarks import _common
+
+NAME = "pruning_quality"
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+CRITERIA = ("random", "l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "chip")
+RATIOS_REMOVED = (0.30, 0.55, 0.70)
+STABILITY_N = (32, 64, 128, 256, 512)
+# The APIB paper's pruning-time table (ResNet-50, 76% sparsity, on a GPU), seconds.
+PAPER_SECONDS = {"l1": 7.0, "fpgm": 8.0, "hsic_lasso": 63.0, "hrank": 9112.0, "chip": 545618.0}
+SECTION = "## Pruning quality (`python -m benchmarks.pruning_quality`)"
+GOALS_SECTION = "## Goals"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  label: str
+  method: str      # select.method
+  criterion: str   # select.criterion
+  solver: str = "reference"  # select.itpruner.solver
+
+
+def variants(quick: bool) -> list[Variant]:
+  out = [Variant("APIB", "apib", "hsic_lasso"), Variant("ITPruner", "itpruner", "l1"),
+         Variant("ITPruner (exact optimum)", "itpruner", "l1", "search"),
+         Variant("ITPruner + HSIC Lasso", "itpruner", "hsic_lasso"),
+         Variant("uniform + HSIC Lasso", "uniform", "hsic_lasso")]
+  crits = ("l1", "fpgm", "chip") if quick else CRITERIA
+  return out + [Variant(f"uniform + {c}", "uniform", c) for c in crits]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Set-up: the program's config, data, dense model and calibration evidence.
+
+
+def study_config(model: str, shared: pathlib.Path, data_dir: str) -> ml_collections.ConfigDict:
+  from train import config_lib  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("cfg", config_lib.resolve(f"{model}_apib"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config()
+  cfg.data.source_dir = str(shared / "data" / "cifar10-subset" / "cifar-10-batches-bin")
+  cfg.data.data_dir = data_dir
+  cfg.dense.path = str(shared / "weights" / f"{model}_cifar10.npz")
+  cfg.select.round_to = 1
+  cfg.select.itpruner.beta = 500.0 if model == "resnet56" else 246.0
+  return cfg
+
+
+@dataclasses.dataclass
+class Evidence:
+  problems: list[Any]
+  similarity: np.ndarray
+  scores: dict[str, list[np.ndarray]]
+  seconds: dict[str, float]  # per kind of evidence: "problems", "similarity", each criterion
+
+
+def gather_evidence(model: Any, cfg: ml_collections.ConfigDict, images: np.ndarray, labels: np.ndarray,
+                    criteria_names: Sequence[str]) -> Evidence:
+  from train import calibrate  # pylint: disable=import-outside-toplevel
+  seconds = {}
+  t0 = time.perf_counter()
+  _, problems = calibrate.build_problems(model, images, cfg.calib, cfg.select)
+  jax.block_until_ready(problems)
+  seconds["hsic_lasso"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  sim = calibrate.layer_similarity(calibrate.activations(model, images, cfg.calib), "linear")
+  seconds["similarity"] = time.perf_counter() - t0
+  scores = {}
+  for c in criteria_names:
+    t0 = time.perf_counter()
+    scores[c] = calibrate.criterion_scores(model, c, images, labels, cfg.calib, seed=int(cfg.seed))
+    seconds[c] = time.perf_counter() - t0
+    print(f"  scores {c}: {seconds[c]:.1f} s", flush=True)
+  return Evidence(problems, sim, scores, seconds)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One pruned model: select, cut, evaluate, fine-tune briefly, evaluate.
+
+
+def _eval(cfg: ml_collections.ConfigDict, model: Any, mesh: Any) -> float:
+  from train import data, train as train_lib  # pylint: disable=import-outside-toplevel
+  bs = int(cfg.eval.batch_size)
+  return train_lib.evaluate(model, data.eval_batches(cfg.data, cfg.data.eval_split, batch_size=bs), mesh,
+                            desc="eval")["top1"]
+
+
+def _recalibrated(cfg: ml_collections.ConfigDict, model: Any, mesh: Any) -> Any:
+  from train import data, train as train_lib  # pylint: disable=import-outside-toplevel
+  batches = data.train_batches(cfg.data, batch_size=64, seed=int(cfg.seed) + 1)
+  return train_lib.recalibrate_batch_norm(model, batches, int(cfg.eval.bn_recalibrate_steps), mesh)
+
+
+def _finetune(cfg: ml_collections.ConfigDict, model: Any, teacher: Any, steps: int, mesh: Any) -> Any:
+  from train import data, train as train_lib  # pylint: disable=import-outside-toplevel
+  from train.configs.base import apib_recipe  # pylint: disable=import-outside-toplevel
+  recipe = apib_recipe(epochs=1, lr=0.01)
+  recipe.batch_size = 64
+  recipe.distill_weight = 0.5
+  recipe.checkpoint_every_steps = 10 ** 9
+  recipe.log_every_steps = 10 ** 9
+  with tempfile.TemporaryDirectory(prefix="pq_ft_") as tmp:
+    loop = train_lib.Loop(
+        train_batches=lambda start: data.train_batches(cfg.data, batch_size=64, seed=int(cfg.seed), start_step=start),
+        eval_batches=None, steps_per_epoch=steps, eval_steps=None, workdir=pathlib.Path(tmp), log=lambda r: None,
+        desc="finetune")
+    tuned, _ = train_lib.train_and_evaluate(model, recipe, loop, mesh, seed=int(cfg.seed), teacher=teacher)
+  return tuned
+
+
+def prune_and_measure(v: Variant, cfg: ml_collections.ConfigDict, dense: Any, ev: Evidence, target: float,
+                      finetune_steps: int, mesh: Any, pairs: Sequence[Any], dense_acc: float) -> dict[str, Any]:
+  from train import pipeline  # pylint: disable=import-outside-toplevel
+  sel_cfg = ml_collections.ConfigDict(cfg.select.to_dict())
+  sel_cfg.method, sel_cfg.criterion = v.method, v.criterion
+  sel_cfg.itpruner.solver = v.solver
+  dense_widths = list(dense.widths)
+  cost = pipeline.decision_cost(cfg, pairs, dense_widths, int(dense.num_classes))
+  scores = ev.scores.get(v.criterion)
+  sel = pipeline.select_channels(sel_cfg, [g.size for _, g in pairs], cost, "macs", target, multiple=1,
+                                 problems=ev.problems, similarity=ev.similarity, scores=scores, seed=int(cfg.seed))
+  evidence_s = ev.seconds.get(v.criterion, 0.0) + (ev.seconds["hsic_lasso"] if v.method == "apib" and
+                                                    v.criterion != "hsic_lasso" else 0.0)
+  if v.method == "itpruner":
+    evidence_s += ev.seconds["similarity"]
+  costs = cost(sel.widths)
+  pruned, _ = pipeline.prune_model(dense, {g.name: k for (_, g), k in zip(pairs, sel.keep)})
+  raw = _eval(cfg, pruned, mesh)
+  recal = _recalibrated(cfg, pruned, mesh)
+  after_surgery = _eval(cfg, recal, mesh)
+  tuned = _finetune(cfg, recal, dense, finetune_steps, mesh) if finetune_steps > 0 else recal
+  final = _eval(cfg, tuned, mesh) if finetune_steps > 0 else after_surgery
+  row = {"label": v.label, "method": v.method, "criterion": v.criterion, "solver": v.solver, "macs": costs["macs"],
+         "params": costs["params"], "widths": sel.widths, "keep": [k.tolist() for k in sel.keep],
+         "top1_raw": raw, "top1_after_surgery": after_surgery, "top1_finetuned": final,
+         "select_seconds": evidence_s + sel.seconds, "evidence_seconds": evidence_s,
+         "allocation_seconds": sel.seconds, "dense_top1": dense_acc}
+  print(f"    {v.label:<24} {costs['macs'] / 1e6:7.2f}M MACs  surgery {after_surgery:.4f} (raw {raw:.4f})  "
+        f"fine-tuned {final:.4f}  select {row['select_seconds']:.1f} s", flush=True)
+  return row
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Overlap and stability.
+
+
+def jaccard(a: Sequence[int], b: Sequence[int]) -> float:
+  sa, sb = set(int(i) for i in a), set(int(i) for i in b)
+  return len(sa & sb) / max(1, len(sa | sb))
+
+
+def overlap_matrix(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[float]]]:
+  """Mean over layers of the Jaccard index of kept channels, between the uniform-width rows (equal widths)."""
+  uni = [r for r in rows if r["method"] == "uniform"]
+  names = [r["criterion"] for r in uni]
+  mat = [[float(np.mean([jaccard(ka, kb) for ka, kb in zip(ra["keep"], rb["keep"])])) for rb in uni] for ra in uni]
+  return names, mat
+
+
+def stability(model: Any, cfg: ml_collections.ConfigDict, pairs: Sequence[Any], widths: Sequence[int],
+              ns: Sequence[int]) -> list[dict[str, Any]]:
+  """HSIC Lasso's kept channels at fixed ``widths`` from ``n`` calibration images, against the largest ``n``."""
+  from train import calibrate, data, pipeline  # pylint: disable=import-outside-toplevel
+  keeps = {}
+  for n in ns:
+    images, _, _ = data.calibration_batch(cfg.data, n, seed=int(cfg.calib.seed))
+    c = ml_collections.ConfigDict(cfg.calib.to_dict())
+    c.batch_size = min(n, 128)
+    t0 = time.perf_counter()
+    _, problems = calibrate.build_problems(model, images, c, cfg.select)
+    keeps[n] = pipeline.lasso_keep(problems, list(widths), positive=bool(cfg.select.positive))
+    print(f"  stability n={n}: {time.perf_counter() - t0:.1f} s", flush=True)
+  ref = keeps[max(ns)]
+  return [{"n": n, "jaccard_vs_largest": float(np.mean([jaccard(a, b) for a, b in zip(keeps[n], ref)])),
+           "jaccard_vs_previous": (float(np.mean([jaccard(a, b) for a, b in zip(keeps[n], keeps[ns[i - 1]])]))
+                                   if i else None)} for i, n in enumerate(ns)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Selection time on ResNet-50.
+
+
+def resnet50_times(shared: pathlib.Path, criteria_names: Sequence[str]) -> list[dict[str, Any]]:
+  """Seconds to select ResNet-50's channels at 37.9% of its MACs, per criterion (uniform widths) and for APIB and
+  ITPruner, each from a cold start of its evidence (compilation included: a user's first run)."""
+  from benchmarks import selection_e2e  # pylint: disable=import-outside-toplevel
+  from models import cifar10  # pylint: disable=import-outside-toplevel
+  from train import calibrate, pipeline  # pylint: disable=import-outside-toplevel
+  from train.configs import resnet50_apib  # pylint: disable=import-outside-toplevel
+  cfg = resnet50_apib.get_config()
+  cfg.select.round_to = 1
+  cfg.select.itpruner.beta = 2000.0
+  model = selection_e2e._random_model("resnet50")  # pylint: disable=protected-access
+  images, labels = cifar10.load_split(shared / "data" / "cifar10-subset" / "cifar-10-batches-bin")
+  idx = np.random.default_rng(0).permutation(len(images))[:64]
+  small = cifar10.normalize(images[idx])
+  big = np.asarray(jax.image.resize(jnp.asarray(small), (64, 224, 224, 3), "bilinear"))
+  labels = np.asarray(labels[idx]) % 1000
+  pairs = calibrate.decision_groups(model)
+  dense_widths = list(model.widths)
+  cost = pipeline.decision_cost(cfg, pairs, dense_widths, int(model.num_classes))
+  target = 0.379 * cost([g.size for _, g in pairs])["macs"]
+  sizes = [g.size for _, g in pairs]
+  out = []
+  for name in ["hsic_lasso", "itpruner"] + list(criteria_names):
+    sel_cfg = ml_collections.ConfigDict(cfg.select.to_dict())
+    t0 = time.perf_counter()
+    if name == "hsic_lasso":
+      _, problems = calibrate.build_problems(model, big, cfg.calib, cfg.select)
+      sel_cfg.method, sel_cfg.criterion = "apib", "hsic_lasso"
+      sel = pipeline.select_channels(sel_cfg, sizes, cost, "macs", target, multiple=1, problems=problems)
+    elif name == "itpruner":
+      sim = calibrate.layer_similarity(calibrate.activations(model, big, cfg.calib), "linear")
+      sel_cfg.method, sel_cfg.criterion = "itpruner", "l1"
+      scores = calibrate.criterion_scores(model, "l1", big, labels, cfg.calib, seed=0)
+      sel = pipeline.select_channels(sel_cfg, sizes, cost, "macs", target, multiple=1, similarity=sim,
+                                     scores=scores)
+    else:
+      scores = calibrate.criterion_scores(model, name, big, labels, cfg.calib, seed=0)
+      sel_cfg.method, sel_cfg.criterion = "uniform", name
+      sel = pipeline.select_channels(sel_cfg, sizes, cost, "macs", target, multiple=1, scores=scores)
+    seconds = time.perf_counter() - t0
+    macs = cost(sel.widths)["macs"]
+    out.append({"criterion": name, "seconds": seconds, "macs": macs, "paper_gpu_seconds": PAPER_SECONDS.get(name)})
+    print(f"  ResNet-50 {name:<10} {seconds:8.1f} s  ({macs / 1e9:.3f} GMACs)", flush=True)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Tables, plots, README.
+
+
+def accuracy_table(payload: dict[str, Any]) -> str:
+  rows = []
+  for r in payload["rows"]:
+    peer = next((p for p in payload["rows"] if p["removed"] == r["removed"] and p["method"] == "uniform" and
+                 p["criterion"] == "l1"), None)
+    delta = "" if peer is None else f"{100 * (r['top1_finetuned'] - peer['top1_finetuned']):+.2f}"
+    rows.append([f"{100 * r['removed']:.0f}%", r["label"], f"{r['macs'] / 1e6:.2f}M",
+                 f"{100 * r['top1_raw']:.2f}", f"{100 * r['top1_after_surgery']:.2f}",
+                 f"{100 * r['top1_finetuned']:.2f}", delta, f"{r['select_seconds']:.2f}"])
+  return _common.markdown_table(["MACs removed", "method", "MACs", "top-1 raw %", "top-1 after surgery (BN re-est.) %",
+                                 f"top-1 after {payload['finetune_steps']} steps %", "vs uniform L1 (pts)",
+                                 "selection s"], rows)
+
+
+def overlap_table(payload: dict[str, Any]) -> str:
+  names, mat = payload["overlap"]["names"], payload["overlap"]["jaccard"]
+  return _common.markdown_table(["criterion"] + names,
+                                [[n] + [f"{v:.2f}" for v in row] for n, row in zip(names, mat)])
+
+
+def stability_table(payload: dict[str, Any]) -> str:
+  return _common.markdown_table(
+      ["calibration images", "Jaccard vs largest n", "Jaccard vs previous n"],
+      [[s["n"], f"{s['jaccard_vs_largest']:.3f}", "" if s["jaccard_vs_previous"] is None else
+        f"{s['jaccard_vs_previous']:.3f}"] for s in payload["stability"]])
+
+
+def resnet50_table(payload: dict[str, Any]) -> str:
+  rows = payload.get("resnet50") or []
+  l1 = next((r["seconds"] for r in rows if r["criterion"] == "l1"), None)
+  return _common.markdown_table(
+      ["criterion", "seconds here (CPU, cold)", "vs L1 here", "paper (GPU) s", "vs L1 in the paper"],
+      [[r["criterion"], f"{r['seconds']:.1f}", "" if not l1 else f"{r['seconds'] / l1:.1f}x",
+        "" if r["paper_gpu_seconds"] is None else f"{r['paper_gpu_seconds']:,.0f}",
+        "" if r["paper_gpu_seconds"] is None else f"{r['paper_gpu_seconds'] / PAPER_SECONDS['l1']:.1f}x"]
+       for r in rows])
+
+
+def plot(payload: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return []
+  made = []
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  labels = list(dict.fromkeys(r["label"] for r in payload["rows"]))
+  for label in labels:
+    rs = sorted((r for r in payload["rows"] if r["label"] == label), key=lambda r: r["macs"])
+    style = "-" if label in ("APIB", "ITPruner", "ITPruner (exact optimum)", "ITPruner + HSIC Lasso",
+                             "uniform + HSIC Lasso") else ":"
+    for ax, k in zip(axes, ("top1_after_surgery", "top1_finetuned")):
+      ax.plot([r["macs"] / 1e6 for r in rs], [100 * r[k] for r in rs], marker="o", ls=style, label=label)
+  for ax, title in zip(axes, ("right after surgery (BN re-estimated)",
+                              f"after {payload['finetune_steps']} fine-tuning steps")):
+    ax.axhline(100 * payload["dense_top1"], color="k", lw=0.8, ls="--")
+    ax.set_xlabel("MACs (M)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=9)
+  axes[1].legend(fontsize=6, ncol=2)
+  fig.suptitle(f"{payload['model']}: accuracy vs MACs per method")
+  fig.tight_layout()
+  p = out_dir / f"{NAME}_accuracy.png"
+  fig.savefig(p, dpi=110)
+  plt.close(fig)
+  made.append(p)
+
+  names, mat = payload["overlap"]["names"], payload["overlap"]["jaccard"]
+  fig, ax = plt.subplots(figsize=(5.5, 4.6))
+  im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+  ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+  ax.set_yticks(range(len(names)), names, fontsize=7)
+  for i, row in enumerate(mat):
+    for j, v in enumerate(row):
+      ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+  fig.colorbar(im, ax=ax, label="Jaccard of kept channels")
+  ax.set_title(f"overlap at {100 * payload['overlap']['removed']:.0f}% MACs removed (equal widths)", fontsize=9)
+  fig.tight_layout()
+  p = out_dir / f"{NAME}_overlap.png"
+  fig.savefig(p, dpi=110)
+  plt.close(fig)
+  made.append(p)
+
+  st = payload["stability"]
+  fig, ax = plt.subplots(figsize=(5, 3.4))
+  ax.plot([s["n"] for s in st], [s["jaccard_vs_largest"] for s in st], marker="o", label="vs the largest n")
+  ax.plot([s["n"] for s in st[1:]], [s["jaccard_vs_previous"] for s in st[1:]], marker="x", ls="--",
+          label="vs the previous n")
+  ax.set_xscale("log", base=2)
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("calibration images")
+  ax.set_ylabel("Jaccard of kept channels")
+  ax.set_title("HSIC Lasso selection stability", fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  p = out_dir / f"{NAME}_stability.png"
+  fig.savefig(p, dpi=110)
+  plt.close(fig)
+  made.append(p)
+  return made
+
+
+README_PARAGRAPH = (
+    "Every method prunes the same pretrained CIFAR-10 ResNet-56 with the same 128 calibration images to 30%, 55% "
+    "and 70% of its MACs removed, through the program's own selection and surgery: APIB, ITPruner (channels by L1 "
+    "norm), the combined mode (ITPruner's widths filled by HSIC Lasso), and equal (uniform) widths filled by HSIC "
+    "Lasso or by each baseline criterion. Accuracy is measured on the validation images carved from the shared "
+    "CIFAR-10 subset, on which the network was trained (agreement with itself, not generalisation), right after "
+    "surgery (BatchNorm re-estimated) and after the same short distilled fine-tune for every method. The peer of "
+    "each row is uniform L1 at the same MACs. See the module docstring for the protocol.")
+
+
+def render_readme(payload: dict[str, Any]) -> None:
+  text = _common.README.read_text() if _common.README.exists() else "# Benchmarks\n"
+  if f"<!-- BEGIN {NAME} -->" not in text:
+    paragraph = textwrap.fill(README_PARAGRAPH, width=116, break_long_words=False, break_on_hyphens=False)
+    section = f"{SECTION}\n\n{paragraph}\n\n<!-- BEGIN {NAME} -->\n<!-- END {NAME} -->\n\n"
+    at = text.find(GOALS_SECTION)
+    text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
+    _common.README.write_text(text)
+  m = payload["machine"]
+  parts = [
+      f"Run {m['date']} on {m['cpu_count']} CPU cores ({m['device']}), jax {m['jax']}; the whole study took "
+      f"{payload['seconds'] / 60:.0f} min. Dense {payload['model']}: {payload['dense_macs'] / 1e6:.2f}M MACs, top-1 "
+      f"{100 * payload['dense_top1']:.2f}% on {payload['eval_examples']} validation images.",
+      "", "**Accuracy** (top-1 %, validation):", "", accuracy_table(payload),
+      "", f"![accuracy vs MACs](results/{NAME}_accuracy.png)",
+      "", f"**Overlap** of the channels kept at {100 * payload['overlap']['removed']:.0f}% removed, equal widths "
+      "(mean Jaccard over layers):", "", overlap_table(payload), "", f"![overlap](results/{NAME}_overlap.png)",
+      "", "**Stability** of HSIC Lasso's selection with the number of calibration images (uniform widths at "
+      f"{100 * payload['overlap']['removed']:.0f}% removed):", "", stability_table(payload),
+      "", f"![stability](results/{NAME}_stability.png)"]
+  if payload.get("resnet50"):
+    parts += ["", "**Selection time on ResNet-50** (random weights, 64 images at 224x224, cold: compilation "
+              "included), next to the APIB paper's table (GPU):", "", resnet50_table(payload)]
+  _common.update_readme(NAME, "\n".join(parts))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The program.
+
+
+class Progress:
+  """Finished parts of a study, one JSON line each in ``path``, so that an interrupted run resumes where it
+  stopped. A line is reused only by a run of the same model and fine-tuning steps."""
+
+  def __init__(self, path: pathlib.Path, key: dict[str, Any]):
+    self.path, self.key = path, key
+    self.done: dict[str, Any] = {}
+    self.seconds: dict[str, float] = {}  # wall time of each part, whichever run computed it
+    self.new_seconds = 0.0  # of the parts this run computed
+    if path.exists():
+      for line in path.read_text().splitlines():
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # a line cut short by the interruption
+        if rec.get("key") == key:
+          self.done[rec["part"]] = rec["value"]
+          self.seconds[rec["part"]] = float(rec.get("seconds", 0.0))
+      if self.done:
+        print(f"resuming: {len(self.done)} finished parts in {path}", flush=True)
+
+  def get(self, part: str, compute: Any) -> Any:
+    if part not in self.done:
+      t0 = time.perf_counter()
+      self.done[part] = compute()
+      self.seconds[part] = time.perf_counter() - t0
+      self.new_seconds += self.seconds[part]
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      cut = self.path.exists() and not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size > 0
+      with self.path.open("a") as f:
+        f.write(("\n" if cut else "") + json.dumps({"key": self.key, "part": part, "value": self.done[part],
+                            "seconds": self.seconds[part]}) + "\n")
+    return self.done[part]
+
+  def total_seconds(self, elapsed: float) -> float:
+    """The study's wall time as if run at once: this run's time outside the parts, plus every part's time."""
+    return elapsed - self.new_seconds + sum(self.seconds.values())
+
+
+def run(quick: bool, shared: pathlib.Path, finetune_steps: int, data_dir: str, with_resnet50: bool,
+        progress_path: pathlib.Path) -> dict[str, Any]:
+  import hsic_jax as hj  # pylint: disable=import-outside-toplevel
+  from models import import_torch  # pylint: disable=import-outside-toplevel
+  from train import calibrate, data, pipeline, train as train_lib  # pylint: disable=import-outside-toplevel
+  t_start = time.perf_counter()
+  model_name = "resnet20" if quick else "resnet56"
+  cfg = study_config(model_name, shared, data_dir)
+  if jax.default_backend() == "cpu":
+    hj.limit_lapack_threads()
+  data.prepare(cfg.data)
+  mesh = train_lib.make_mesh()
+  dense = import_torch.import_torch_state(model_name, import_torch.load_npz(cfg.dense.path))
+  pairs = calibrate.decision_groups(dense)
+  dense_widths = list(dense.widths)
+  cost = pipeline.decision_cost(cfg, pairs, dense_widths, int(dense.num_classes))
+  dense_macs = cost([g.size for _, g in pairs])["macs"]
+  images, labels, _ = data.calibration_batch(cfg.data, int(cfg.calib.num_images), seed=int(cfg.calib.seed))
+  vs = variants(quick)
+  crits = sorted({v.criterion for v in vs} - {"hsic_lasso"}, key=list(CRITERIA).index)
+  print(f"{model_name}: calibration evidence ({len(images)} images)", flush=True)
+  ev = gather_evidence(dense, cfg, images, labels, crits)
+  dense_acc = _eval(cfg, dense, mesh)
+  print(f"{model_name}: dense top-1 {dense_acc:.4f}", flush=True)
+  ratios = (0.55,) if quick else RATIOS_REMOVED
+  prog = Progress(progress_path, {"model": model_name, "finetune_steps": finetune_steps, "quick": quick})
+  rows = []
+  for removed in ratios:
+    print(f"{100 * removed:.0f}% of the MACs removed", flush=True)
+    for v in vs:
+      rows.append(prog.get(f"row {removed} {v.label}", lambda: {"removed": removed, **prune_and_measure(
+          v, cfg, dense, ev, (1 - removed) * dense_macs, finetune_steps, mesh, pairs, dense_acc)}))
+  mid = 0.55
+  names, mat = overlap_matrix([r for r in rows if r["removed"] == mid])
+  uni = next(r for r in rows if r["removed"] == mid and r["method"] == "uniform")
+  ns = (16, 32, 64) if quick else STABILITY_N
+  stab = prog.get("stability", lambda: stability(dense, cfg, pairs, uni["widths"], ns))
+  r50 = prog.get("resnet50", lambda: resnet50_times(shared, CRITERIA)) if with_resnet50 and not quick else []
+  return {"quick": quick, "model": model_name, "finetune_steps": finetune_steps, "dense_macs": dense_macs,
+          "dense_top1": dense_acc, "eval_examples": data.num_examples(cfg.data, cfg.data.eval_split),
+          "calibration_images": int(cfg.calib.num_images), "evidence_seconds": ev.seconds,
+          "rows": rows, "overlap": {"removed": mid, "names": names, "jaccard": mat}, "stability": stab,
+          "resnet50": r50, "seconds": prog.total_seconds(time.perf_counter() - t_start)}
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="ResNet-20, one ratio, a few methods (CI-sized)")
+  parser.add_argument("--shared", type=pathlib.Path, default=SHARED, help="shared data and weights folder")
+  parser.add_argument("--out", type=pathlib.Path, default=None,
+                      help="results folder (default benchmarks/results; a temporary one with --quick)")
+  parser.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per pruned model")
+  parser.add_argument("--data-dir", default=None, help="where the CIFAR-10 folder is prepared as a TFDS data set")
+  parser.add_argument("--no-resnet50", action="store_true", help="skip the ResNet-50 selection times")
+  parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+  parser.add_argument("--progress", type=pathlib.Path, default=None,
+                      help="finished parts, for resuming (default runs/pruning_quality/progress.jsonl; none with "
+                           "--quick)")
+  parser.add_argument("--render", action="store_true",
+                      help="rewrite the README block and the plots from the saved results, running nothing")
+  args = parser.parse_args(argv)
+  if args.render:
+    payload = json.loads((_common.RESULTS / f"{NAME}.json").read_text())
+    render_readme(payload)
+    plot(payload, _common.RESULTS)
+    print(f"updated {_common.README}")
+    return
+  if not args.shared.is_dir():
+    raise SystemExit(f"the shared folder {args.shared} (pretrained weights and CIFAR-10 images) is needed; "
+                     "pass --shared DIR")
+  quick = args.quick
+  steps = args.finetune_steps if args.finetune_steps is not None else (2 if quick else 60)
+  out = args.out if args.out is not None else (pathlib.Path(tempfile.mkdtemp(prefix=f"{NAME}_")) if quick else None)
+  data_dir = args.data_dir or "~/tensorflow_datasets"  # the program's default: prepared once, then reused
+  progress = args.progress or ((out / "progress.jsonl") if quick else
+                                pathlib.Path("runs") / NAME / "progress.jsonl")
+  payload = run(quick, args.shared, steps, data_dir, not args.no_resnet50, progress)
+  for table in (accuracy_table(payload), overlap_table(payload), stability_table(payload)):
+    print(table, end="\n\n")
+  if payload["resnet50"]:
+    print(resnet50_table(payload))
+  if out is None:
+    path = _common.write_results(NAME, payload)
+    out_dir = _common.RESULTS
+  else:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{NAME}.json"
+    path.write_text(json.dumps({"benchmark": NAME, "machine": _common.machine(), **payload}, indent=2))
+    out_dir = out
+  print(f"wrote {path}")
+  for p in plot(json.loads(path.read_text()), out_dir):
+    print(f"wrote {p}")
+  if not args.no_readme and not quick and out is None:
+    render_readme(json.loads(path.read_text()))
+    print(f"updated {_common.README}")
+
+
+if __name__ == "__main__":
+  main()
