@@ -274,8 +274,12 @@ def _channel_grams(x, rule, gamma, centered, normalized, batch_size, strategy):
     # rather than a (c, n, d) transposed copy of the whole input first (VGG-16 conv2 at n = 128: 20 ms, not 29).
     grams, finite = jax.lax.map(lambda k: one(jax.lax.dynamic_index_in_dim(x, k, axis=1, keepdims=False)),
                                 jnp.arange(x.shape[1]))
+  elif batch_size is None and strategy == "vmap":
+    # Accelerators: every channel side by side (the (c, n, n) intermediates are the size of the result).
+    grams, finite = jax.vmap(one)(jnp.swapaxes(x, 0, 1))
   else:
-    # lax.map with a batch size vmaps over `batch_size` channels at a time, bounding the live (n, n) intermediates.
+    # One channel at a time on CPUs (each (n, n) Gram stays in cache from its distances to its kernel); with a
+    # batch size, `batch_size` channels side by side at a time, bounding the live (n, n) intermediates.
     grams, finite = jax.lax.map(one, jnp.swapaxes(x, 0, 1), batch_size=batch_size)
   return grams, jnp.all(finite)
 
@@ -289,7 +293,7 @@ def channel_grams(
     batch_size: int | None = None,
     dtype=jnp.float32,
 ) -> Float[Array, "c n n"]:
-  """Per-channel Gaussian Gram matrices: ``(n, c, d)`` features -> ``(c, n, n)``, in one vmapped call.
+  """Per-channel Gaussian Gram matrices: ``(n, c, d)`` features -> ``(c, n, n)``, in one compiled call.
 
   Channel ``k`` gets ``K_k[i, j] = exp(-gamma_k ||x[i, k] - x[j, k]||^2)``, with ``gamma_k`` from the bandwidth rule
   applied to that channel's ``(n, d)`` slice. For APIB, ``x`` is a conv layer's input reshaped to
@@ -300,7 +304,8 @@ def channel_grams(
     bandwidth: rule or explicit gamma, as in :func:`gaussian_gram`.
     centered: return centered Grams ``H K_k H``.
     normalized: Frobenius-normalise each Gram (a constant channel stays all-zero).
-    batch_size: channels computed at once (bounds memory); ``None`` does all channels in one vmap.
+    batch_size: channels computed side by side at a time (bounds memory); ``None``: all of them at once where the
+      input lives on an accelerator, one at a time on a CPU.
     dtype: float32 (default) or float64.
 
   Returns:

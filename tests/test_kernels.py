@@ -71,6 +71,27 @@ def test_channel_grams_equal_per_channel_loop_and_batching():
   np.testing.assert_allclose(np.sqrt((gc ** 2).sum((1, 2))), 1.0, rtol=1e-5)
 
 
+def _has_loop(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("scan", "while"):
+      return True
+    for value in eqn.params.values():
+      if isinstance(value, jax.extend.core.ClosedJaxpr) and _has_loop(value.jaxpr):
+        return True
+  return False
+
+
+def test_channel_grams_vmap_channels_for_accelerators_and_loop_on_cpus():
+  x = np.random.default_rng(3).normal(size=(10, 6, 4)).astype(np.float32)
+  args = (*kernels.jit_bandwidth("apib"), False, False, None)
+  # pylint: disable=protected-access
+  vmapped = jax.make_jaxpr(lambda v: kernels._channel_grams(v, *args, "vmap"))(x)
+  looped = jax.make_jaxpr(lambda v: kernels._channel_grams(v, *args, "loop"))(x)
+  assert not _has_loop(vmapped.jaxpr) and _has_loop(looped.jaxpr)
+  np.testing.assert_allclose(np.asarray(kernels._channel_grams(x, *args, "vmap")[0]),
+                             np.asarray(kernels._channel_grams(x, *args, "loop")[0]), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("d", [3, 600])  # 600 >= SLICED_CHANNELS_MIN_DIM: one channel at a time on CPU
 def test_channel_grams_of_long_rows_equal_numpy(d):
   rng = np.random.default_rng(d)
