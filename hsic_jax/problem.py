@@ -346,6 +346,7 @@ def problem_from_grams(
     normalized: bool = False,
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
     dtype=jnp.float32,
+    check: bool = True,
 ) -> LassoProblem:
   """Builds the quadratic form from raw (uncentered) per-channel Grams and an output Gram.
 
@@ -363,6 +364,8 @@ def problem_from_grams(
       is vmapped, on accelerators; CPU builds one layer at a time).
     dtype: float32 (default) or float64; float16 and bfloat16 are computed in float32 (the problem is float32):
       sums of products of Gram entries overflow float16, and the solver's factorisations support neither.
+    check: validate the values (finiteness, overflow, symmetry) once the computation is done, which waits for it;
+      ``False`` returns at once, for a caller that dispatches many builds and validates the results itself.
 
   Returns:
     A :class:`LassoProblem`, with a leading batch axis when the Grams have one.
@@ -386,9 +389,10 @@ def problem_from_grams(
   strategy = _checks.strategy_for(gram_x, gram_y)
   if strategy == "vmap":
     max_block_bytes = max(1, max_block_bytes // batch)  # a vmapped batch holds every layer's block at once
-  problem, (stats_x, stats_y) = _from_grams(gram_x, gram_y,
-                                            _tiles_for(c, n, dtype.itemsize, max_block_bytes, strategy),
-                                            normalized, strategy=strategy)
+  t = _tiles_for(c, n, dtype.itemsize, max_block_bytes, strategy)
+  if not check:
+    return _from_grams(gram_x, gram_y, t, normalized, False, strategy)[0]
+  problem, (stats_x, stats_y) = _from_grams(gram_x, gram_y, t, normalized, strategy=strategy)
   if not (_checks.is_concrete(gram_x) and _checks.is_concrete(gram_y)):
     return problem
   _checks.raise_for_gram_stats("gram_x", gram_x, stats_x, batched=batched)
@@ -505,6 +509,7 @@ def problem_from_features(
     normalized: bool = False,
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
     dtype=jnp.float32,
+    check: bool = True,
 ) -> LassoProblem:
   """Builds the quadratic form straight from a layer's features, never holding more than a block of Gram entries.
 
@@ -520,6 +525,8 @@ def problem_from_features(
       once).
     dtype: float32 (default) or float64; float16 and bfloat16 are computed in float32 (the problem is float32):
       sums of products of Gram entries overflow float16, and the solver's factorisations support neither.
+    check: validate the values (finiteness, overflow) once the computation is done, which waits for it;
+      ``False`` returns at once, for a caller that dispatches many builds and validates the results itself.
 
   Returns:
     A :class:`LassoProblem`.
@@ -554,6 +561,8 @@ def problem_from_features(
                                                normalized)
   # x and y are validated by the build (their squared norms), not by passes of their own; see
   # kernels._channel_grams.
+  if not check:
+    return problem
   _checks.raise_unless_finite_norms("x", x, finite)
   if finite_y is not None:
     _checks.raise_unless_finite_norms("y", y, finite_y)

@@ -127,9 +127,11 @@ class _Decisions:
     self.top = max(float(np.max(np.asarray(solver.lambda_max(st, positive=positive)))) for _, st in self.buckets)
     floor_sel: list[np.ndarray] = [np.empty(0)] * len(problems)
     floor_beta: list[np.ndarray] = [np.empty(0)] * len(problems)
-    for idx, st in self.buckets:
-      k = selection.select_k(st, self.omega[idx].astype(np.int32), widths=self.sizes[idx].astype(np.int32),
-                             positive=positive, tol=tol, max_iter=max_iter)
+    # Problems were validated once (_as_list): every stack is dispatched before any result is read back.
+    floors = [(idx, selection.select_k(st, self.omega[idx].astype(np.int32), widths=self.sizes[idx].astype(np.int32),
+                                       positive=positive, tol=tol, max_iter=max_iter, check=False))
+              for idx, st in self.buckets]
+    for idx, k in floors:
       sel, beta = np.asarray(k.selected), np.asarray(k.result.beta)
       for j, d in enumerate(idx):
         c = int(self.sizes[d])
@@ -141,12 +143,15 @@ class _Decisions:
     g = len(lams)
     sel = [[np.empty(0)] * len(self.sizes) for _ in range(g)]
     beta = [[np.empty(0)] * len(self.sizes) for _ in range(g)]
-    for idx, st in self.buckets:
+    results = []
+    for idx, st in self.buckets:  # every stack dispatched before any result is read back
       lam_arr = jnp.asarray(lams, st.lin.dtype)[:, None]
       c_max = st.num_channels
       warm = None if init is None else jnp.asarray(np.stack([np.pad(init[1][d], (0, c_max - init[1][d].size))
                                                              for d in idx]))[None]
-      res = solver.solve(st, lam_arr, positive=self.positive, init=warm, tol=self.tol, max_iter=self.max_iter)
+      results.append((idx, solver.solve(st, lam_arr, positive=self.positive, init=warm, tol=self.tol,
+                                        max_iter=self.max_iter, check=False)))
+    for idx, res in results:
       s_arr, b_arr = np.asarray(res.selected), np.asarray(res.beta)
       for i in range(g):
         for j, d in enumerate(idx):

@@ -194,7 +194,6 @@ def _select_k_one(quad, lin, const, lip, k, width, tol, max_iter, max_steps, pos
                                tol=tol, max_iter=max_iter, check_every=solver.CHECK_EVERY, positive=positive,
                                compact=compact)
   top = jnp.maximum(jnp.max(lin) if positive else jnp.max(jnp.abs(lin)), 0.0)
-  first = solve_at(top * 0.5, None)
 
   def count(res):
     return jnp.sum(res.selected)
@@ -203,21 +202,27 @@ def _select_k_one(quad, lin, const, lip, k, width, tol, max_iter, max_steps, pos
     # The fallback: the latest (nearest) solution with more than k channels; until there is one, the largest.
     return (count(res) > k) | ((count(best) <= k) & (count(res) >= count(best)))
 
+  zero = jnp.zeros((), lin.dtype)
+  # The solver appears once in the program: step 0 of the loop is the cold solve at top / 2 (from beta = 0), the
+  # later steps bisect warm-started. A cold solve before the loop would trace and compile the solver twice.
   def cond(st):
-    lo, hi, res, best, step = st
-    return (count(res) != k) & (step < max_steps) & (hi - lo > 1e-7 * top)
+    lo, hi, res, _, step = st
+    return (step == 0) | ((count(res) != k) & (step <= max_steps) & (hi - lo > 1e-7 * top))
 
   def body(st):
     lo, hi, res, best, step = st
+    started = step > 0
     cnt = count(res)
-    lo = jnp.where(cnt > k, res.lam, lo)
-    hi = jnp.where(cnt < k, res.lam, hi)
-    best = jax.tree.map(lambda b, r: jnp.where(better(res, best), r, b), best, res)
-    new = solve_at(0.5 * (lo + hi), res.beta)
+    lo = jnp.where(started & (cnt > k), res.lam, lo)
+    hi = jnp.where(started & (cnt < k), res.lam, hi)
+    best = jax.tree.map(lambda b, r: jnp.where(started & better(res, best), r, b), best, res)
+    new = solve_at(0.5 * (lo + hi), jnp.where(started, res.beta, 0.0))
     return lo, hi, new, best, step + 1
 
-  zero = jnp.zeros((), lin.dtype)
-  lo, hi, res, best, _ = jax.lax.while_loop(cond, body, (zero, top, first, first, jnp.zeros((), jnp.int32)))
+  placeholder = solver.LassoResult(jnp.zeros_like(lin), jnp.zeros(lin.shape, bool), zero, zero,  # replaced at step 0
+                                   jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero)
+  lo, hi, res, best, _ = jax.lax.while_loop(cond, body, (zero, top, placeholder, placeholder,
+                                                          jnp.zeros((), jnp.int32)))
   exact = count(res) == k
   fallback = jax.tree.map(lambda r, b: jnp.where(better(res, best), r, b), res, best)
   mask = jnp.where(exact, res.selected, _top_k_mask(fallback.beta, lin, k, width))
@@ -242,6 +247,7 @@ def select_k(
     max_iter: int = solver.DEFAULT_MAX_ITER,
     max_steps: int = 60,
     strategy: str | None = None,
+    check: bool = True,
 ) -> KSelection:
   """Keeps exactly ``k`` channels: bisection on ``lam`` in ``[0, lambda_max]`` until the support has ``k`` entries.
 
@@ -258,11 +264,12 @@ def select_k(
     max_steps: cap on bisection steps (an integer >= 0).
     strategy: ``"loop"`` or ``"vmap"`` over a batch, as in :func:`hsic_jax.solve` (default: where the problem
       lives).
+    check: check that the problem is finite first, as in :func:`hsic_jax.solve`.
 
   Returns:
     A :class:`KSelection`. A float16 or bfloat16 problem is solved (and its result returned) in float32.
   """
-  solver.check_problem(problem)
+  solver.check_problem(problem, values=check)
   problem = solver.widen(problem)
   tol = solver.resolve_tol(tol, problem.lin.dtype)
   max_iter = _checks.check_count("max_iter", max_iter, 1)

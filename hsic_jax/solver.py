@@ -328,11 +328,15 @@ def widen(problem: LassoProblem) -> LassoProblem:
   return LassoProblem(*(jnp.asarray(a, jnp.float32) for a in problem))
 
 
-def check_problem(problem: LassoProblem, name: str = "problem") -> None:
+def check_problem(problem: LassoProblem, name: str = "problem", *, values: bool = True) -> None:
+  """The problem's structure, and with ``values`` that ``Q``, ``q`` and the constant are finite (one reduction, read
+  back on the host: it waits for the problem's computation)."""
   if not isinstance(problem, LassoProblem):
     raise ValueError(f"{name} must be a LassoProblem (see hsic_jax.problem_from_grams), got {type(problem).__name__}.")
   if problem.lin.shape[-1] < 1:
     raise ValueError(f"{name} has zero channels; there is nothing to select.")
+  if not values:
+    return
   fields = ("quad", "lin", "const")
   arrays = [getattr(problem, f) for f in fields]
   if all(_checks.is_concrete(a) for a in arrays) and bool(_checks.all_finite(*arrays)):
@@ -351,6 +355,7 @@ def solve(
     max_iter: int = DEFAULT_MAX_ITER,
     check_every: int = CHECK_EVERY,
     strategy: str | None = None,
+    check: bool = True,
 ) -> LassoResult:
   """Solves HSIC Lasso at penalty ``lam`` (broadcast against the problem's batch axes; see module docstring).
 
@@ -364,14 +369,18 @@ def solve(
     check_every: proximal-gradient steps between convergence tests (each test also tries an active-set step).
     strategy: ``"loop"`` (problems of a batch one after another, with compact active-set solves: fastest on CPUs)
       or ``"vmap"`` (side by side: accelerators); default from where ``problem``'s arrays live.
+    check: check that the problem, ``lam`` and ``init`` are finite first (waits for them to be computed);
+      ``False`` for a problem the caller has validated (e.g. built with the default ``check=True``), so that a loop
+      of solves can dispatch without waiting.
 
   Returns:
     A :class:`LassoResult` with the problem's and ``lam``'s broadcast batch shape. A float16 or bfloat16 problem is
     solved (and its result returned) in float32.
   """
-  check_problem(problem)
+  check_problem(problem, values=check)
   problem = widen(problem)
-  _checks.check_nonnegative_scalar("lam", lam)
+  if check:
+    _checks.check_nonnegative_scalar("lam", lam)
   try:
     jnp.broadcast_shapes(problem.lin.shape[:-1], jnp.shape(lam))
   except ValueError as err:
@@ -383,7 +392,8 @@ def solve(
   check_every = _checks.check_count("check_every", check_every, 1)
   if init is not None:
     init = jnp.asarray(init, problem.lin.dtype)
-    _checks.check_finite("init", init)
+    if check:
+      _checks.check_finite("init", init)
     if init.shape[-1] != problem.num_channels:
       raise ValueError(f"init must have {problem.num_channels} coefficients on its last axis, got shape {init.shape}.")
   strategy = _checks.strategy_for(problem.quad, strategy=strategy)

@@ -365,3 +365,39 @@ def test_selection_methods_and_criteria_are_checked():
   cfg.select.method, cfg.select.criterion = "lottery", "l1"
   with pytest.raises(ValueError, match="select.method must be one of"):
     pipeline.evidence(cfg.select)
+
+
+def test_apib_widths_filled_by_fpgm_keep_each_layers_top_fpgm_scores(finished, tmp_path):
+  """``--config.select.criterion=fpgm`` on an APIB config: APIB's global search sets the widths (as the APIB run
+  does), FPGM's scores (distance sums, derived by hand in test_criteria) pick the channels."""
+  from scipy.spatial.distance import cdist  # pylint: disable=import-outside-toplevel
+  from train import calibrate  # pylint: disable=import-outside-toplevel
+  workdir, _ = finished
+  run = _variant_run(finished, tmp_path, criterion="fpgm")
+  sel = _stages(run, "calibrate", "select")
+  apib = json.loads((workdir / "selection.json").read_text())
+  assert [d["kept"] for d in sel["decisions"]] == [d["kept"] for d in apib["decisions"]]
+  assert sel["lambda"] == pytest.approx(apib["lambda"])
+  dense = run.load_model("dense")
+  flat = hj.flatten_state(nnx.to_pure_dict(nnx.state(dense)))
+  for (_, g), d in zip(calibrate.decision_groups(dense), sel["decisions"]):
+    rows = [np.moveaxis(np.asarray(flat[m.path]), m.axis, 0).reshape(g.size, -1) for m in g.members
+            if m.role == "out" and m.path[-1] == "kernel"]
+    w = np.concatenate(rows, axis=1)
+    score = cdist(w, w).sum(1)
+    kept = sel["keep"][g.name]
+    dropped = sorted(set(range(g.size)) - set(kept))
+    if dropped:
+      assert score[kept].min() >= score[dropped].max() - 1e-4 * score.max()
+
+
+def test_calibration_of_non_finite_activations_names_the_decisions(finished):
+  from train import calibrate, data  # pylint: disable=import-outside-toplevel
+  workdir, _ = finished
+  cfg = pipeline.ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  dense = pipeline.Run(cfg, workdir, pipeline.train_lib.make_mesh(jax.devices()[:1]), False).load_model("dense")
+  images, _, _ = data.calibration_batch(cfg.data, 8, seed=0)
+  images = np.array(images)
+  images[2, 3, 3, 0] = np.nan
+  with pytest.raises(ValueError, match=r"calibration problems of \[.*\] are not finite"):
+    calibrate.build_problems(dense, images, cfg.calib, cfg.select)

@@ -276,6 +276,32 @@ def test_non_finite_problem_is_refused():
   assert np.isfinite(float(hj.solve(p, 0.1).objective))
 
 
+def test_check_false_skips_value_checks_only():
+  """``check=False`` returns without reading the build's validation back (a caller validates once for many), and
+  computes the same thing; structural errors are raised either way."""
+  x = np.random.default_rng(1).normal(size=(8, 3, 2)).astype(np.float32)
+  y = np.random.default_rng(2).normal(size=(8, 4)).astype(np.float32)
+  gx, gy = _grams()
+  checked, unchecked = hj.problem_from_features(x, y), hj.problem_from_features(x, y, check=False)
+  for a, b in zip(checked, unchecked):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(hj.problem_from_grams(gx, gy), hj.problem_from_grams(gx, gy, check=False)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(hj.solve(checked, 0.1).beta),
+                                np.asarray(hj.solve(checked, 0.1, check=False).beta))
+  np.testing.assert_array_equal(np.asarray(hj.select_k(checked, 2).selected),
+                                np.asarray(hj.select_k(checked, 2, check=False).selected))
+  x[3, 0, 1] = np.nan
+  bad = hj.problem_from_features(x, y, check=False)  # no error: the caller checks
+  assert not np.isfinite(np.asarray(bad.quad)).all()
+  with pytest.raises(ValueError, match="x contains 1 NaN"):
+    hj.problem_from_features(x, y)
+  with pytest.raises(ValueError, match="same number of samples"):
+    hj.problem_from_features(x, y[:5], check=False)
+  with pytest.raises(ValueError, match="LassoProblem"):
+    hj.solve({"quad": 1}, 0.1, check=False)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_non_finite_gram_in_one_layer_of_a_batch(value):
   # A batch of layers is validated as a whole: one bad layer among good ones is found, and named as non-finite

@@ -168,11 +168,20 @@ def build_problems(model: nnx.Module, images: np.ndarray, cfg_calib: Any, cfg_se
     feats = capture(jnp.asarray(images[s:end]))
     for d in decisions:
       x, y = feats[d]
+      # Dispatched without waiting for each build's check; the summed problems are validated once below.
       per_decision[d].append(hj.problem_from_features(x, y, bandwidth=cfg_select.bandwidth,
-                                                      normalized=cfg_select.normalized))
+                                                      normalized=cfg_select.normalized, check=False))
       bar.update(1)
   bar.close()
-  return decisions, [ps[0] if len(ps) == 1 else hj.combine_problems(ps) for ps in per_decision.values()]
+  problems = [ps[0] if len(ps) == 1 else hj.combine_problems(ps) for ps in per_decision.values()]
+  finite = np.asarray(jnp.stack([jnp.all(jnp.isfinite(p.quad)) & jnp.all(jnp.isfinite(p.lin)) &
+                                 jnp.isfinite(p.const) for p in problems]))
+  if not finite.all():
+    bad = [d for d, ok in zip(decisions, finite) if not ok]
+    raise ValueError(f"the calibration problems of {bad} are not finite: the dense model's activations there hold "
+                     "NaN or Inf, or values too large for float32 Gram products (check the model's weights and the "
+                     "input normalisation)")
+  return decisions, problems
 
 
 def save_problems(path: Path, decisions: Sequence[str], problems: Sequence[hj.LassoProblem]) -> None:
