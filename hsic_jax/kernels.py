@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from hsic_jax import _checks
+from jax.sharding import PartitionSpec as P
+
+from hsic_jax import _checks, _sharding
 
 Bandwidth = Union[Literal["apib", "pyhsiclasso", "median"], float]
 BANDWIDTHS = ("apib", "pyhsiclasso", "median")
@@ -284,6 +286,19 @@ def _channel_grams(x, rule, gamma, centered, normalized, batch_size, strategy):
   return grams, jnp.all(finite)
 
 
+@functools.partial(jax.jit, static_argnames=("rule", "centered", "normalized", "batch_size", "strategy", "mesh",
+                                             "axes"))
+def _channel_grams_split(x, rule, gamma, centered, normalized, batch_size, strategy, mesh, axes):
+  """:func:`_channel_grams` on each device's channels of ``x`` split over ``axes``: Grams split the same way."""
+  def local(xl, g):
+    grams, finite = _channel_grams(xl, rule, g, centered, normalized, batch_size, strategy)
+    return grams, finite[None]
+
+  grams, finite = jax.shard_map(local, mesh=mesh, in_specs=(P(None, axes, None), P()),
+                                out_specs=(P(axes, None, None), P(axes)), check_vma=False)(x, gamma)
+  return grams, jnp.all(finite)
+
+
 def channel_grams(
     x: Float[ArrayLike, "n c d"],
     *,
@@ -324,8 +339,14 @@ def channel_grams(
   if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
                                  or batch_size < 1):
     raise ValueError(f"batch_size must be a positive number of channels or None, got {batch_size!r}.")
-  grams, finite = _channel_grams(x, *jit_bandwidth(validate_bandwidth(bandwidth)), centered, normalized, batch_size,
-                                 _checks.strategy_for(x))
+  rule, gamma = jit_bandwidth(validate_bandwidth(bandwidth))
+  strategy = _checks.strategy_for(x)
+  split = _sharding.split_axis(x, 1)
+  if split is not None and np.ndim(gamma) == 0:
+    # Channels split over a mesh: each device computes its own channels' Grams, which stay split.
+    grams, finite = _channel_grams_split(x, rule, gamma, centered, normalized, batch_size, strategy, *split)
+  else:
+    grams, finite = _channel_grams(x, rule, gamma, centered, normalized, batch_size, strategy)
   _checks.raise_unless_finite_norms("x", x, finite)
   return grams
 

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from hsic_jax import _checks
+from jax.sharding import PartitionSpec as P
+
+from hsic_jax import _checks, _sharding
 from hsic_jax import problem as problem_lib
 from hsic_jax import solver
 from hsic_jax.kernels import Bandwidth
@@ -237,6 +239,16 @@ def _select_k(problem, k, widths, tol, max_iter, max_steps, positive, strategy):
   return fn(*args) if problem.lin.ndim == 1 else _checks.map_batch(fn, args, strategy)
 
 
+@functools.partial(jax.jit, static_argnames=("max_iter", "max_steps", "positive", "strategy", "mesh", "axes"))
+def _select_k_split(problem, k, widths, tol, max_iter, max_steps, positive, strategy, mesh, axes):
+  """:func:`_select_k` on each device's shard of a stack split over ``axes``."""
+  p_spec, r_spec = solver.batch_specs(axes)
+  row = P(axes)
+  local = lambda p, kk, w, t: _select_k(p, kk, w, t, max_iter, max_steps, positive, strategy)  # noqa: E731
+  return jax.shard_map(local, mesh=mesh, in_specs=(p_spec, row, row, P()),
+                       out_specs=KSelection(P(axes, None), row, row, r_spec), check_vma=False)(problem, k, widths, tol)
+
+
 def select_k(
     problem: LassoProblem,
     k: int | Int[ArrayLike, " b"],
@@ -291,6 +303,14 @@ def select_k(
       raise ValueError(f"k must be an integer in [1, {int(widths_arr)}] (never an empty layer), got {k!r}.")
     raise ValueError(f"k must hold an integer in [1, width] per problem (never an empty layer, never more channels "
                      f"than it has), got k={k_arr.tolist()} for widths {widths_arr.tolist()}.")
-  return _select_k(problem, jnp.asarray(k_arr, jnp.int32), jnp.asarray(widths_arr, jnp.int32),
-                   jnp.asarray(tol, problem.lin.dtype), max_iter, max_steps, bool(positive),
-                   _checks.strategy_for(problem.quad, strategy=strategy))
+  strategy = _checks.strategy_for(problem.quad, strategy=strategy)
+  k_j, widths_j, tol_j = (jnp.asarray(k_arr, jnp.int32), jnp.asarray(widths_arr, jnp.int32),
+                          jnp.asarray(tol, problem.lin.dtype))
+  split = _sharding.split_axis(problem.quad, 0) if problem.lin.ndim == 2 else None
+  if split is not None:
+    # A stack split over a mesh: every device selects in its own problems; the result stays split.
+    mesh, axes = split
+    place = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, P(axes)))  # noqa: E731
+    return _select_k_split(problem, place(k_j), place(widths_j), tol_j, max_iter, max_steps, bool(positive),
+                           strategy, mesh, axes)
+  return _select_k(problem, k_j, widths_j, tol_j, max_iter, max_steps, bool(positive), strategy)

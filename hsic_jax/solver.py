@@ -41,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from hsic_jax import _checks
+from jax.sharding import PartitionSpec as P
+
+from hsic_jax import _checks, _sharding
 from hsic_jax.problem import LassoProblem
 
 # Relative duality-gap tolerances. In float32 the gap of a solved problem is only known to a few 1e-6 (it is a
@@ -320,6 +322,21 @@ def _solve(problem, lam, init, tol, max_iter, check_every, positive, strategy):
   return jax.tree.map(lambda a: a.reshape(batch + a.shape[1:]), out)
 
 
+def batch_specs(axes) -> tuple[LassoProblem, LassoResult]:
+  """``PartitionSpec`` trees of a stacked problem and of its result, split over ``axes`` along the batch."""
+  row, mat = P(axes), P(axes, None)
+  return LassoProblem(P(axes, None, None), mat, row, row, row), LassoResult(mat, mat, row, row, row, row, row)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "check_every", "positive", "strategy", "mesh", "axes"))
+def _solve_split(problem, lam, init, tol, max_iter, check_every, positive, strategy, mesh, axes):
+  """:func:`_solve` on each device's shard of a stack split over ``axes`` (``lam`` and ``init`` one per problem)."""
+  p_spec, r_spec = batch_specs(axes)
+  local = lambda p, l, i, t: _solve(p, l, i, t, max_iter, check_every, positive, strategy)  # noqa: E731
+  return jax.shard_map(local, mesh=mesh, in_specs=(p_spec, P(axes), P(axes, None), P()), out_specs=r_spec,
+                       check_vma=False)(problem, lam, init, tol)
+
+
 def widen(problem: LassoProblem) -> LassoProblem:
   """The problem in float32 when it is float16 or bfloat16 (LAPACK, which the face solves use, has neither, and
   their range and precision cannot hold a solve); any other problem as it is."""
@@ -397,8 +414,18 @@ def solve(
     if init.shape[-1] != problem.num_channels:
       raise ValueError(f"init must have {problem.num_channels} coefficients on its last axis, got shape {init.shape}.")
   strategy = _checks.strategy_for(problem.quad, strategy=strategy)
-  return _solve(problem, jnp.asarray(lam, problem.lin.dtype), init, tol, max_iter, check_every, bool(positive),
-                strategy)
+  lam = jnp.asarray(lam, problem.lin.dtype)
+  split = _sharding.split_axis(problem.quad, 0) if problem.lin.ndim == 2 else None
+  if split is not None and lam.ndim <= 1 and lam.size in (1, problem.lin.shape[0]):
+    # A stack split over a mesh: every device solves its own problems; the result stays split.
+    b, c = problem.lin.shape
+    mesh, axes = split
+    place = lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
+    lam_b = place(jnp.broadcast_to(lam, (b,)), P(axes))
+    init_b = place(jnp.zeros((b, c), problem.lin.dtype) if init is None else jnp.broadcast_to(init, (b, c)),
+                   P(axes, None))
+    return _solve_split(problem, lam_b, init_b, tol, max_iter, check_every, bool(positive), strategy, mesh, axes)
+  return _solve(problem, lam, init, tol, max_iter, check_every, bool(positive), strategy)
 
 
 def lambda_max(problem: LassoProblem, *, positive: bool = True) -> Float[Array, "*b"]:
