@@ -109,6 +109,36 @@ def make_problem(quad, lin, const, rows) -> LassoProblem:
                       jnp.asarray(rows, quad.dtype))
 
 
+def reference_problem(gram_x: Float[ArrayLike, "c n n"], gram_y: Float[ArrayLike, "n n"], *,
+                      normalized: bool = False) -> LassoProblem:
+  """The problem exactly as the module docstring states it, in float64 numpy: the reference that every fast build
+  (whole Grams, tiles, streamed from the features, batched, sharded) is tested against.
+
+  ``K̄_k = H K_k H``, ``L̄ = H L H`` with ``H = I - 11'/n``; optionally ``K̄_k / ||K̄_k||_F`` and ``L̄ / ||L̄||_F``;
+  then ``Q_ij = <K̄_i, K̄_j>_F``, ``q_i = <K̄_i, L̄>_F``, ``const = ||L̄||_F^2`` and ``rows = n^2``. Memory is
+  ``O(c n^2)``: for tests and small problems, not for calibration.
+
+  >>> g = np.stack([np.eye(3), np.ones((3, 3))])  # the second channel is constant: K̄ = 0
+  >>> p = reference_problem(g, np.eye(3))
+  >>> (np.round(np.asarray(p.quad), 6) + 0.0).tolist(), (np.round(np.asarray(p.lin), 6) + 0.0).tolist()
+  ([[2.0, 0.0], [0.0, 0.0]], [2.0, 0.0])
+  """
+  gx = np.asarray(gram_x, np.float64)
+  gy = np.asarray(gram_y, np.float64)
+  n = gy.shape[-1]
+  h = np.eye(n) - 1.0 / n
+  kbar = h @ gx @ h
+  lbar = h @ gy @ h
+  if normalized:
+    norms = np.sqrt(np.sum(kbar * kbar, axis=(1, 2)))
+    kbar = np.where(norms[:, None, None] > 0, kbar / np.where(norms > 0, norms, 1.0)[:, None, None], 0.0)
+    ly = np.sqrt(np.sum(lbar * lbar))
+    lbar = lbar / ly if ly > 0 else lbar
+  flat = kbar.reshape(len(kbar), -1)
+  with jax.enable_x64(True):
+    return make_problem(flat @ flat.T, flat @ lbar.reshape(-1), np.sum(lbar * lbar), float(n * n))
+
+
 def _normalize(quad, lin, const):
   """Frobenius-normalises every ``K̄_k`` and ``L̄`` in Q-space: ``||K̄_k||^2 = Q_kk`` and ``||L̄||^2 = const``."""
   diag = jnp.diagonal(quad, axis1=-2, axis2=-1)

@@ -5,6 +5,11 @@ import pathlib
 
 # Must happen before jax is imported anywhere: sharding tests split channels over 8 simulated devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# JAX's persistent compilation cache, for this process and the program runs the tests start as subprocesses (which
+# compile the same steps again): compilation is most of the suite's time on a CPU. Set the variable to "" to test
+# without it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/hsic_jax/jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 

@@ -38,8 +38,9 @@ def env(tmp_path_factory):
   base = tmp_path_factory.mktemp("pipeline")
   e = dict(os.environ)
   e.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
-  e.update({"JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+  # The suite's persistent compilation cache (conftest), or one of this module's own.
+  e.update({"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(base / "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
   return e, base
 
 

@@ -534,3 +534,33 @@ def test_every_matrix_product_runs_at_full_precision():
     assert dots, name
     low = [where for precision, where in dots if precision != highest]
     assert not low, f"{name}: products below full precision at {low}"
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_every_build_path_equals_the_reference_problem(normalized):
+  """Whole Grams, tiles of Grams, features in memory, features streamed in tiles, and a batch: each against
+  problem.reference_problem (the stated math in float64 numpy)."""
+  from hsic_jax import problem  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(11)
+  n, c = 20, 5
+  x = rng.normal(size=(n, c, 3))
+  y = np.tanh(x[:, 1, :2]) + 0.1 * rng.normal(size=(n, 2))
+  with jax.enable_x64(True):
+    gx = np.asarray(hj.channel_grams(x, dtype=jnp.float64))
+    gy = np.asarray(hj.gaussian_gram(y, dtype=jnp.float64))
+    ref = problem.reference_problem(gx, gy, normalized=normalized)
+    small = 3 * c * 8 * 6 * 6  # tiles of 6 x 6
+    built = {
+        "grams": hj.problem_from_grams(gx, gy, normalized=normalized, dtype=jnp.float64),
+        "grams in tiles": hj.problem_from_grams(gx, gy, normalized=normalized, max_block_bytes=small,
+                                                dtype=jnp.float64),
+        "features": hj.problem_from_features(x, y, normalized=normalized, dtype=jnp.float64),
+        "features streamed": hj.problem_from_features(x, y, normalized=normalized, max_block_bytes=c * 8 * 8 * 8,
+                                                      dtype=jnp.float64),
+        "batch": jax.tree.map(lambda a: a[1], hj.problem_from_grams(np.stack([gx[::-1], gx]), np.stack([gy, gy]),
+                                                                    normalized=normalized, dtype=jnp.float64)),
+    }
+  for name, p in built.items():
+    for field in ("quad", "lin", "const", "rows"):
+      np.testing.assert_allclose(np.asarray(getattr(p, field)), np.asarray(getattr(ref, field)), rtol=1e-9,
+                                 atol=1e-9 * float(np.max(np.abs(np.asarray(ref.quad)))), err_msg=f"{name}: {field}")
