@@ -68,36 +68,31 @@ def _targets(taps: dict[str, Any], decisions: Sequence[str], conv3_y: str) -> di
   return out
 
 
-def make_capture(model: nnx.Module, bn_mode: str, decisions: Sequence[str], conv3_y: str):
-  """A jitted ``images -> {decision: (x, y)}`` on a copy of ``model``."""
+def _jitted_taps(model: nnx.Module, bn_mode: str, extract):
+  """A jitted ``images -> extract(taps)`` on a copy of ``model``, BatchNorm with batch or running statistics."""
   if bn_mode not in ("batch", "running"):
     raise ValueError(f"calib.bn_mode must be 'batch' or 'running', got {bn_mode!r}")
-  if conv3_y not in ("block", "pooled"):
-    raise ValueError(f"calib.resnet50_conv3_y must be 'block' or 'pooled', got {conv3_y!r}")
   split = train_lib.split_model(model)
   graphdef = split.train_def if bn_mode == "batch" else split.eval_def
 
   @jax.jit
   def capture(params, stats, images):
     _, taps = train_lib.merge(graphdef, params, stats)(images, capture=True)
-    return _targets(taps, decisions, conv3_y)
+    return extract(taps)
 
   return lambda images: capture(split.params, split.batch_stats, images)
+
+
+def make_capture(model: nnx.Module, bn_mode: str, decisions: Sequence[str], conv3_y: str):
+  """A jitted ``images -> {decision: (x, y)}`` on a copy of ``model``."""
+  if conv3_y not in ("block", "pooled"):
+    raise ValueError(f"calib.resnet50_conv3_y must be 'block' or 'pooled', got {conv3_y!r}")
+  return _jitted_taps(model, bn_mode, lambda taps: _targets(taps, decisions, conv3_y))
 
 
 def make_activations(model: nnx.Module, bn_mode: str, decisions: Sequence[str]):
   """A jitted ``images -> [activation (n, h, w, c) per decision]`` (each consumer's input) on a copy of ``model``."""
-  if bn_mode not in ("batch", "running"):
-    raise ValueError(f"calib.bn_mode must be 'batch' or 'running', got {bn_mode!r}")
-  split = train_lib.split_model(model)
-  graphdef = split.train_def if bn_mode == "batch" else split.eval_def
-
-  @jax.jit
-  def capture(params, stats, images):
-    _, taps = train_lib.merge(graphdef, params, stats)(images, capture=True)
-    return [taps[d].input for d in decisions]
-
-  return lambda images: capture(split.params, split.batch_stats, images)
+  return _jitted_taps(model, bn_mode, lambda taps: [taps[d].input for d in decisions])
 
 
 def activations(model: nnx.Module, images: np.ndarray, cfg_calib: Any) -> list[jax.Array]:
