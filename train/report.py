@@ -95,9 +95,10 @@ def _selection_line(rep: dict[str, Any]) -> str:
     text += "." if crit == "hsic_lasso" else f"; the widths filled by {fill}."
   elif method == "itpruner":
     alloc = s.get("allocation") or {}
-    text = (f"Selection: ITPruner widths (beta {s['beta']:g}) under the budget "
-            + ", ".join(f"{k} {v:,.0f}" for k, v in (s.get("budgets") or {}).items())
-            + f" ({reached}), {s.get('solver') or 'search'} solver; objective sum a_i w_i / c_i "
+    used = ", ".join(f"{k} {v:,.0f} ({rep['pruned'][k] / v:.1%} used)" for k, v in (s.get("budgets") or {}).items())
+    text = (f"Selection: ITPruner widths (beta {s['beta']:g}) under the budget {used} "
+            f"({'held' if s['within_tolerance'] else '**exceeded**'}), {s.get('solver') or 'search'} solver; "
+            "objective sum a_i w_i / c_i "
             f"{alloc.get('objective', float('nan')):.4g} ({alloc.get('dense_objective', float('nan')):.4g} at the "
             f"dense widths); channels by {fill}.")
   else:

@@ -15,7 +15,10 @@ With ITPruner's own cost model and budget, these importances give back its publi
 ``[11, 11, 11, 22, 21, 22, 45, 43, 48]`` exactly (``tests/test_allocation.py``).
 Data: as in ``resnet56_apib``; dense weights: the shared PyTorch ResNet-20.
 
-Measured: not run end to end here yet, so there is no time or result to report.
+Measured (2-core CPU, 2026-12-07), the short run above (2 epochs at lr 0.01 with distillation instead of the
+recipe's 300): 40.55M -> 19.24M MACs (47.5%, 98.6% of the budget), 0.270M -> 0.132M params; inner widths 7, 7, 7 /
+19, 14, 14 / 38, 29, 29; agreement with the dense model on the 465 held-out images 60.86% right after surgery
+(BatchNorm re-estimated; 21.51% without), 90.32% after fine-tuning; about a minute in all (fine-tuning 27 s).
 """
 
 from train.configs.base import get_base_config, itpruner_recipe
