@@ -20,7 +20,7 @@ from flax import nnx
 
 from hsic_jax.groups import ChannelGroup, ChannelSlice
 from hsic_jax.jaxpr_groups import GroupDerivationWarning, check_groups, derive_groups, derive_model_groups
-from hsic_jax.surgery import prune
+from hsic_jax.surgery import mask, prune
 from tests.test_surgery import (TOYS, ChainNet, ConcatNet, ResidualNet, _registry, abstract_model, assert_parity,
                                 random_state, registry_input, registry_names)
 
@@ -573,4 +573,7 @@ def test_derived_groups_match_a_masked_forward(name: str) -> None:
     pruned = prune(params, groups, {g.name: keep}).state
     masked = net(params, x, {label: drop})
     np.testing.assert_allclose(net(pruned, x, {}), masked, rtol=1e-4, atol=1e-5, err_msg=f"{name}: {label}")
+    # mask(), documented as the dense equivalent of removal, computes the same with the dense shapes.
+    np.testing.assert_allclose(net(mask(params, groups, {g.name: keep}), x, {}), masked, rtol=1e-4, atol=1e-5,
+                               err_msg=f"{name}: {label} (mask)")
     assert not np.allclose(masked, dense, atol=1e-4), f"{name}: removing {label} changed nothing"
