@@ -1,6 +1,7 @@
 """HSIC-JAX: channel pruning of CNNs by HSIC Lasso (APIB) and normalised HSIC (ITPruner), in JAX.
 
-The public API is re-exported here; each module does one thing:
+The top level holds what users call; each module does one thing and is a namespace of its own for the rest
+(``hj.kernels.center``, ``hj.surgery.mask``, ``hj.solver.objective``, ...):
 
 - :mod:`hsic_jax.kernels`: Gaussian / linear / delta Gram matrices, centering, HSIC, CKA, the layer HSIC matrix.
 - :mod:`hsic_jax.problem`: the HSIC Lasso quadratic form (Q, q) built blockwise from Grams or features.
@@ -15,18 +16,17 @@ The public API is re-exported here; each module does one thing:
 - :mod:`hsic_jax.runtime`: host-side settings for the CPU backend (LAPACK threads).
 """
 
-from hsic_jax import allocation, criteria
+from hsic_jax import allocation, criteria, groups, jaxpr_groups, kernels, problem, runtime, search, selection, solver
+from hsic_jax import surgery
 from hsic_jax.allocation import Allocation, allocate_widths, layer_importance
 from hsic_jax.criteria import channel_scores, criterion_names, register_criterion
-from hsic_jax.groups import ChannelGroup, ChannelSlice, flatten_state, path_str
+from hsic_jax.groups import ChannelGroup, ChannelSlice
 from hsic_jax.jaxpr_groups import GroupDerivationWarning, check_groups, derive_groups, derive_model_groups
 from hsic_jax.kernels import (
     Bandwidth,
-    center,
     channel_grams,
     cka,
     delta_gram,
-    frobenius_normalize,
     gaussian_cka,
     gaussian_gram,
     hsic,
@@ -52,8 +52,8 @@ from hsic_jax.selection import (
     lasso_select_features,
     select_k,
 )
-from hsic_jax.solver import LassoResult, lambda_max, objective, solve
-from hsic_jax.surgery import PrunePlan, PruneResult, apply_plan, keep_top_k, mask, prune, round_width
+from hsic_jax.solver import LassoResult, lambda_max, solve
+from hsic_jax.surgery import PrunePlan, PruneResult, apply_plan, prune
 
 __version__ = "0.1.0"
 
@@ -73,7 +73,6 @@ __all__ = [
     "allocate_widths",
     "allocation",
     "apply_plan",
-    "center",
     "channel_grams",
     "channel_scores",
     "check_groups",
@@ -84,14 +83,14 @@ __all__ = [
     "delta_gram",
     "derive_groups",
     "derive_model_groups",
-    "flatten_state",
-    "frobenius_normalize",
     "gaussian_cka",
     "gaussian_gram",
     "global_lambda_search",
+    "groups",
     "hsic",
     "hsic_matrix",
-    "keep_top_k",
+    "jaxpr_groups",
+    "kernels",
     "lambda_grid",
     "lambda_max",
     "lasso_path",
@@ -101,16 +100,18 @@ __all__ = [
     "limit_lapack_threads",
     "linear_cka",
     "linear_gram",
-    "mask",
-    "objective",
     "output_gram",
-    "path_str",
+    "problem",
     "problem_from_features",
     "problem_from_grams",
     "prune",
     "register_criterion",
-    "round_width",
+    "runtime",
+    "search",
     "select_k",
+    "selection",
     "solve",
+    "solver",
     "stack_problems",
+    "surgery",
 ]

@@ -56,7 +56,7 @@ def test_center_equals_hkh():
   rng = np.random.default_rng(1)
   k = rng.normal(size=(7, 7))
   with jax.enable_x64(True):
-    np.testing.assert_allclose(np.asarray(hj.center(k)), _h(7) @ k @ _h(7), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(hj.kernels.center(k)), _h(7) @ k @ _h(7), atol=1e-12)
 
 
 def test_channel_grams_equal_per_channel_loop_and_batching():

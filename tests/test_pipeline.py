@@ -287,7 +287,7 @@ def _linear_cka(a, b):
 
 def _l1_of_producer(state, group):
   """Per-channel L1 norm of the group's producing conv kernels (HWIO, output axis last), from the state."""
-  flat = hj.flatten_state(state)
+  flat = hj.groups.flatten_state(state)
   total = np.zeros(group.size)
   for m in group.members:
     leaf = np.asarray(flat[m.path])
@@ -380,7 +380,7 @@ def test_apib_widths_filled_by_fpgm_keep_each_layers_top_fpgm_scores(finished, t
   assert [d["kept"] for d in sel["decisions"]] == [d["kept"] for d in apib["decisions"]]
   assert sel["lambda"] == pytest.approx(apib["lambda"])
   dense = run.load_model("dense")
-  flat = hj.flatten_state(nnx.to_pure_dict(nnx.state(dense)))
+  flat = hj.groups.flatten_state(nnx.to_pure_dict(nnx.state(dense)))
   for (_, g), d in zip(calibrate.decision_groups(dense), sel["decisions"]):
     rows = [np.moveaxis(np.asarray(flat[m.path]), m.axis, 0).reshape(g.size, -1) for m in g.members
             if m.role == "out" and m.path[-1] == "kernel"]
