@@ -273,7 +273,7 @@ def _channel_grams(x, rule, gamma, centered, normalized, batch_size, strategy):
 
   if batch_size is None and x.shape[2] >= SLICED_CHANNELS_MIN_DIM and strategy == "loop":
     # Long rows: one channel at a time, each read straight out of (n, c, d) (its rows are contiguous d-vectors),
-    # rather than a (c, n, d) transposed copy of the whole input first (VGG-16 conv2 at n = 128: 20 ms, not 29).
+    # rather than a (c, n, d) transposed copy of the whole input first, which costs a pass over long rows.
     grams, finite = jax.lax.map(lambda k: one(jax.lax.dynamic_index_in_dim(x, k, axis=1, keepdims=False)),
                                 jnp.arange(x.shape[1]))
   elif batch_size is None and strategy == "vmap":

@@ -176,8 +176,8 @@ def _packed_rows(rows, start: int):
 
 
 # From this many channels on, ``P P'`` is computed as three products of half-height blocks (its two diagonal blocks
-# and one off-diagonal block, mirrored): 3/4 of the FLOPs of the full product, and faster on CPU from c = 256 on
-# (c = 512: 26.5 ms against 35.0 ms for six layers at n = 64); below, the smaller products lose more than they save.
+# and one off-diagonal block, mirrored): 3/4 of the FLOPs of the full product, which wins on CPUs from c = 256 on;
+# below, the smaller products lose more than they save.
 SYMMETRIC_SPLIT_MIN_CHANNELS = 256
 
 
@@ -234,11 +234,10 @@ SHIFT_PROBE_ROWS = 8
 
 
 # On CPUs, large Grams are taken in square tiles of every channel's Gram, ``c * t * t`` entries of about this many
-# bytes: small enough to stay in cache from the kernel evaluation (or centering) to the product that consumes it
-# (fastest on a 2-core x86 CPU for n = 1024, c = 128 at t = 128 and for n = 256, c = 512 at t = 64). Row blocks of
-# the whole width, tens of MB each, went through memory several times: streaming n = 1024, c = 128 from features
-# took 0.84 s, tiles 0.27 s. Accelerators, whose kernels do not keep a tile in a cache between XLA ops and pay per
-# loop step, take the largest tiles ``max_block_bytes`` allows.
+# bytes: small enough to stay in cache from the kernel evaluation (or centering) to the product that consumes it.
+# Row blocks of the whole width, tens of MB each, go through memory several times instead (about 3x slower to stream
+# from features, measured on an x86 CPU). Accelerators, whose kernels do not keep a tile in a cache between XLA ops
+# and pay per loop step, take the largest tiles ``max_block_bytes`` allows.
 STREAM_TILE_BYTES = 8 * 2**20
 
 
@@ -325,8 +324,8 @@ def _symmetry_probe(n: int, dtype) -> jax.Array:
 
 def _means_and_stats(gram, validate):
   """Row means, column means (``(..., n)`` each) and, when ``validate``, :func:`_checks.gram_stats` of square
-  matrices ``gram`` ``(..., n, n)``: the reductions centering needs plus a weighted one on each side (building from
-  Grams with n = 1024, c = 128 took 0.38 s with them, 0.30 s without, on a 2-core CPU)."""
+  matrices ``gram`` ``(..., n, n)``: the reductions centering needs plus a weighted one on each side, read in the
+  same pass over the Grams."""
   if not validate:
     return jnp.mean(gram, axis=-1), jnp.mean(gram, axis=-2), None
   v = _symmetry_probe(gram.shape[-1], gram.dtype)

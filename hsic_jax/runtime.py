@@ -4,10 +4,8 @@ On the CPU backend JAX runs its linear-algebra ops (the solver's Cholesky factor
 SciPy's LAPACK: in a pip install, an OpenBLAS bundled with SciPy that starts one thread per core. After every call its
 idle threads spin for about a tenth of a second before they sleep, and meanwhile they take the cores from XLA's own
 threads, which build the next problem. The factorisations the solver runs (at most ``c x c`` for a few hundred
-channels) gain little from those threads, so a single thread is faster overall. On this project's 2-core machine, the
-ResNet-50 workload of ``benchmarks/solver_throughput`` (32 layers built and solved) took 266 and 329 ms in two runs
-with SciPy's default and 218 and 219 ms with one LAPACK thread (medians of 10 calls each); the spin shows up as the
-build of the next problem, started right after a 512-channel solve, slowing from 64 to 120 ms.
+channels) gain little from those threads, so a single thread is faster overall; the spin shows up as a slower build
+of the next problem, started right after a large solve. benchmarks/README.md gives the measured figures.
 """
 
 from __future__ import annotations
