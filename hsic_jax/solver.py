@@ -337,6 +337,15 @@ def _solve_split(problem, lam, init, tol, max_iter, check_every, positive, strat
                        check_vma=False)(problem, lam, init, tol)
 
 
+@functools.partial(jax.jit, static_argnames=("max_iter", "check_every", "positive", "strategy", "mesh", "axes"))
+def _path_split(problem, lam, init, tol, max_iter, check_every, positive, strategy, mesh, axes):
+  """:func:`_solve` of one problem (replicated) at each device's share of penalties split over ``axes``."""
+  _, r_spec = batch_specs(axes)
+  local = lambda p, l, i, t: _solve(p, l, i, t, max_iter, check_every, positive, strategy)  # noqa: E731
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes), P(axes, None), P()), out_specs=r_spec,
+                       check_vma=False)(problem, lam, init, tol)
+
+
 def widen(problem: LassoProblem) -> LassoProblem:
   """The problem in float32 when it is float16 or bfloat16 (LAPACK, which the face solves use, has neither, and
   their range and precision cannot hold a solve); any other problem as it is."""
@@ -425,6 +434,14 @@ def solve(
     init_b = place(jnp.zeros((b, c), problem.lin.dtype) if init is None else jnp.broadcast_to(init, (b, c)),
                    P(axes, None))
     return _solve_split(problem, lam_b, init_b, tol, max_iter, check_every, bool(positive), strategy, mesh, axes)
+  path_split = _sharding.split_axis(lam, 0) if problem.lin.ndim == 1 and lam.ndim == 1 else None
+  if path_split is not None:
+    # A path whose penalties are split over a mesh: every device solves its own penalties; the result stays split.
+    mesh, axes = path_split
+    g, c = lam.shape[0], problem.num_channels
+    init_g = jnp.zeros((g, c), problem.lin.dtype) if init is None else jnp.broadcast_to(init, (g, c))
+    init_g = jax.device_put(init_g, jax.sharding.NamedSharding(mesh, P(axes, None)))
+    return _path_split(problem, lam, init_g, tol, max_iter, check_every, bool(positive), strategy, mesh, axes)
   return _solve(problem, lam, init, tol, max_iter, check_every, bool(positive), strategy)
 
 

@@ -102,3 +102,14 @@ def test_channel_sharded_grams_stay_sharded(mesh):
   bad[3, 9, 1] = np.nan  # a channel of the 5th device's shard
   with pytest.raises(ValueError, match=r"x contains 1 NaN or Inf .* index \(3, 9, 1\)"):
     hj.channel_grams(jax.device_put(bad, NamedSharding(mesh, P(None, "c", None))))
+
+
+def test_path_with_penalties_split_stays_split(mesh):
+  p = hj.problem_from_features(*_data(3, c=10))
+  lams = np.linspace(0.02, 0.6, 16) * float(hj.lambda_max(p))
+  ref = hj.lasso_path(p, lams=lams)
+  got = hj.lasso_path(p, lams=jax.device_put(lams.astype(np.float32), NamedSharding(mesh, P("c"))))
+  for leaf in jax.tree.leaves(got):
+    assert _split_on_leading(leaf, mesh), leaf.sharding
+  np.testing.assert_array_equal(np.asarray(got.selected), np.asarray(ref.selected))
+  np.testing.assert_allclose(np.asarray(got.beta), np.asarray(ref.beta), rtol=1e-5, atol=1e-7)
