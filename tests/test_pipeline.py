@@ -149,12 +149,20 @@ def test_sigkill_during_finetuning_then_resume_gives_the_same_parameters(env, fi
 def test_every_config_resolves_and_builds():
   names = config_lib.available()
   assert {"digits_apib", "resnet56_apib", "resnet20_apib", "resnet110_apib", "vgg16_apib", "googlenet_apib",
-          "mobilenetv2_apib", "resnet50_apib"} <= set(names)
+          "mobilenetv2_apib", "resnet50_apib", "resnet20_itpruner", "resnet56_itpruner", "vgg16_itpruner",
+          "resnet50_itpruner"} <= set(names)
+  import importlib.util  # pylint: disable=import-outside-toplevel
   for name in names:
     path = config_lib.resolve(name)
     text = path.read_text()
     assert "python -m train.main --config=" + name in text, f"{name}'s docstring gives no command"
     assert text.lstrip().startswith('"""')
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    need = pipeline.evidence(cfg.select)  # the method and criterion are known, and mean something together
+    assert ("similarity" in need) == name.endswith("_itpruner"), name
 
 
 def test_unknown_config_name_and_key_are_errors(capsys):
