@@ -410,3 +410,17 @@ def test_calibration_of_non_finite_activations_names_the_decisions(finished):
   images[2, 3, 3, 0] = np.nan
   with pytest.raises(ValueError, match=r"calibration problems of \[.*\] are not finite"):
     calibrate.build_problems(dense, images, cfg.calib, cfg.select)
+
+
+def test_itpruner_with_an_activation_criterion_scores_from_the_same_activations(finished, tmp_path):
+  """The similarity's activations are reused for HRank's scores: equal to scores computed afresh."""
+  from train import calibrate, data  # pylint: disable=import-outside-toplevel
+  run = _variant_run(finished, tmp_path, method="itpruner", criterion="hrank", itpruner__beta=50.0)
+  _stages(run, "calibrate", "select")
+  cfg = run.config
+  saved = np.load(run.path("calibration") / "scores.npz")
+  dense = run.load_model("dense")
+  images, labels, _ = data.calibration_batch(cfg.data, int(cfg.calib.num_images), seed=int(cfg.calib.seed))
+  fresh = calibrate.criterion_scores(dense, "hrank", images, labels, cfg.calib, seed=int(cfg.seed))
+  for i, want in enumerate(fresh):
+    np.testing.assert_array_equal(saved[str(i)], want)

@@ -131,12 +131,16 @@ def loss_gradients(model: nnx.Module, images: np.ndarray, labels: np.ndarray, cf
 
 
 def criterion_scores(model: nnx.Module, criterion: str, images: np.ndarray, labels: np.ndarray, cfg_calib: Any,
-                     *, seed: int) -> list[np.ndarray]:
-  """Per-channel scores of every decision's group by ``criterion`` (higher is kept first)."""
+                     *, seed: int, acts: Sequence[jax.Array] | None = None) -> list[np.ndarray]:
+  """Per-channel scores of every decision's group by ``criterion`` (higher is kept first); ``acts``: the
+  decisions' activations on ``images`` when the caller has them already (:func:`activations`)."""
   pairs = decision_groups(model)
   needs = criteria.criterion_needs(criterion)
   state = nnx.to_pure_dict(nnx.state(model))
-  acts = activations(model, images, cfg_calib) if "activations" in needs else None
+  if "activations" in needs and acts is None:
+    acts = activations(model, images, cfg_calib)
+  if "activations" not in needs:
+    acts = None
   grads = loss_gradients(model, images, labels, cfg_calib) if "grads" in needs else None
   out = []
   for i, (_, g) in enumerate(tqdm(pairs, desc=f"scores ({criterion})", unit="layer", leave=False)):

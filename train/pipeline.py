@@ -213,6 +213,7 @@ def stage_calibrate(run: Run) -> dict[str, Any]:
   seconds: dict[str, float] = {}
   decisions = [d for d, _ in calibrate.decision_groups(model)]
   channels = []
+  acts = None
   if "problems" in need:
     t0 = time.perf_counter()
     decisions, problems = calibrate.build_problems(model, images, cfg.calib, cfg.select)
@@ -226,12 +227,12 @@ def stage_calibrate(run: Run) -> dict[str, Any]:
     acts = calibrate.activations(model, images, cfg.calib)
     sim = calibrate.layer_similarity(acts, cfg.select.itpruner.kernel)
     seconds["similarity"] = time.perf_counter() - t0
-    del acts
     if run.writer:
       _save_npz(out / "similarity.npz", decisions=np.asarray(decisions), similarity=sim)
   if "scores" in need:
     t0 = time.perf_counter()
-    scores = calibrate.criterion_scores(model, cfg.select.criterion, images, labels, cfg.calib, seed=int(cfg.seed))
+    scores = calibrate.criterion_scores(model, cfg.select.criterion, images, labels, cfg.calib, seed=int(cfg.seed),
+                                        acts=acts)  # the similarity's activations, when it had them
     seconds["scores"] = time.perf_counter() - t0
     if run.writer:
       _save_npz(out / "scores.npz", decisions=np.asarray(decisions), **{str(i): sc for i, sc in enumerate(scores)})
