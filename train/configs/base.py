@@ -54,6 +54,21 @@ def itpruner_recipe(imagenet: bool = False) -> ml_collections.ConfigDict:
   return t
 
 
+def use_itpruner(config: ml_collections.ConfigDict, *, budget: float, dense_cost: float, beta: float,
+                 num_images: int, batch_size: int, imagenet: bool = False) -> ml_collections.ConfigDict:
+  """Sets ITPruner's selection and training on ``config``: ``num_images`` calibration images, importance sharpness
+  ``beta``, channels by L1 norm (the reference's fill), and the reference's budget, stated in its own cost units
+  (``budget`` of a dense ``dense_cost``), taken as the ratio of the exact dense MACs; then :func:`itpruner_recipe`."""
+  config.calib.num_images = num_images
+  config.calib.batch_size = batch_size
+  config.select.method = "itpruner"
+  config.select.criterion = "l1"
+  config.select.ratio = budget / dense_cost
+  config.select.itpruner.beta = beta
+  config.finetune = itpruner_recipe(imagenet=imagenet)
+  return config
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   """The defaults of every field (a CIFAR-10 ResNet-56 pruned by APIB to 45% of its MACs)."""
   config = ml_collections.ConfigDict()

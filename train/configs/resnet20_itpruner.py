@@ -21,7 +21,7 @@ recipe's 300): 40.55M -> 19.24M MACs (47.5%, 98.6% of the budget), 0.270M -> 0.1
 (BatchNorm re-estimated; 21.51% without), 90.32% after fine-tuning; about a minute in all (fine-tuning 27 s).
 """
 
-from train.configs.base import get_base_config, itpruner_recipe
+from train.configs.base import get_base_config, use_itpruner
 
 
 def get_config():
@@ -29,11 +29,4 @@ def get_config():
   config.model.name = "resnet20"
   config.dense.source = "npz"
   config.dense.path = "../shared/weights/resnet20_cifar10.npz"
-  config.calib.num_images = 100
-  config.calib.batch_size = 100
-  config.select.method = "itpruner"
-  config.select.criterion = "l1"
-  config.select.ratio = 20.0 / 41.57
-  config.select.itpruner.beta = 246.0
-  config.finetune = itpruner_recipe()
-  return config
+  return use_itpruner(config, budget=20.0, dense_cost=41.57, beta=246.0, num_images=100, batch_size=100)

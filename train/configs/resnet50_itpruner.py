@@ -16,18 +16,12 @@ images, one warmup epoch then a per-step cosine, weight decay 4e-5 sparing BN sc
 Measured: not run end to end here yet, so there is no time or result to report.
 """
 
-from train.configs.base import itpruner_recipe
+from train.configs.base import use_itpruner
 from train.configs.resnet50_apib import get_config as apib_config
 
 
 def get_config():
-  config = apib_config()
-  config.calib.num_images = 100
-  config.calib.batch_size = 50
-  config.select.method = "itpruner"
-  config.select.criterion = "l1"
-  config.select.ratio = 2300.5 / 4187.1
-  config.select.itpruner.beta = 2000.0
-  config.finetune = itpruner_recipe(imagenet=True)
+  config = use_itpruner(apib_config(), budget=2300.5, dense_cost=4187.1, beta=2000.0, num_images=100,
+                        batch_size=50, imagenet=True)
   config.finetune.checkpoint_every_steps = 2000
   return config

@@ -32,7 +32,7 @@ Data: as in ``resnet56_apib``.
 Measured: see the README's pruning-quality study for this network under this method.
 """
 
-from train.configs.base import get_base_config, itpruner_recipe
+from train.configs.base import get_base_config, use_itpruner
 
 
 def get_config():
@@ -40,11 +40,4 @@ def get_config():
   config.model.name = "resnet56"
   config.dense.source = "npz"
   config.dense.path = "../shared/weights/resnet56_cifar10.npz"
-  config.calib.num_images = 100
-  config.calib.batch_size = 100
-  config.select.method = "itpruner"
-  config.select.criterion = "l1"
-  config.select.ratio = 60.0 / 127.88
-  config.select.itpruner.beta = 500.0
-  config.finetune = itpruner_recipe()
-  return config
+  return use_itpruner(config, budget=60.0, dense_cost=127.88, beta=500.0, num_images=100, batch_size=100)

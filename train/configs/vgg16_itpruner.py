@@ -18,16 +18,9 @@ Measured: not run end to end here yet, so there is no time or result to report.
 """
 
 from train.configs._cifar_scratch import scratch_config
-from train.configs.base import itpruner_recipe
+from train.configs.base import use_itpruner
 
 
 def get_config():
-  config = scratch_config("vgg16")
-  config.calib.num_images = 1024
-  config.calib.batch_size = 128
-  config.select.method = "itpruner"
-  config.select.criterion = "l1"
-  config.select.ratio = 100.0 / 315.18
-  config.select.itpruner.beta = 231.0
-  config.finetune = itpruner_recipe()
-  return config
+  return use_itpruner(scratch_config("vgg16"), budget=100.0, dense_cost=315.18, beta=231.0, num_images=1024,
+                      batch_size=128)
