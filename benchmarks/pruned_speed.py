@@ -31,7 +31,6 @@ Results go to ``benchmarks/results/pruned_speed.json``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -148,8 +147,8 @@ def bench_model(name: str, target: float, batch: int, repeats: int, multiples: l
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.pruned_speed", description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="small batches and few repeats (a smoke run)")
+  parser = _common.parser(__doc__, ("quick",), prog="python -m benchmarks.pruned_speed",
+                          help={"quick": "small batches and few repeats (a smoke run)"})
   parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per variant (default 7)")
   parser.add_argument("--skip-resnet50", action="store_true", help="only ResNet-56")
   parser.add_argument("--multiples", default="8,16",
