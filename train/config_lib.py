@@ -102,8 +102,11 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues, config: flag
     ``error: ...`` to stderr for an unknown config, key or flag, a bad value or a missing required flag (the command
     then exits with status 2).
   """
+  saved = sys.argv
   try:
     argv, name = resolve_argv(list(argv))
+    # ml_collections finds the --config.a.b overrides in sys.argv, whatever list the flags are parsed from.
+    sys.argv = argv
     flag_values(argv)
     for flag, what in (required or {}).items():
       if not flag_values[flag].value:
@@ -112,3 +115,5 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues, config: flag
   except (ConfigError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
     print(f"error: {explain(err)}", file=sys.stderr)
     return None
+  finally:
+    sys.argv = saved

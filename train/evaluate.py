@@ -3,7 +3,8 @@
   python -m train.evaluate --config=resnet56_apib --checkpoint=runs/r56 [--split=validation]
 
 The config gives the data (``--config.data.*`` overrides apply) and the evaluation batch size; the checkpoint gives
-the model and its widths (:func:`train.workdir.model_checkpoint`, :func:`models.load_pruned`). Prints top-1, top-5 and the mean loss as JSON.
+the model and its widths (a workdir's newest model, :func:`train.workdir.model_checkpoint`, loaded by
+:func:`models.load_pruned`). Prints top-1, top-5 and the mean loss as JSON.
 """
 
 from __future__ import annotations
