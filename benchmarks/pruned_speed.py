@@ -44,7 +44,7 @@ from flax import nnx
 import models
 from benchmarks import _common, plots
 from hsic_jax import ChannelGroup, surgery
-from models import flops
+from models import checkpoint, flops
 
 
 def scaled_widths(groups: list[ChannelGroup], dense: list[int], factor: float, multiple: int) -> list[int]:
@@ -92,11 +92,8 @@ def random_state(model: nnx.Module, seed: int) -> dict[str, Any]:
 
 
 def build(name: str, widths: list[int] | None, pure: dict[str, Any]) -> tuple[nnx.GraphDef, nnx.State]:
-  model = nnx.eval_shape(lambda: models.get_model(name, widths, rngs=nnx.Rngs(0)))
-  model.eval()
-  graphdef, state = nnx.split(model)
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, pure))
-  return graphdef, state
+  """The eval-mode graph and state of model ``name`` with ``widths`` holding ``pure`` (shapes checked)."""
+  return nnx.split(checkpoint.build_with_state(name, widths, None, pure))
 
 
 def forward_fn(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> Callable[[], jax.Array]:
