@@ -21,6 +21,10 @@ Every model built by :func:`get_model` has
 - ``.eval()`` / ``.train()`` to switch BatchNorm between running and batch statistics.
 
 Parameter paths read like the architecture, e.g. ``("stage1", "block0", "conv1", "kernel")``.
+
+:func:`random_model` builds one with He-normal weights drawn in NumPy (no initializer compiled); the model
+checkpoint (save, read_meta, load, and ``build_with_state``, a model from a pure dict of arrays) is
+:mod:`models.checkpoint`, and :func:`load_pruned` loads one; :mod:`models.import_torch` converts PyTorch weights.
 """
 
 from __future__ import annotations
