@@ -55,6 +55,8 @@ def load(name: str) -> ml_collections.ConfigDict:
   """
   path = resolve(name)
   spec = importlib.util.spec_from_file_location(f"train_config_{path.stem}", path)
+  if spec is None or spec.loader is None:
+    raise ConfigError(f"config {name} ({path}) is not a Python file; expected a .py file with get_config()")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not callable(getattr(module, "get_config", None)):
