@@ -1,7 +1,9 @@
-"""Shared plumbing for the benchmark programs: timing, machine description, JSON results and README tables."""
+"""Shared plumbing for the benchmark programs: their common flags, timing, machine description, JSON results and
+README tables."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -10,13 +12,42 @@ import platform
 import re
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
 ROOT = pathlib.Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 README = ROOT / "README.md"
+
+
+FLAGS: dict[str, dict[str, Any]] = {
+    "quick": {"action": "store_true", "help": "a small, CI-sized run"},
+    "out": {"type": pathlib.Path, "default": None, "help": "results folder (default benchmarks/results)"},
+    "no-readme": {"action": "store_true", "help": "do not update benchmarks/README.md"},
+    "render": {"action": "store_true",
+               "help": "rewrite the README block and the plots from the saved results, running nothing"},
+}
+"""The flags every benchmark means the same by: name -> ``argparse.add_argument`` keywords."""
+
+
+def parser(doc: str, flags: Sequence[str] = ("quick", "out", "no-readme"), *, prog: str | None = None,
+           help: Mapping[str, str] | None = None) -> argparse.ArgumentParser:  # pylint: disable=redefined-builtin
+  """A benchmark's argument parser, described by the first line of its docstring ``doc``, holding the shared
+  flags named in ``flags`` (of :data:`FLAGS`, in that order); ``help`` rewords a flag's help for this benchmark
+  (e.g. what its ``--quick`` run is). The benchmark adds its own flags to it.
+
+  Raises:
+    ValueError: a name in ``flags`` or ``help`` that is not one of :data:`FLAGS`.
+  """
+  help = dict(help or {})
+  unknown = sorted((set(flags) | set(help)) - set(FLAGS))
+  if unknown:
+    raise ValueError(f"flags {unknown} are not shared benchmark flags; expected names of {sorted(FLAGS)}")
+  out = argparse.ArgumentParser(prog=prog, description=doc.strip().splitlines()[0])
+  for name in flags:
+    out.add_argument(f"--{name}", **{**FLAGS[name], **({"help": help[name]} if name in help else {})})
+  return out
 
 
 def time_call(fn: Callable[[], Any], *, repeats: int = 3, min_seconds: float = 0.0) -> float:

@@ -17,7 +17,6 @@ The peer is the steady pass of the same process: the ratios say how many steady 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -97,9 +96,8 @@ def table(p: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = _common.parser(__doc__, ("no-readme",))
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--no-readme", action="store_true")
   args = parser.parse_args(argv)
   payload = run(args.repeats)
   print(table(payload))

@@ -25,7 +25,6 @@ budget), where kernels are computed tile by tile from the features.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 from typing import Any
@@ -132,10 +131,7 @@ def bench_shape(n: int, c: int, d: int, label: str, peak: float, numpy_cap: floa
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--out", type=pathlib.Path, default=None)
-  parser.add_argument("--no-readme", action="store_true")
+  parser = _common.parser(__doc__, help={"quick": "small shapes (a smoke run)"})
   parser.add_argument("--numpy-cap", type=float, default=120.0, help="skip the NumPy reference above this estimate (s)")
   args = parser.parse_args(argv)
 

@@ -31,7 +31,6 @@ Results go to ``benchmarks/results/pruned_speed.json``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from flax import nnx
 import models
 from benchmarks import _common, plots
 from hsic_jax import ChannelGroup, surgery
-from models import flops
+from models import checkpoint, flops
 
 
 def scaled_widths(groups: list[ChannelGroup], dense: list[int], factor: float, multiple: int) -> list[int]:
@@ -93,11 +92,8 @@ def random_state(model: nnx.Module, seed: int) -> dict[str, Any]:
 
 
 def build(name: str, widths: list[int] | None, pure: dict[str, Any]) -> tuple[nnx.GraphDef, nnx.State]:
-  model = nnx.eval_shape(lambda: models.get_model(name, widths, rngs=nnx.Rngs(0)))
-  model.eval()
-  graphdef, state = nnx.split(model)
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, pure))
-  return graphdef, state
+  """The eval-mode graph and state of model ``name`` with ``widths`` holding ``pure`` (shapes checked)."""
+  return nnx.split(checkpoint.build_with_state(name, widths, None, pure))
 
 
 def forward_fn(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> Callable[[], jax.Array]:
@@ -148,8 +144,8 @@ def bench_model(name: str, target: float, batch: int, repeats: int, multiples: l
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.pruned_speed", description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="small batches and few repeats (a smoke run)")
+  parser = _common.parser(__doc__, ("quick",), prog="python -m benchmarks.pruned_speed",
+                          help={"quick": "small batches and few repeats (a smoke run)"})
   parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per variant (default 7)")
   parser.add_argument("--skip-resnet50", action="store_true", help="only ResNet-56")
   parser.add_argument("--multiples", default="8,16",

@@ -243,14 +243,14 @@ def stability(model: Any, cfg: ml_collections.ConfigDict, pairs: Sequence[Any], 
 def resnet50_times(shared: pathlib.Path, criteria_names: Sequence[str]) -> list[dict[str, Any]]:
   """Seconds to select ResNet-50's channels at 37.9% of its MACs, per criterion (uniform widths) and for APIB and
   ITPruner, each from a cold start of its evidence (compilation included: a user's first run)."""
-  from benchmarks import selection_e2e  # pylint: disable=import-outside-toplevel
+  import models  # pylint: disable=import-outside-toplevel
   from models import cifar10  # pylint: disable=import-outside-toplevel
   from train import calibrate, pipeline  # pylint: disable=import-outside-toplevel
   from train.configs import resnet50_apib  # pylint: disable=import-outside-toplevel
   cfg = resnet50_apib.get_config()
   cfg.select.round_to = 1
   cfg.select.itpruner.beta = 2000.0
-  model = selection_e2e._random_model("resnet50")  # pylint: disable=protected-access
+  model = models.random_model("resnet50")
   images, labels = cifar10.load_split(shared / "data" / "cifar10-subset" / "cifar-10-batches-bin")
   idx = np.random.default_rng(0).permutation(len(images))[:64]
   small = cifar10.normalize(images[idx])

@@ -47,7 +47,6 @@ temporary folder, never over the committed ones.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -132,36 +131,14 @@ def real_workloads(shared: pathlib.Path) -> list[Workload]:
   ]
 
 
-def _random_model(name: str, seed: int = 0) -> Any:
-  """Registry model ``name`` with He-normal kernels and identity BatchNorm, drawn in NumPy.
-
-  ``models.get_model`` initialises eagerly, compiling every initializer on first use: about 8 s for a ResNet-20 on
-  this CPU, a seventh of the quick run. The shapes come from an abstract model instead, and the values from NumPy.
-  """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  import models  # pylint: disable=import-outside-toplevel
-  abstract = nnx.eval_shape(lambda: models.get_model(name, rngs=nnx.Rngs(seed)))
-  graphdef, state = nnx.split(abstract)
-  rng = np.random.default_rng(seed)
-
-  def init(path: tuple[Any, ...], leaf: Any) -> np.ndarray:
-    shape, last = tuple(leaf.shape), str(getattr(path[-1], "key", path[-1]))
-    if last == "kernel":
-      return (rng.normal(size=shape) * math.sqrt(2.0 / math.prod(shape[:-1]))).astype(np.float32)
-    return (np.ones if last in ("scale", "var") else np.zeros)(shape, np.float32)
-
-  values = jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, values))
-  return nnx.merge(graphdef, state)
-
-
 def quick_workloads() -> list[Workload]:
   """A randomly initialised ResNet-20 on 32 synthetic images, to 50% of its MACs."""
+  import models  # pylint: disable=import-outside-toplevel
   from train.configs import resnet20_apib  # pylint: disable=import-outside-toplevel
   cfg = resnet20_apib.get_config()
   cfg.calib.num_images = cfg.calib.batch_size = 32
   images = np.random.default_rng(0).normal(size=(32, 32, 32, 3)).astype(np.float32)
-  return [Workload("ResNet-20 (quick)", cfg, _random_model("resnet20"), images, QUICK_ALPHA0,
+  return [Workload("ResNet-20 (quick)", cfg, models.random_model("resnet20"), images, QUICK_ALPHA0,
                    "randomly initialised, synthetic Gaussian images")]
 
 
@@ -712,18 +689,14 @@ README_PARAGRAPH = (
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="a small synthetic workload (CI-sized)")
+  parser = _common.parser(__doc__, ("quick", "out", "no-readme", "render"), help={
+      "quick": "a small synthetic workload (CI-sized)",
+      "out": "results folder (default benchmarks/results; a temporary one with --quick)"})
   parser.add_argument("--shared", type=pathlib.Path, default=SHARED, help="shared data and weights folder")
-  parser.add_argument("--out", type=pathlib.Path, default=None,
-                      help="results folder (default benchmarks/results; a temporary one with --quick)")
-  parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
   parser.add_argument("--repeats", type=int, default=None, help="warm repeats per stage (median)")
   parser.add_argument("--ref-budget", type=float, default=None,
                       help=f"seconds of measured reference evaluations per workload before the rest are counted "
                            f"(default {REF_BUDGET:g}; unlimited with --quick)")
-  parser.add_argument("--render", action="store_true",
-                      help="rewrite the README block and the plot from the saved results, running nothing")
   args = parser.parse_args(argv)
   if args.render:
     payload = json.loads((_common.RESULTS / f"{NAME}.json").read_text())

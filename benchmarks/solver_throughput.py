@@ -36,7 +36,6 @@ pre-BN output as the target; train-mode BatchNorm):
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import time
 import warnings
@@ -260,12 +259,9 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny problems, for a smoke run")
+  parser = _common.parser(__doc__, help={"quick": "tiny problems, for a smoke run"})
   parser.add_argument("--target", type=float, default=1e-4, help="relative objective gap every solver must reach")
   parser.add_argument("--shared", type=pathlib.Path, default=SHARED, help="shared data and weights folder")
-  parser.add_argument("--out", type=pathlib.Path, default=None, help="results folder (default benchmarks/results)")
-  parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
   parser.add_argument("--slow-cap", type=float, default=5.0, help="peers slower than this (s) are timed once")
   args = parser.parse_args(argv)
   if jax.default_backend() == "cpu":

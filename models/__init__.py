@@ -21,15 +21,22 @@ Every model built by :func:`get_model` has
 - ``.eval()`` / ``.train()`` to switch BatchNorm between running and batch statistics.
 
 Parameter paths read like the architecture, e.g. ``("stage1", "block0", "conv1", "kernel")``.
+
+:func:`random_model` builds one with He-normal weights drawn in NumPy (no initializer compiled); the model
+checkpoint (save, read_meta, load, and ``build_with_state``, a model from a pure dict of arrays) is
+:mod:`models.checkpoint`, and :func:`load_pruned` loads one; :mod:`models.import_torch` converts PyTorch weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 from collections.abc import Callable, Sequence
 
+import jax
+import numpy as np
 from flax import nnx
 
 from models import _common, googlenet, mobilenetv2, resnet50, resnet_cifar, vgg
@@ -142,25 +149,54 @@ def input_size(name: str) -> tuple[int, int]:
 
 
 def load_pruned(path: str | os.PathLike[str]) -> nnx.Module:
-  """Loads a model written by the pruning program as a ready NNX model (eval mode), with its pruned widths.
+  """Loads a model checkpoint (written by :func:`models.checkpoint.save`, as the pruning program writes its
+  models) as a ready NNX model (eval mode), with its pruned widths.
 
   Args:
-    path: a run's workdir (the fine-tuned model ``final/`` is taken, else the pruned one ``pruned/``, else the
-      dense one ``dense/``) or any checkpoint directory written by :func:`models.import_torch.save_checkpoint`.
-      The pruning plan, where there is one, is in ``models.import_torch.read_meta(path)["plan"]``.
+    path: a checkpoint directory. For a run of the program, ``train.workdir.model_checkpoint(workdir)`` names its
+      newest model (the fine-tuned one, else the pruned one, else the dense one). The pruning plan, where there is
+      one, is in ``models.checkpoint.read_meta(path)["plan"]``.
 
   Raises:
-    FileNotFoundError: nothing loadable at ``path``.
-    ValueError: a corrupt checkpoint or one whose arrays do not match its widths.
+    FileNotFoundError: nothing at ``path``.
+    ValueError: not a model checkpoint (a run's workdir, for instance), a corrupt one, or one whose arrays do not
+      match its widths.
   """
-  from models import import_torch  # pylint: disable=import-outside-toplevel  (orbax only when loading)
+  from models import checkpoint  # pylint: disable=import-outside-toplevel  (orbax only when loading)
   root = pathlib.Path(path)
-  for sub in ("final", "pruned", "dense"):
-    if (root / sub / "_CHECKPOINT_METADATA").exists() or (root / sub / "meta").exists():
-      return import_torch.load_checkpoint(root / sub)
   if not root.exists():
-    raise FileNotFoundError(f"{root} does not exist; expected a run workdir or a model checkpoint directory")
-  return import_torch.load_checkpoint(root)
+    raise FileNotFoundError(f"{root} does not exist; expected a model checkpoint directory")
+  try:
+    checkpoint.read_meta(root)
+  except ValueError as e:
+    raise ValueError(f"{e}; for a run's workdir, pass train.workdir.model_checkpoint(workdir), its newest "
+                     "model") from e
+  return checkpoint.load(root)
+
+
+def random_model(name: str, widths: Sequence[int] | None = None, *, num_classes: int | None = None,
+                 seed: int = 0) -> nnx.Module:
+  """Model ``name`` with He-normal kernels (``N(0, 2 / fan_in)``, ``fan_in`` = the product of a kernel's input
+  axes), zero biases and identity BatchNorm (scale 1, bias 0, mean 0, var 1), drawn in NumPy from ``seed``.
+
+  :func:`get_model` initialises eagerly, compiling every initializer on first use (about 8 s for a ResNet-20 on a
+  CPU); here the shapes come from an abstract model and the values from NumPy, for workloads that need a model
+  quickly and do not care for its accuracy (timings, tests). Returned in eval mode.
+
+  Raises:
+    ValueError: as :func:`get_model`.
+  """
+  from models import checkpoint  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+
+  def init(path: tuple[object, ...], leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+    shape, last = tuple(leaf.shape), str(getattr(path[-1], "key", path[-1]))
+    if last == "kernel":
+      return (rng.normal(size=shape) * math.sqrt(2.0 / math.prod(shape[:-1]))).astype(np.float32)
+    return (np.ones if last in ("scale", "var") else np.zeros)(shape, np.float32)
+
+  values = jax.tree_util.tree_map_with_path(init, checkpoint.abstract_state(name, widths, num_classes))
+  return checkpoint.build_with_state(name, widths, num_classes, values)
 
 
 def model_name(model: nnx.Module) -> str:
@@ -179,5 +215,5 @@ def model_name(model: nnx.Module) -> str:
 
 
 __all__ = ["MODELS", "ModelEntry", "get_model", "default_widths", "validate_widths", "input_size", "load_pruned",
-           "model_name", "Tap",
+           "random_model", "model_name", "Tap",
            "Taps", "ResNetCifar", "VGG16", "ResNet50", "GoogLeNet", "MobileNetV2"]

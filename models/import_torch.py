@@ -1,4 +1,4 @@
-"""Import PyTorch-layout weights into the Flax models and save/load them as orbax checkpoints.
+"""Import PyTorch-layout weights into the Flax models.
 
 Supported names (``state_dict`` keys; conv weights OIHW, linear weights ``(out, in)``):
 
@@ -16,8 +16,8 @@ Command line::
 
   python -m models.import_torch --model resnet56 --weights ../shared/weights/resnet56_cifar10.npz --out ckpt/r56
 
-A checkpoint is one orbax composite: item ``state`` (the pure state dict, ``nnx.to_pure_dict(nnx.state(model))``)
-and item ``meta`` (JSON ``{"model", "widths", "num_classes"}``), so :func:`load_checkpoint` rebuilds the model.
+writes the project's model checkpoint (:mod:`models.checkpoint`), which :func:`models.load_pruned` and the program's
+``dense.source=checkpoint`` read back.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
+from flax.nnx import traversals
 
-import models as registry
-from models import resnet50 as r50
+from models import checkpoint, resnet50 as r50
 from models import resnet_cifar
+# The checkpoint functions' earlier home: kept so that code written against it still runs.
+from models.checkpoint import load as load_checkpoint, read_meta, save as save_checkpoint  # noqa: F401
 
 FlaxPath = tuple[str, ...]
 _BN_LEAF = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -144,11 +145,8 @@ def import_torch_state(model_name: str, state_dict: Mapping[str, np.ndarray]) ->
       architecture (naming the key, the expected and the actual PyTorch shape).
   """
   widths, num_classes = infer_widths(model_name, state_dict)
-  model = nnx.eval_shape(lambda: registry.get_model(model_name, widths, num_classes=num_classes,
-                                                    rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
-  flat = nnx.to_flat_state(state)
-  expected = {torch_key(model_name, tuple(str(k) for k in pth)): (pth, var) for pth, var in flat}
+  flat = traversals.flatten_mapping(checkpoint.abstract_state(model_name, widths, num_classes))
+  expected = {torch_key(model_name, tuple(str(k) for k in pth)): (pth, var) for pth, var in flat.items()}
   given = {k for k in state_dict if not k.endswith("num_batches_tracked")}
   missing = sorted(set(expected) - given)
   unexpected = sorted(given - set(expected))
@@ -167,10 +165,7 @@ def import_torch_state(model_name: str, state_dict: Mapping[str, np.ndarray]) ->
     for k in pth[:-1]:
       node = node.setdefault(k, {})
     node[pth[-1]] = jnp.asarray(_to_flax(value))
-  nnx.replace_by_pure_dict(state, pure)
-  model = nnx.merge(graphdef, state)
-  model.eval()
-  return model
+  return checkpoint.build_with_state(model_name, widths, num_classes, pure)
 
 
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -204,114 +199,6 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     raise ValueError(f"weights {path} is a damaged .npz archive ({e})") from e
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Orbax checkpoints.
-
-
-def _check_state_matches_widths(model: nnx.Module) -> None:
-  """Raises ValueError when ``model``'s parameters do not have the shapes its width list builds (a state cut by
-  surgery but put back in a model of the old widths, or the reverse), which would only surface on loading."""
-  name = registry.model_name(model)
-  fresh = nnx.eval_shape(lambda: registry.get_model(name, model.widths, num_classes=int(model.num_classes),
-                                                    rngs=nnx.Rngs(0)))
-  want = jax.tree_util.tree_map(lambda v: tuple(v.shape), nnx.to_pure_dict(nnx.state(fresh)))
-  have = jax.tree_util.tree_map(lambda v: tuple(np.shape(v)), nnx.to_pure_dict(nnx.state(model)))
-  want_flat = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0])
-  have_flat = dict(jax.tree_util.tree_flatten_with_path(have, is_leaf=lambda x: isinstance(x, tuple))[0])
-  for key in sorted(set(want_flat) | set(have_flat), key=str):
-    w, h = want_flat.get(key), have_flat.get(key)
-    if w != h:
-      where = jax.tree_util.keystr(key)
-      raise ValueError(f"{name} with widths {list(model.widths)} has {where} of shape {w}, but the model's state holds "
-                       f"{h}; its parameters and width list disagree (rebuild the model with the pruned widths: "
-                       "get_model(name, result.widths) and nnx.update with the pruned state)")
-
-
-def save_checkpoint(model: nnx.Module, path: str | os.PathLike[str], *, force: bool = False,
-                    extra: Mapping[str, Any] | None = None) -> Path:
-  """Saves ``model``'s pure state dict and ``{"model", "widths", "num_classes"}`` as an orbax checkpoint.
-
-  Args:
-    model: a registry model.
-    path: the checkpoint directory (created; made absolute).
-    force: overwrite an existing directory.
-    extra: more JSON-serialisable entries for the meta item (e.g. a pruned model's plan); read them back with
-      :func:`read_meta`.
-
-  Returns:
-    The absolute checkpoint path.
-
-  Raises:
-    FileExistsError: ``path`` exists and ``force`` is false.
-    ValueError: the model's parameter shapes are not those its width list builds.
-  """
-  _check_state_matches_widths(model)
-  path = Path(path).resolve()
-  if path.exists() and not force:
-    raise FileExistsError(f"checkpoint directory {path} already exists; pass force=True (CLI: --force) to overwrite")
-  meta = {**dict(extra or {}), "model": registry.model_name(model), "widths": model.widths,
-          "num_classes": int(model.num_classes)}
-  pure = nnx.to_pure_dict(nnx.state(model))
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(pure), meta=ocp.args.JsonSave(meta)),
-               force=force)
-  return path
-
-
-def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-  """The meta item of a checkpoint written by :func:`save_checkpoint` (``model``, ``widths``, ``num_classes`` and
-  any ``extra`` entries).
-
-  Raises:
-    FileNotFoundError: ``path`` does not exist.
-    ValueError: ``path`` is not such a checkpoint or cannot be read.
-  """
-  path = Path(path).resolve()
-  if not path.exists():
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
-  try:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-      meta = ckptr.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "not a readable checkpoint"
-    raise ValueError(f"{path} is not a readable model checkpoint ({type(e).__name__}: {e}); expected a directory "
-                     "written by models.import_torch.save_checkpoint") from e
-  if not isinstance(meta, dict) or not {"model", "widths", "num_classes"} <= set(meta):
-    raise ValueError(f"{path} has no model meta (model, widths, num_classes); expected a directory written by "
-                     "models.import_torch.save_checkpoint")
-  return meta
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> nnx.Module:
-  """Rebuilds the model saved by :func:`save_checkpoint` (in eval mode), with the widths its meta records.
-
-  Raises:
-    FileNotFoundError: ``path`` does not exist.
-    ValueError: ``path`` is not a readable checkpoint, or its arrays do not have the shapes its widths build (a
-      corrupt or hand-edited checkpoint); nothing is partially restored.
-  """
-  path = Path(path).resolve()
-  meta = read_meta(path)
-  model = nnx.eval_shape(lambda: registry.get_model(meta["model"], meta["widths"],
-                                                    num_classes=meta["num_classes"], rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
-  target = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
-  try:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-      restored = ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-  except Exception as e:  # noqa: BLE001
-    raise ValueError(f"checkpoint {path} does not hold the state of {meta['model']} with widths {meta['widths']} "
-                     f"({type(e).__name__}: {e})") from e
-  want = jax.tree_util.tree_leaves(target)
-  have = jax.tree_util.tree_leaves(restored)
-  if len(want) != len(have) or any(tuple(a.shape) != tuple(np.shape(b)) for a, b in zip(want, have)):
-    raise ValueError(f"checkpoint {path} holds arrays whose shapes differ from {meta['model']} with widths "
-                     f"{meta['widths']}; the checkpoint is corrupt")
-  nnx.replace_by_pure_dict(state, restored)
-  model = nnx.merge(graphdef, state)
-  model.eval()
-  return model
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m models.import_torch",
                                    description="Convert PyTorch-named .npz weights to a Flax orbax checkpoint.")
@@ -325,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   try:
-    out = save_checkpoint(model, args.out, force=args.force)
+    out = checkpoint.save(model, args.out, force=args.force)
   except FileExistsError as e:
     parser.error(str(e))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))

@@ -1,4 +1,4 @@
-"""Weight import parity against independent PyTorch definitions, checkpoints, and the CIFAR-10 reader.
+"""Weight import parity against independent PyTorch definitions, the conversion command, and the CIFAR-10 reader.
 
 The PyTorch models below are written here from the architecture descriptions (not taken from the Flax code):
 a CIFAR ResNet with option-A shortcuts and a torchvision-layout ResNet-50.
@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 tnn = torch.nn
 F = torch.nn.functional
 
-from models import cifar10, import_torch  # noqa: E402
+from models import checkpoint, cifar10, import_torch  # noqa: E402
 
 SHARED = Path(os.environ.get("HSIC_JAX_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WEIGHTS = SHARED / "weights"
@@ -261,7 +261,7 @@ def test_checkpoint_round_trip_via_cli(tmp_path: Path, resnet20_npz, cifar):
   out = tmp_path / "r20"
   assert import_torch.main(["--model", "resnet20", "--weights", str(WEIGHTS / "resnet20_cifar10.npz"),
                             "--out", str(out)]) == 0
-  loaded = import_torch.load_checkpoint(out)
+  loaded = checkpoint.load(out)
   direct = import_torch.import_torch_state("resnet20", resnet20_npz)
   assert loaded.widths == direct.widths and loaded.num_classes == 10
   a = jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(loaded)))
@@ -270,48 +270,10 @@ def test_checkpoint_round_trip_via_cli(tmp_path: Path, resnet20_npz, cifar):
   x = cifar[0][:8]
   np.testing.assert_array_equal(flax_logits(loaded, x), flax_logits(direct, x))
   with pytest.raises(FileNotFoundError):
-    import_torch.load_checkpoint(tmp_path / "nope")
+    checkpoint.load(tmp_path / "nope")
   with pytest.raises(FileExistsError, match="--force"):
-    import_torch.save_checkpoint(loaded, out)
-  assert import_torch.save_checkpoint(loaded, out, force=True) == out.resolve()
-
-
-def test_checkpoint_keeps_pruned_widths(tmp_path: Path):
-  from models import get_model
-  ws = [4] * 19
-  ws[1] = 3
-  model = nnx.eval_shape(lambda: get_model("resnet20", ws, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
-  rng = np.random.default_rng(0)
-  state = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape).astype(np.float32)), state)
-  model = nnx.merge(graphdef, state)
-  path = import_torch.save_checkpoint(model, tmp_path / "thin")
-  loaded = import_torch.load_checkpoint(path)
-  assert loaded.widths == ws
-  np.testing.assert_array_equal(np.asarray(loaded.stage1.block0.conv1.kernel[...]),
-                                np.asarray(model.stage1.block0.conv1.kernel[...]))
-
-
-def test_checkpoint_of_parameters_that_disagree_with_the_widths_is_refused(tmp_path: Path):
-  # A pruned state put back into a model of the dense widths would save, then fail to load; it is refused at save,
-  # writing nothing, and the model built with the pruned widths saves and loads.
-  from hsic_jax import surgery
-  from models import get_model
-  dense = get_model("resnet20", rngs=nnx.Rngs(0))
-  groups = dense.channel_groups()
-  g = next(g for g in groups if g.prunable)
-  res = surgery.prune(nnx.to_pure_dict(nnx.state(dense)), groups, {g.name: [0, 2, 5]}, widths=dense.widths)
-  state = nnx.state(dense)
-  nnx.replace_by_pure_dict(state, res.state)
-  nnx.update(dense, state)
-  with pytest.raises(ValueError, match=r"has .* of shape \(16,\), but the model's state holds \(3,\)"):
-    import_torch.save_checkpoint(dense, tmp_path / "bad")
-  assert not (tmp_path / "bad").exists()
-  pruned = get_model("resnet20", res.widths, rngs=nnx.Rngs(0))
-  state = nnx.state(pruned)
-  nnx.replace_by_pure_dict(state, res.state)
-  nnx.update(pruned, state)
-  assert import_torch.load_checkpoint(import_torch.save_checkpoint(pruned, tmp_path / "good")).widths == res.widths
+    checkpoint.save(loaded, out)
+  assert checkpoint.save(loaded, out, force=True) == out.resolve()
 
 
 def test_weights_that_are_not_an_npz_get_a_clear_error(tmp_path: Path, capsys):

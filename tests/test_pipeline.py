@@ -21,8 +21,8 @@ from flax import nnx
 
 import hsic_jax as hj
 import models
-from models import import_torch
-from train import config_lib, main as main_lib, pipeline
+from models import checkpoint
+from train import config_lib, main as main_lib, pipeline, workdir as workdir_lib
 from train.configs import digits_apib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_whole_pipeline_writes_a_consistent_report(finished):
   assert all({"lambda", "macs", "params"} <= set(p) for p in rep["search"])
   assert set(rep["seconds"]) >= set(pipeline.STAGES) - {"report"}
   # The MACs hit the target (half the dense count, 1%), counted independently by tracing the pruned model.
-  final = models.load_pruned(workdir)
+  final = models.load_pruned(workdir_lib.model_checkpoint(workdir))
   exact = models.flops.count("resnet20", final.widths, exact=True, input_hw=(8, 8))
   assert exact.macs == rep["pruned"]["macs"]
   assert abs(exact.macs - 0.5 * rep["dense"]["macs"]) <= 0.01 * 0.5 * rep["dense"]["macs"]
@@ -90,8 +90,8 @@ def test_whole_pipeline_writes_a_consistent_report(finished):
 def test_pruned_checkpoint_is_the_plan_applied_to_the_dense_one(finished):
   workdir, _ = finished
   dense = models.load_pruned(workdir / "dense")
-  pruned = import_torch.load_checkpoint(workdir / "pruned")
-  plan = hj.PrunePlan.from_json(json.dumps(import_torch.read_meta(workdir / "pruned")["plan"]))
+  pruned = checkpoint.load(workdir / "pruned")
+  plan = hj.PrunePlan.from_json(json.dumps(checkpoint.read_meta(workdir / "pruned")["plan"]))
   rebuilt = hj.apply_plan(nnx.to_pure_dict(nnx.state(dense)), dense.channel_groups(), plan)
   got = jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(pruned)))
   want = jax.tree_util.tree_leaves(rebuilt.state)
@@ -136,8 +136,8 @@ def test_sigkill_during_finetuning_then_resume_gives_the_same_parameters(env, fi
   resumed = subprocess.run(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, capture_output=True, text=True,
                            timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  a = jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(models.load_pruned(reference))))
-  b = jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(models.load_pruned(workdir))))
+  a, b = (jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(models.load_pruned(workdir_lib.model_checkpoint(w)))))
+          for w in (reference, workdir))
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -229,11 +229,11 @@ def test_mismatched_and_corrupt_checkpoints_are_refused(finished, tmp_path):
   shutil.rmtree(bad / "state")
   shutil.copytree(workdir / "dense" / "state", bad / "state")
   with pytest.raises(ValueError, match="bad"):
-    import_torch.load_checkpoint(bad)
+    checkpoint.load(bad)
   # A damaged one (meta cut): refused.
   (tmp_path / "cut").mkdir()
   with pytest.raises(ValueError):
-    import_torch.load_checkpoint(tmp_path / "cut")
+    checkpoint.load(tmp_path / "cut")
 
 
 def test_evaluate_command_reproduces_the_reported_accuracy(env, finished):

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 
 import jax
-import numpy as np
 import pytest
-from flax import nnx
 
 import models
-from models import import_torch
+from models import checkpoint
 from train import pipeline
 from train.configs import resnet50_apib
 from train.datasets import make_fake_imagenet
@@ -19,22 +17,6 @@ from train.datasets import make_fake_imagenet
 
 # Every width of ResNet-50 divided by 8: the same 53 layers and 32 decisions, at a size the test can afford.
 WIDTHS = [w // 8 for w in models.default_widths("resnet50")]
-
-
-def _numpy_resnet50() -> nnx.Module:
-  """A thin ResNet-50 with He-normal kernels drawn by numpy (JAX's eager initialisation compiles once per shape)."""
-  model = nnx.eval_shape(lambda: models.get_model("resnet50", WIDTHS, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
-  rng = np.random.default_rng(0)
-
-  def draw(path, leaf):
-    key = path[-1].key
-    if key == "kernel":
-      return rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
-    return (np.ones if key in ("scale", "var") else np.zeros)(leaf.shape, np.float32)
-
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
-  return nnx.merge(graphdef, state)
 
 
 @pytest.mark.slow  # about 95 s on 2 cores, nearly all XLA compilation: bash run.sh test -m slow
@@ -45,10 +27,10 @@ def test_resnet50_apib_runs_every_stage_on_imagenet_format_data(tmp_path):
   cfg.data.data_dir = str(data_dir)
   cfg.data.image_size = 32
   cfg.data.num_workers = 0
-  # No ImageNet weights offline: the dense model is a randomly initialised ResNet-50 saved as an orbax checkpoint,
+  # No ImageNet weights offline: the dense model is a randomly initialised ResNet-50 saved as a model checkpoint,
   # as models.import_torch writes them (the `pretrain` source is exercised by the digits pipeline test).
-  dense = _numpy_resnet50()
-  cfg.dense.path = str(import_torch.save_checkpoint(dense, tmp_path / "dense_ckpt"))
+  dense = models.random_model("resnet50", WIDTHS)
+  cfg.dense.path = str(checkpoint.save(dense, tmp_path / "dense_ckpt"))
   cfg.model.widths = tuple(WIDTHS)
   # The fixed stem and residual streams weigh more in the thin net: 37.9% is below what its minimum widths allow.
   cfg.select.ratio = 0.6

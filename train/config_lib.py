@@ -1,9 +1,19 @@
-"""Config names: ``--config=NAME`` resolves to ``train/configs/NAME.py``; unknown names list the available ones."""
+"""Config names: ``--config=NAME`` resolves to ``train/configs/NAME.py``; unknown names list the available ones.
+
+:func:`load` gives a config by name to code (a benchmark, a notebook); :func:`parse_flags` is the command lines'
+flag parsing (``train.main``, ``train.evaluate``), with their one-line errors.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import ml_collections
+from absl import flags
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _NOT_CONFIGS = {"__init__", "base", "_cifar_scratch"}
@@ -34,6 +44,26 @@ def resolve(name: str) -> Path:
   return CONFIG_DIR / f"{name}.py"
 
 
+def load(name: str) -> ml_collections.ConfigDict:
+  """The config of a bare name (a file of ``train/configs/``) or a path: its ``get_config()``.
+
+  >>> load("resnet20_apib").model.name
+  'resnet20'
+
+  Raises:
+    ConfigError: no such config (the message lists the available names), or a file without ``get_config()``.
+  """
+  path = resolve(name)
+  spec = importlib.util.spec_from_file_location(f"train_config_{path.stem}", path)
+  if spec is None or spec.loader is None:
+    raise ConfigError(f"config {name} ({path}) is not a Python file; expected a .py file with get_config()")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"config file {path} has no get_config(); expected a function returning a ConfigDict")
+  return module.get_config()
+
+
 def resolve_argv(argv: list[str]) -> tuple[list[str], str]:
   """``argv`` with ``--config=NAME`` (or ``--config NAME``) replaced by the file's path; and the config's name."""
   out, name = list(argv), None
@@ -57,3 +87,35 @@ def explain(err: BaseException) -> str:
     key = re.search(r"'([^']+)'", text)
     return f"unknown config key {key.group(1) if key else text!r} in an override ({text})"
   return text
+
+
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues, config: flags.FlagHolder, *,
+                required: Mapping[str, str] | None = None) -> tuple[ml_collections.ConfigDict, str] | None:
+  """Parses a command line whose ``--config`` is a config name or path (:func:`resolve_argv`) into ``flag_values``.
+
+  Args:
+    argv: the command line, program name first.
+    flag_values: the command's own flags (``config`` among them).
+    config: the holder of the ``--config`` flag (``config_flags.DEFINE_config_file``).
+    required: flags that must be given, name -> what the flag is (said in the error).
+
+  Returns:
+    ``(config, name)``: the config with its overrides applied and its name; ``None`` after printing a one-line
+    ``error: ...`` to stderr for an unknown config, key or flag, a bad value or a missing required flag (the command
+    then exits with status 2).
+  """
+  saved = sys.argv
+  try:
+    argv, name = resolve_argv(list(argv))
+    # ml_collections finds the --config.a.b overrides in sys.argv, whatever list the flags are parsed from.
+    sys.argv = argv
+    flag_values(argv)
+    for flag, what in (required or {}).items():
+      if not flag_values[flag].value:
+        raise ConfigError(f"--{flag} is required ({what})")
+    return config.value, name
+  except (ConfigError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+    print(f"error: {explain(err)}", file=sys.stderr)
+    return None
+  finally:
+    sys.argv = saved

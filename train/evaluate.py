@@ -3,7 +3,8 @@
   python -m train.evaluate --config=resnet56_apib --checkpoint=runs/r56 [--split=validation]
 
 The config gives the data (``--config.data.*`` overrides apply) and the evaluation batch size; the checkpoint gives
-the model and its widths (:func:`models.load_pruned`). Prints top-1, top-5 and the mean loss as JSON.
+the model and its widths (a workdir's newest model, :func:`train.workdir.model_checkpoint`, loaded by
+:func:`models.load_pruned`). Prints top-1, top-5 and the mean loss as JSON.
 """
 
 from __future__ import annotations
@@ -29,30 +30,18 @@ _SPLIT = flags.DEFINE_string("split", None, "data split (default: the config's d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  try:
-    argv, _ = config_lib.resolve_argv(argv)
-    _FLAGS(argv)
-    config = _CONFIG.value
-    if not _CHECKPOINT.value:
-      raise config_lib.ConfigError("--checkpoint is required (a run workdir or a checkpoint directory)")
-  except (config_lib.ConfigError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
-    print(f"error: {config_lib.explain(err)}", file=sys.stderr)
+  parsed = config_lib.parse_flags(sys.argv if argv is None else argv, _FLAGS, _CONFIG,
+                                  required={"checkpoint": "a run workdir or a checkpoint directory"})
+  if parsed is None:
     return 2
-  import jax  # pylint: disable=import-outside-toplevel
+  config, _ = parsed
   import models  # pylint: disable=import-outside-toplevel
-  from train import data, train as train_lib  # pylint: disable=import-outside-toplevel
+  from train import data, loops, train as train_lib, workdir  # pylint: disable=import-outside-toplevel
   split = _SPLIT.value or config.data.eval_split
   try:
     data.prepare(config.data)
-    model = models.load_pruned(_CHECKPOINT.value)
-    mesh = train_lib.make_mesh()
-    bs = int(config.eval.batch_size)
-    train_lib.check_batch_size(bs, mesh, "eval")
-    n = data.num_examples(config.data, split)
-    batches = data.eval_batches(config.data, split, batch_size=bs, process_index=jax.process_index(),
-                                process_count=jax.process_count())
-    result = train_lib.evaluate(model, batches, mesh, desc=f"eval {split}", total=-(-n // bs))
+    model = models.load_pruned(workdir.model_checkpoint(_CHECKPOINT.value))
+    result = loops.evaluate_model(config, model, train_lib.make_mesh(), split=split, desc=f"eval {split}")
   except (ValueError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 1

@@ -33,14 +33,10 @@ _ONLY = flags.DEFINE_enum("only", None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  try:
-    argv, name = config_lib.resolve_argv(argv)
-    _FLAGS(argv)
-    config = _CONFIG.value
-  except (config_lib.ConfigError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
-    print(f"error: {config_lib.explain(err)}", file=sys.stderr)
+  parsed = config_lib.parse_flags(sys.argv if argv is None else argv, _FLAGS, _CONFIG)
+  if parsed is None:
     return 2
+  config, name = parsed
   # Host set-up before JAX starts any work: multi-host runs, and SciPy's LAPACK threads on the CPU backend.
   import jax  # pylint: disable=import-outside-toplevel
   if _CACHE.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:

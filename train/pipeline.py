@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -38,9 +37,9 @@ from tqdm import tqdm
 
 import hsic_jax as hj
 import models
-from models import flops, import_torch
+from models import checkpoint, flops, import_torch
 from hsic_jax import allocation, criteria
-from train import calibrate, data, report, train as train_lib
+from train import calibrate, data, loops, report, train as train_lib
 
 STAGES = ("dense", "calibrate", "select", "surgery", "finetune", "evaluate", "report")
 
@@ -113,29 +112,11 @@ def counts(cfg: ml_collections.ConfigDict, widths: Any, num_classes: int) -> flo
 
 
 def _loop(run: Run, section: ml_collections.ConfigDict, workdir: Path, desc: str) -> train_lib.Loop:
-  cfg = run.config
-  bs = int(section.batch_size)
-  pi, pc = jax.process_index(), jax.process_count()
-  eval_bs = int(cfg.eval.batch_size)
-  n_eval = data.num_examples(cfg.data, cfg.data.eval_split)
-  return train_lib.Loop(
-      train_batches=lambda start: data.train_batches(cfg.data, batch_size=bs, seed=int(cfg.seed), start_step=start,
-                                                     process_index=pi, process_count=pc),
-      eval_batches=lambda: data.eval_batches(cfg.data, cfg.data.eval_split, batch_size=eval_bs, process_index=pi,
-                                             process_count=pc),
-      steps_per_epoch=data.steps_per_epoch(cfg.data, batch_size=bs),
-      eval_steps=-(-n_eval // eval_bs),
-      workdir=workdir, log=run.log, desc=desc)
+  return loops.make_loop(run.config, section, workdir, desc=desc, log=run.log)
 
 
 def _evaluate(run: Run, model: nnx.Module, desc: str) -> dict[str, float]:
-  cfg = run.config
-  eval_bs = int(cfg.eval.batch_size)
-  train_lib.check_batch_size(eval_bs, run.mesh, "eval")
-  n = data.num_examples(cfg.data, cfg.data.eval_split)
-  batches = data.eval_batches(cfg.data, cfg.data.eval_split, batch_size=eval_bs, process_index=jax.process_index(),
-                              process_count=jax.process_count())
-  return train_lib.evaluate(model, batches, run.mesh, desc=desc, total=-(-n // eval_bs))
+  return loops.evaluate_model(run.config, model, run.mesh, desc=desc)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -477,17 +458,8 @@ def prune_model(dense_model: nnx.Module, keep: dict[str, Any]) -> tuple[nnx.Modu
   """The dense model with only the kept channels of each group, as the same class built with the new widths."""
   state = nnx.to_pure_dict(nnx.state(dense_model))
   out = hj.prune(state, dense_model.channel_groups(), keep, widths=dense_model.widths)
-  name = models.model_name(dense_model)
-  thin = nnx.eval_shape(lambda: models.get_model(name, out.widths, num_classes=int(dense_model.num_classes),
-                                                 rngs=nnx.Rngs(0)))
-  graphdef, thin_state = nnx.split(thin)
-  want = jax.tree.map(lambda v: tuple(v.shape), nnx.to_pure_dict(thin_state))
-  have = jax.tree.map(lambda v: tuple(np.shape(v)), out.state)
-  if want != have:  # nnx.update would accept wrongly shaped arrays
-    raise ValueError(f"pruned state does not have the shapes of {name} with widths {out.widths}")
-  nnx.replace_by_pure_dict(thin_state, jax.tree.map(jnp.asarray, out.state))
-  model = nnx.merge(graphdef, thin_state)
-  model.eval()
+  model = checkpoint.build_with_state(models.model_name(dense_model), out.widths, int(dense_model.num_classes),
+                                     out.state)
   return model, out.plan
 
 

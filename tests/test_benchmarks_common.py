@@ -1,0 +1,36 @@
+"""The benchmarks' shared flags (benchmarks._common.parser)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from benchmarks import _common
+
+
+def test_parser_holds_the_named_shared_flags_with_their_meaning():
+  p = _common.parser("A benchmark.\n\nMore text.", ("quick", "out", "no-readme", "render"),
+                     help={"quick": "one small layer"})
+  assert p.description == "A benchmark."
+  args = p.parse_args([])
+  assert (args.quick, args.out, args.no_readme, args.render) == (False, None, False, False)
+  args = p.parse_args(["--quick", "--out", "x/y", "--no-readme", "--render"])
+  assert args.quick and args.out == pathlib.Path("x/y") and args.no_readme and args.render
+  assert "one small layer" in p.format_help() and "do not update benchmarks/README.md" in p.format_help()
+
+
+def test_parser_leaves_out_the_flags_not_named_and_takes_its_own():
+  p = _common.parser("A benchmark.", ("no-readme",), prog="python -m benchmarks.x")
+  p.add_argument("--repeats", type=int, default=3)
+  assert p.prog == "python -m benchmarks.x"
+  assert p.parse_args(["--repeats", "5", "--no-readme"]).repeats == 5
+  with pytest.raises(SystemExit):
+    p.parse_args(["--quick"])
+
+
+def test_parser_refuses_names_that_are_not_shared_flags():
+  with pytest.raises(ValueError, match=r"\['--quick'\] are not shared benchmark flags"):
+    _common.parser("A benchmark.", ("--quick",))
+  with pytest.raises(ValueError, match=r"\['fast'\]"):
+    _common.parser("A benchmark.", help={"fast": "x"})
