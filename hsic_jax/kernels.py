@@ -477,6 +477,7 @@ def _flat_features(name: str, x: ArrayLike, dtype) -> jax.Array:
   """Features with the samples on axis 0 (rank 1 to 8), as ``(n, -1)``; ValueErrors name ``name``."""
   x = _checks.as_float_array(name, x, dtype, ndim=tuple(range(1, 9)))
   _checks.check_samples(name, x.shape[0])
+  _checks.check_values_per_sample(name, x.shape)
   return x.reshape(x.shape[0], -1)
 
 
@@ -609,6 +610,7 @@ def hsic_matrix(
       _checks.check_samples("features[0]", n)
     elif f.shape[0] != n:
       raise ValueError(f"features[{i}] has {f.shape[0]} samples on axis 0, but features[0] has {n}.")
+    _checks.check_values_per_sample(f"features[{i}]", f.shape)
     g, e, finite = _layer_gram(f, kernel, *jit_bandwidth(bandwidth), normalized)
     grams.append(g)
     exps.append(e)

@@ -243,3 +243,15 @@ def test_a_sweep_over_explicit_gammas_compiles_once():
   # pylint: disable=protected-access
   assert kernels._gaussian_gram_checked._cache_size() == 1  # the compiled entry of gaussian_gram
   assert problem_lib._from_features_streaming._cache_size() == 1
+
+
+@pytest.mark.parametrize("empty", [(6, 0), (6, 3, 0)])
+def test_layer_without_values_is_refused_by_name(empty):
+  # An empty layer has no Gram to measure; it was refused inside a NumPy reduction that named nothing.
+  a = np.random.default_rng(0).normal(size=(6, 3))
+  with pytest.raises(ValueError, match=r"^features\[1\] must hold at least one value per sample"):
+    hj.hsic_matrix([a, np.zeros(empty)])
+  with pytest.raises(ValueError, match=r"^features\[1\] must hold at least one value per sample"):
+    hj.hsic_matrix([a, np.zeros(empty)], kernel="gaussian")
+  with pytest.raises(ValueError, match=r"^y must hold at least one value per sample"):
+    hj.linear_cka(a, np.zeros(empty))
