@@ -9,6 +9,7 @@ positions that no group removes. Optimizer-state subtrees that mirror the parame
 a factored moment, is refused), and a :class:`PrunePlan` records the cut so that a pruned checkpoint can be rebuilt
 from the dense one (:func:`apply_plan`).
 
+
 :func:`mask` is the reference that surgery is checked against: it zeroes the removed channels in the dense state
 instead of deleting them. Zeroing every consumer ("in") slice removes the channels' contribution exactly, also
 through residual adds, so a physically pruned model computes the same function as the masked dense one.
@@ -42,6 +43,17 @@ import numpy as np
 from flax import nnx
 
 from hsic_jax.groups import ChannelGroup, ChannelSlice, Path, flatten_state, keypath_to_path, path_str
+
+__all__ = [
+    "PrunePlan",
+    "PruneResult",
+    "apply_plan",
+    "keep_top_k",
+    "mask",
+    "prune",
+    "round_width",
+]
+
 
 _PLAN_FORMAT = 1
 # BatchNorm variance-like leaves stay untouched by `mask`: zeroing them would divide by sqrt(eps) (or by zero).

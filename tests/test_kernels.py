@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import hsic_jax as hj
-from hsic_jax import kernels
+from hsic_jax import _gram, kernels
 
 
 def _h(n):
@@ -83,13 +83,13 @@ def _has_loop(jaxpr) -> bool:
 
 def test_channel_grams_vmap_channels_for_accelerators_and_loop_on_cpus():
   x = np.random.default_rng(3).normal(size=(10, 6, 4)).astype(np.float32)
-  args = (*kernels.jit_bandwidth("apib"), False, False, None)
+  args = (*_gram.jit_bandwidth("apib"), False, False, None)
   # pylint: disable=protected-access
-  vmapped = jax.make_jaxpr(lambda v: kernels._channel_grams(v, *args, "vmap"))(x)
-  looped = jax.make_jaxpr(lambda v: kernels._channel_grams(v, *args, "loop"))(x)
+  vmapped = jax.make_jaxpr(lambda v: _gram.jit_channel_grams(v, *args, "vmap"))(x)
+  looped = jax.make_jaxpr(lambda v: _gram.jit_channel_grams(v, *args, "loop"))(x)
   assert not _has_loop(vmapped.jaxpr) and _has_loop(looped.jaxpr)
-  np.testing.assert_allclose(np.asarray(kernels._channel_grams(x, *args, "vmap")[0]),
-                             np.asarray(kernels._channel_grams(x, *args, "loop")[0]), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(_gram.jit_channel_grams(x, *args, "vmap")[0]),
+                             np.asarray(_gram.jit_channel_grams(x, *args, "loop")[0]), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("d", [3, 600])  # 600 >= SLICED_CHANNELS_MIN_DIM: one channel at a time on CPU
@@ -195,7 +195,7 @@ def test_bad_bandwidth(bad):
 
 def test_sq_distances_nonnegative_under_cancellation():
   x = np.full((5, 300), 1e4, np.float32)
-  assert float(np.min(np.asarray(kernels.sq_distances(x)))) >= 0.0
+  assert float(np.min(np.asarray(_gram.sq_distances(x)))) >= 0.0
 
 
 def test_a_large_common_offset_does_not_cancel_the_differences():

@@ -9,8 +9,8 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import Lasso
 
 import hsic_jax as hj
-from hsic_jax import _checks, solver
-from hsic_jax.problem import make_problem
+from hsic_jax import _checks, _fista, _lasso, solver
+from hsic_jax._lasso import make_problem
 
 
 def _design(gram_x, gram_y, normalized=False):
@@ -160,7 +160,7 @@ def test_tiles_fit_the_cpu_cache_only_on_cpus():
   from hsic_jax import problem  # pylint: disable=import-outside-toplevel
   c, n, budget = 512, 1024, problem.DEFAULT_BLOCK_BYTES
   cpu = problem._tile_side(c, n, 4, budget, "loop")  # pylint: disable=protected-access
-  assert c * cpu * cpu * 4 <= problem.STREAM_TILE_BYTES
+  assert c * cpu * cpu * 4 <= problem._STREAM_TILE_BYTES  # pylint: disable=protected-access
   accel = problem._tile_side(c, n, 4, budget, "vmap")  # pylint: disable=protected-access
   assert accel > 2 * cpu and 3 * c * accel * accel * 4 <= budget
   assert problem._tile_side(c, n, 4, 3 * c * 4 * 16 * 16, "loop") == 16  # pylint: disable=protected-access
@@ -342,7 +342,7 @@ def test_repeated_calls_do_not_retrace(monkeypatch):
   x, y = _random_problem(10)
   p = hj.problem_from_features(x, y)
   jax.clear_caches()
-  monkeypatch.setattr(solver, "_solve_one", chex.assert_max_traces(solver._solve_one, n=1))
+  monkeypatch.setattr(_fista, "solve_one", chex.assert_max_traces(_fista.solve_one, n=1))
   for lam in (1.0, 2.0, 3.0):
     hj.solve(p, lam)
   hj.solve(p, 4.0, tol=1e-3)  # tolerance is a traced argument too
@@ -375,15 +375,15 @@ def test_compact_face_solve_equals_full(size):
   quad = jnp.asarray(a @ a.T / 80 + 0.1 * np.eye(64))
   rhs = jnp.asarray(rng.normal(size=64))
   mask = jnp.asarray(rng.permutation(64) < size)
-  full = solver._face_solve(quad, rhs, mask, compact=False)
-  compact_solve = jax.jit(solver._face_solve, static_argnames="compact")
+  full = _fista.face_solve(quad, rhs, mask, compact=False)
+  compact_solve = jax.jit(_fista.face_solve, static_argnames="compact")
   np.testing.assert_allclose(np.asarray(compact_solve(quad, rhs, mask, compact=True)), np.asarray(full),
                              rtol=1e-4, atol=1e-5)
   assert np.all(np.asarray(full)[~np.asarray(mask)] == 0)
   # Channel 0 in the set: the compact path pads its gathered rows with copies of index 0, which must not touch it.
   mask0 = mask.at[0].set(True)
   np.testing.assert_allclose(np.asarray(compact_solve(quad, rhs, mask0, compact=True)),
-                             np.asarray(solver._face_solve(quad, rhs, mask0, compact=False)), rtol=1e-4, atol=1e-5)
+                             np.asarray(_fista.face_solve(quad, rhs, mask0, compact=False)), rtol=1e-4, atol=1e-5)
   # The face minimiser solves Q_SS b_S = rhs_S.
   s = np.flatnonzero(np.asarray(mask))
   np.testing.assert_allclose(np.asarray(full)[s], np.linalg.solve(np.asarray(quad)[np.ix_(s, s)], np.asarray(rhs)[s]),
@@ -539,7 +539,7 @@ def test_every_matrix_product_runs_at_full_precision():
 @pytest.mark.parametrize("normalized", [False, True])
 def test_every_build_path_equals_the_reference_problem(normalized):
   """Whole Grams, tiles of Grams, features in memory, features streamed in tiles, and a batch: each against
-  problem.reference_problem (the stated math in float64 numpy)."""
+  _lasso.reference_problem (the stated math in float64 numpy)."""
   from hsic_jax import problem  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(11)
   n, c = 20, 5
@@ -548,7 +548,7 @@ def test_every_build_path_equals_the_reference_problem(normalized):
   with jax.enable_x64(True):
     gx = np.asarray(hj.channel_grams(x, dtype=jnp.float64))
     gy = np.asarray(hj.gaussian_gram(y, dtype=jnp.float64))
-    ref = problem.reference_problem(gx, gy, normalized=normalized)
+    ref = _lasso.reference_problem(gx, gy, normalized=normalized)
     small = 3 * c * 8 * 6 * 6  # tiles of 6 x 6
     built = {
         "grams": hj.problem_from_grams(gx, gy, normalized=normalized, dtype=jnp.float64),
