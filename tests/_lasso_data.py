@@ -40,3 +40,16 @@ def small_grams(c=3, n=6):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(n, c, 2)).astype(np.float32)
   return np.array(hj.channel_grams(x)), np.array(hj.gaussian_gram(x[:, 0]))
+
+
+# The error for features whose squared distances overflow float32, after the name of the argument.
+OVERFLOW_MESSAGE = r"holds values up to .*e\+20 whose squared deviations from their mean overflow float32: rescale"
+
+
+def overflowing_outputs():
+  """Features ``x`` ``(64, 3, 4)`` and outputs ``y`` ``(64, 16)`` of about 1e20: finite in float32, but their
+  squared distances overflow it (a Gaussian Gram of them came out NaN)."""
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=(64, 3, 4)).astype(np.float32)
+  y = rng.normal(size=(64, 16)).astype(np.float32) * np.float32(1e20)
+  return x, y

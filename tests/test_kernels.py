@@ -9,6 +9,7 @@ import pytest
 
 import hsic_jax as hj
 from hsic_jax import _gram, kernels
+from tests._lasso_data import OVERFLOW_MESSAGE, overflowing_outputs
 
 
 def _h(n):
@@ -300,10 +301,8 @@ def test_bad_labels_values_and_batch_sizes_are_refused():
 def test_gaussian_features_whose_squares_overflow_are_refused():
   # Finite features from about 1e19 have squared distances that overflow float32 (the Gram came out NaN); the error
   # names the argument.
-  rng = np.random.default_rng(10)
-  x = rng.normal(size=(64, 3, 4)).astype(np.float32)
-  y = rng.normal(size=(64, 16)).astype(np.float32) * np.float32(1e20)
-  msg = r"holds values up to .*e\+20 whose squared deviations from their mean overflow float32: rescale"
+  x, y = overflowing_outputs()
+  msg = OVERFLOW_MESSAGE
   with pytest.raises(ValueError, match="^x " + msg):
     hj.gaussian_gram(y)
   with pytest.raises(ValueError, match="^x " + msg):

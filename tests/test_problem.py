@@ -10,7 +10,8 @@ import pytest
 import hsic_jax as hj
 from hsic_jax import _lasso
 from hsic_jax._lasso import make_problem
-from tests._lasso_data import design, random_problem, sklearn_lasso, small_grams
+from tests._lasso_data import OVERFLOW_MESSAGE, design, overflowing_outputs, random_problem, sklearn_lasso
+from tests._lasso_data import small_grams
 
 
 def test_normalized_problem_matches_normalized_design():
@@ -308,10 +309,9 @@ def test_bad_options_and_problem_lists():
 @pytest.mark.parametrize("max_block_bytes", [None, 512])  # 512: streamed from x in tiles
 def test_gaussian_outputs_whose_squares_overflow_are_refused(max_block_bytes):
   # The output features' squared distances overflow float32: the problem is never built from a NaN output Gram.
-  rng = np.random.default_rng(10)
-  x = rng.normal(size=(64, 3, 4)).astype(np.float32)
-  y = rng.normal(size=(64, 16)).astype(np.float32) * np.float32(1e20)
-  msg = r"holds values up to .*e\+20 whose squared deviations from their mean overflow float32: rescale"
+  x, y = overflowing_outputs()
+  msg = OVERFLOW_MESSAGE
+  rng = np.random.default_rng(11)
   with pytest.raises(ValueError, match="^y " + msg):
     hj.output_gram(y)
   kw = {} if max_block_bytes is None else {"max_block_bytes": max_block_bytes}

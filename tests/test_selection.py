@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import hsic_jax as hj
-from tests._lasso_data import random_problem, small_grams
+from tests._lasso_data import OVERFLOW_MESSAGE, overflowing_outputs, random_problem, small_grams
 
 
 def test_path_and_batch_equal_single_solves():
@@ -118,10 +118,8 @@ def test_bad_k_and_unbatched_grid():
 
 
 def test_gaussian_outputs_whose_squares_overflow_are_refused():
-  rng = np.random.default_rng(10)
-  x = rng.normal(size=(64, 3, 4)).astype(np.float32)
-  y = rng.normal(size=(64, 16)).astype(np.float32) * np.float32(1e20)
-  msg = r"holds values up to .*e\+20 whose squared deviations from their mean overflow float32: rescale"
+  x, y = overflowing_outputs()
+  msg = OVERFLOW_MESSAGE
   with pytest.raises(ValueError, match="^y " + msg):
     hj.lasso_select_features(x, y, 0.1)
 
