@@ -1,7 +1,7 @@
 """HSIC-JAX: channel pruning of CNNs by HSIC Lasso (APIB) and normalised HSIC (ITPruner), in JAX.
 
-The top level holds what users call; each module does one thing and is a namespace of its own for the rest
-(``hj.kernels.center``, ``hj.surgery.mask``, ``hj.solver.objective``, ...):
+The top level holds what users call most; each public module is a namespace of the names users call (its
+``__all__``: ``hj.kernels.center``, ``hj.surgery.mask``, ``hj.solver.objective``, ...):
 
 - :mod:`hsic_jax.kernels`: Gaussian / linear / delta Gram matrices, centering, HSIC, CKA, the layer HSIC matrix.
 - :mod:`hsic_jax.problem`: the HSIC Lasso quadratic form (Q, q) built blockwise from Grams or features.
@@ -12,8 +12,15 @@ The top level holds what users call; each module does one thing and is a namespa
 - :mod:`hsic_jax.allocation`: layer importances from normalised HSIC and integer widths under budgets (ITPruner).
 - :mod:`hsic_jax.criteria`: baseline channel criteria behind one registry, and widths from their scores.
 - :mod:`hsic_jax.surgery`: pure-functional channel removal from parameter, BatchNorm and optimizer state.
-- :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr.
+- :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr, and the registry of
+  channel rules (``register_channel_rule``) that tells derivation how a primitive moves channels.
 - :mod:`hsic_jax.runtime`: host-side settings for the CPU backend (LAPACK threads).
+
+What these modules share lives in ``_``-prefixed modules (no module reaches into a neighbour's ``_``-names):
+``_gram`` (Gram building blocks), ``_lasso`` (the problem type, its assembly, float64 reference and checks),
+``_fista`` (the traced solver core, its result type and tolerances), ``_jaxpr_context`` and ``_jaxpr_rules`` (the
+state of a derivation and the built-in rules), ``_jaxpr_walk`` (jaxpr traversal), ``_checks`` (argument checks) and
+``_sharding`` (how inputs split over a mesh).
 """
 
 from hsic_jax import allocation, criteria, groups, jaxpr_groups, kernels, problem, runtime, search, selection, solver

@@ -17,6 +17,16 @@ from typing import Any, Literal
 
 import jax
 
+__all__ = [
+    "ChannelGroup",
+    "ChannelSlice",
+    "Path",
+    "flatten_state",
+    "keypath_to_path",
+    "path_str",
+]
+
+
 Path = tuple[str | int, ...]
 
 

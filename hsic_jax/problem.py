@@ -17,7 +17,7 @@ block per batch. Problems of different widths stack, zero-padded, into one batch
 Memory: the builders never hold more than ``max_block_bytes`` of Gram entries at once. Grams that fit are centered
 whole and multiplied over their packed upper triangles. Larger ones are taken in square tiles ``(I, J)`` of every
 channel's Gram, ``Q += K̄[:, I, J] K̄[:, I, J]^T`` over the upper triangle of tiles, each tile small enough to stay
-in a CPU's cache between its construction and its product (:data:`STREAM_TILE_BYTES`). From Grams, each tile is
+in a CPU's cache between its construction and its product (:data:`_STREAM_TILE_BYTES`). From Grams, each tile is
 centered exactly from the row and column means. When the per-channel Grams do not fit in the budget at all they are
 streamed from the features, each kernel entry of the upper triangle computed once: the products are taken of
 ``K - mu`` (a constant shift) and centered at the end from the row sums (:func:`_centered_quad`).
@@ -27,116 +27,30 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from hsic_jax import _checks
-from hsic_jax import kernels
-from hsic_jax.kernels import Bandwidth
+from hsic_jax import _checks, _gram, _lasso
+from hsic_jax._gram import Bandwidth
+from hsic_jax._lasso import LassoProblem
+
+__all__ = [
+    "DEFAULT_BLOCK_BYTES",
+    "LassoProblem",
+    "combine_problems",
+    "output_gram",
+    "problem_from_features",
+    "problem_from_grams",
+    "stack_problems",
+]
+
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_BLOCK_BYTES = 256 * 2**20
-
-
-class LassoProblem(NamedTuple):
-  """One (or a batch of) HSIC Lasso problems in quadratic form; leading axes are batch axes.
-
-  Attributes:
-    quad: ``Q``, shape ``(..., c, c)``, ``Q_ij = <K̄_i, K̄_j>``.
-    lin: ``q``, shape ``(..., c)``, ``q_i = <K̄_i, L̄>``.
-    const: ``||L̄||_F^2``, shape ``(...)``.
-    lipschitz: the gradient's Lipschitz constant (largest eigenvalue of ``Q``) estimated from above, shape
-      ``(...)``; see :func:`_lipschitz_bound`.
-    rows: number of rows of the equivalent ``n^2 x c`` design (``n^2`` per batch), shape ``(...)``.
-      scikit-learn's ``Lasso(alpha)`` on that design solves this problem with ``lam = alpha * rows``.
-  """
-
-  quad: Float[Array, "*b c c"]
-  lin: Float[Array, "*b c"]
-  const: Float[Array, "*b"]
-  lipschitz: Float[Array, "*b"]
-  rows: Float[Array, "*b"]
-
-  @property
-  def num_channels(self) -> int:
-    return self.lin.shape[-1]
-
-
-POWER_ITERATIONS = 30
-LIPSCHITZ_MARGIN = 1.05
-
-
-@jax.jit
-@_checks.highest_precision
-def _lipschitz_bound(quad):
-  """An estimate of ``Q``'s largest eigenvalue from above, for the proximal-gradient step.
-
-  A full eigendecomposition costs more than the whole solve on CPU for ``c`` in the hundreds, so: power iteration
-  from the channels' norms (``sqrt(Q_kk)``, a nonnegative start suited to the mostly positive entries of kernel
-  Grams' ``Q``), its Rayleigh quotient (a lower bound; on real layers one eigenvalue dominates and 30 iterations
-  reach it to about 1e-7) times a 5% margin, and never more than ``||Q||_F``, which bounds the top eigenvalue from
-  above. The step only sets the speed of the
-  gradient phase; convergence is judged by the duality gap.
-  """
-  # Everything is computed on Q / max|Q|: Q's entries scale with the fourth power of the features, and squares of
-  # tiny ones (features around 1e-6) would underflow to zero.
-  scale = jnp.max(jnp.abs(quad), axis=(-2, -1))
-  scale = jnp.where(scale > 0, scale, 1.0)
-  unit = quad / scale[..., None, None]
-  # The start is never zero (an all-zero Q, every channel constant, would leave it so).
-  start = jnp.sqrt(jnp.maximum(jnp.diagonal(unit, axis1=-2, axis2=-1), 0.0)) + jnp.finfo(quad.dtype).eps
-
-  def body(_, v):
-    w = jnp.einsum("...ij,...j->...i", unit, v)
-    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), jnp.finfo(quad.dtype).eps)
-
-  v = jax.lax.fori_loop(0, POWER_ITERATIONS, body, start / jnp.linalg.norm(start, axis=-1, keepdims=True))
-  rayleigh = jnp.einsum("...i,...ij,...j->...", v, unit, v)
-  frobenius = jnp.sqrt(jnp.sum(unit * unit, axis=(-2, -1)))
-  top = jnp.minimum(LIPSCHITZ_MARGIN * rayleigh, frobenius) * scale
-  # An all-zero Q would give a zero step denominator.
-  return jnp.maximum(top, jnp.finfo(quad.dtype).tiny)
-
-
-def make_problem(quad, lin, const, rows) -> LassoProblem:
-  """Assembles a :class:`LassoProblem` from ``Q``, ``q``, ``||L̄||^2`` and the design row count."""
-  quad = jnp.asarray(quad)
-  return LassoProblem(quad, jnp.asarray(lin), jnp.asarray(const), _lipschitz_bound(quad),
-                      jnp.asarray(rows, quad.dtype))
-
-
-def reference_problem(gram_x: Float[ArrayLike, "c n n"], gram_y: Float[ArrayLike, "n n"], *,
-                      normalized: bool = False) -> LassoProblem:
-  """The problem exactly as the module docstring states it, in float64 numpy: the reference that every fast build
-  (whole Grams, tiles, streamed from the features, batched, sharded) is tested against.
-
-  ``K̄_k = H K_k H``, ``L̄ = H L H`` with ``H = I - 11'/n``; optionally ``K̄_k / ||K̄_k||_F`` and ``L̄ / ||L̄||_F``;
-  then ``Q_ij = <K̄_i, K̄_j>_F``, ``q_i = <K̄_i, L̄>_F``, ``const = ||L̄||_F^2`` and ``rows = n^2``. Memory is
-  ``O(c n^2)``: for tests and small problems, not for calibration.
-
-  >>> g = np.stack([np.eye(3), np.ones((3, 3))])  # the second channel is constant: K̄ = 0
-  >>> p = reference_problem(g, np.eye(3))
-  >>> (np.round(np.asarray(p.quad), 6) + 0.0).tolist(), (np.round(np.asarray(p.lin), 6) + 0.0).tolist()
-  ([[2.0, 0.0], [0.0, 0.0]], [2.0, 0.0])
-  """
-  gx = np.asarray(gram_x, np.float64)
-  gy = np.asarray(gram_y, np.float64)
-  n = gy.shape[-1]
-  h = np.eye(n) - 1.0 / n
-  kbar = h @ gx @ h
-  lbar = h @ gy @ h
-  if normalized:
-    norms = np.sqrt(np.sum(kbar * kbar, axis=(1, 2)))
-    kbar = np.where(norms[:, None, None] > 0, kbar / np.where(norms > 0, norms, 1.0)[:, None, None], 0.0)
-    ly = np.sqrt(np.sum(lbar * lbar))
-    lbar = lbar / ly if ly > 0 else lbar
-  flat = kbar.reshape(len(kbar), -1)
-  with jax.enable_x64(True):
-    return make_problem(flat @ flat.T, flat @ lbar.reshape(-1), np.sum(lbar * lbar), float(n * n))
 
 
 def _normalize(quad, lin, const):
@@ -178,13 +92,13 @@ def _packed_rows(rows, start: int):
 # From this many channels on, ``P P'`` is computed as three products of half-height blocks (its two diagonal blocks
 # and one off-diagonal block, mirrored): 3/4 of the FLOPs of the full product, which wins on CPUs from c = 256 on;
 # below, the smaller products lose more than they save.
-SYMMETRIC_SPLIT_MIN_CHANNELS = 256
+_SYMMETRIC_SPLIT_MIN_CHANNELS = 256
 
 
 def _self_products(p):
   """``P P'`` for ``p`` of shape (c, k), exploiting its symmetry when ``c`` is large enough."""
   c = p.shape[0]
-  if c < SYMMETRIC_SPLIT_MIN_CHANNELS:
+  if c < _SYMMETRIC_SPLIT_MIN_CHANNELS:
     return jnp.einsum("ck,dk->cd", p, p, precision=_HIGHEST)
   top, bottom = p[:c // 2], p[c // 2:]
   upper = jnp.einsum("ck,dk->cd", top, bottom, precision=_HIGHEST)
@@ -217,7 +131,7 @@ def _centered_quad(quad, row_sums, n: int):
 # centering leaves about eps * |K| on each entry (noise energy (RTOL eps n |K|)^2, 16x that of one-ulp errors), the
 # streamed one-pass correction about eps * P_kk on Q_kk (noise RTOL eps P_kk). A weak but real channel, with centered
 # entries of a few ulps of |K| and up, is kept (tested).
-CONSTANT_CHANNEL_RTOL = 4.0
+_CONSTANT_CHANNEL_RTOL = 4.0
 
 
 def _without_constant_channels(quad, lin, noise):
@@ -230,7 +144,7 @@ def _without_constant_channels(quad, lin, noise):
 
 # The shift ``mu_k`` is the mean of this many leading rows of each Gram (a constant shift leaves the centered Gram
 # unchanged; any value is exact, one near the Gram's mean keeps float32 cancellation small).
-SHIFT_PROBE_ROWS = 8
+_SHIFT_PROBE_ROWS = 8
 
 
 # On CPUs, large Grams are taken in square tiles of every channel's Gram, ``c * t * t`` entries of about this many
@@ -238,16 +152,16 @@ SHIFT_PROBE_ROWS = 8
 # Row blocks of the whole width, tens of MB each, go through memory several times instead (about 3x slower to stream
 # from features, measured on an x86 CPU). Accelerators, whose kernels do not keep a tile in a cache between XLA ops
 # and pay per loop step, take the largest tiles ``max_block_bytes`` allows.
-STREAM_TILE_BYTES = 8 * 2**20
+_STREAM_TILE_BYTES = 8 * 2**20
 
 
 def _tile_side(c: int, n: int, itemsize: int, max_block_bytes: int, strategy: str) -> int:
   """Side ``t`` of the tiles: three live ``(c, t, t)`` arrays (e.g. distances, kernel, shifted) within
-  ``max_block_bytes`` and, on CPUs, one within :data:`STREAM_TILE_BYTES`, evened out so that the overlap of the last
+  ``max_block_bytes`` and, on CPUs, one within :data:`_STREAM_TILE_BYTES`, evened out so that the overlap of the last
   tile with the one before it stays small, and a multiple of 8 when that costs no extra tile."""
   budget = max_block_bytes // 3
   if strategy == "loop":  # a CPU
-    budget = min(STREAM_TILE_BYTES, budget)
+    budget = min(_STREAM_TILE_BYTES, budget)
   most = max(1, min(n, math.isqrt(max(1, budget // max(1, c * itemsize)))))
   tiles = -(-n // most)
   t = -(-n // tiles)
@@ -346,7 +260,7 @@ def _from_grams_one(gram_x, gram_y, t, normalized, validate):
   grand = jnp.mean(row_mean, axis=1)  # (c,)
   diag = jnp.diagonal(gram_x, axis1=1, axis2=2)
   stats = (stats_x, _means_and_stats(gram_y, validate)[2]) if validate else None
-  lbar = kernels.center(gram_y)
+  lbar = _gram.center(gram_y)
   if t:
     def kbar_tile(i0, j0):
       block = jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(gram_x, i0, t, axis=1), j0, t, axis=2)
@@ -360,12 +274,12 @@ def _from_grams_one(gram_x, gram_y, t, normalized, validate):
     pad = n % 2  # the packing takes an even side: one zero row and column
     quad, lin = _one_block(jnp.pad(kbar, ((0, 0), (0, pad), (0, pad))), jnp.pad(lbar, ((0, pad), (0, pad))))
   # A Gram whose centered entries are all at the level of their rounding errors is constant.
-  entry_noise = CONSTANT_CHANNEL_RTOL * jnp.finfo(quad.dtype).eps * jnp.max(jnp.abs(diag), axis=1)
+  entry_noise = _CONSTANT_CHANNEL_RTOL * jnp.finfo(quad.dtype).eps * jnp.max(jnp.abs(diag), axis=1)
   quad, lin = _without_constant_channels(quad, lin, (n * entry_noise)**2)
   const = jnp.sum(lbar * lbar)
   if normalized:
     quad, lin, const = _normalize(quad, lin, const)
-  return make_problem(quad, lin, const, float(n * n)), stats
+  return _lasso.make_problem(quad, lin, const, float(n * n)), stats
 
 
 def problem_from_grams(
@@ -438,8 +352,8 @@ def problem_from_grams(
 def _channel_gammas(x, bandwidth):
   """Per-channel gamma for ``x`` of shape (n, c, d); the median rule needs each channel's distances in turn."""
   if isinstance(bandwidth, str) and bandwidth == "median":
-    return jax.lax.map(lambda xc: kernels.gamma_of(xc, "median"), jnp.swapaxes(x, 0, 1))
-  return jax.vmap(lambda xc: kernels.gamma_of(xc, bandwidth), in_axes=1)(x)
+    return jax.lax.map(lambda xc: _gram.gamma_of(xc, "median"), jnp.swapaxes(x, 0, 1))
+  return jax.vmap(lambda xc: _gram.gamma_of(xc, bandwidth), in_axes=1)(x)
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "t", "normalized"))
@@ -451,10 +365,10 @@ def _from_features_streaming(x, lbar, rule, gamma, t, normalized):
   :func:`_centered_quad`); their row and column sums accumulate the row sums that center ``Q`` at the end.
   """
   n, c, _ = x.shape
-  gammas = _channel_gammas(x, kernels.from_jit(rule, gamma))  # (c,)
+  gammas = _channel_gammas(x, _gram.from_jit(rule, gamma))  # (c,)
   xt = jnp.swapaxes(x, 0, 1)  # (c, n, d): transposed once, not in every tile
-  xt = xt - jnp.mean(xt, axis=1, keepdims=True)  # distances do not change; see kernels.sq_distances
-  # (c, n); also the validation of x (see kernels._channel_grams)
+  xt = xt - jnp.mean(xt, axis=1, keepdims=True)  # distances do not change; see _gram.sq_distances
+  # (c, n); also the validation of x (see _gram.jit_channel_grams)
   sq = jnp.einsum("cnd,cnd->cn", xt, xt, precision=_HIGHEST)
 
   def kernel_block(r0, rows, c0, cols):
@@ -468,24 +382,24 @@ def _from_features_streaming(x, lbar, rule, gamma, t, normalized):
     d2 = jnp.where(same[None], 0.0, jnp.maximum(d2, 0.0))
     return jnp.exp(-gammas[:, None, None] * d2)
 
-  mu = jnp.mean(kernel_block(0, min(SHIFT_PROBE_ROWS, n), 0, n), axis=(1, 2))
+  mu = jnp.mean(kernel_block(0, min(_SHIFT_PROBE_ROWS, n), 0, n), axis=(1, 2))
   quad, lin, row_sums = _accumulate_tiles(lambda i0, j0: kernel_block(i0, t, j0, t) - mu[:, None, None], lbar,
                                           c=c, n=n, t=t, row_sums=True)
   centered = _centered_quad(quad, row_sums, n)
   # The correction's cancellation leaves a rounding error of about eps * P_kk on Q_kk.
-  quad, lin = _without_constant_channels(centered, lin, CONSTANT_CHANNEL_RTOL * jnp.finfo(quad.dtype).eps
+  quad, lin = _without_constant_channels(centered, lin, _CONSTANT_CHANNEL_RTOL * jnp.finfo(quad.dtype).eps
                                          * jnp.diagonal(quad))
   const = jnp.sum(lbar * lbar)
   if normalized:
     quad, lin, const = _normalize(quad, lin, const)
-  return make_problem(quad, lin, const, float(n * n)), jnp.all(jnp.isfinite(sq))
+  return _lasso.make_problem(quad, lin, const, float(n * n)), jnp.all(jnp.isfinite(sq))
 
 
 @functools.partial(jax.jit, static_argnames=("rule",))
 def _output_gram(y, rule, gamma):
   """``L̄`` of features ``y`` and whether their squared norms are finite (their validation, as for ``x``)."""
   y = y.reshape(y.shape[0], -1)
-  return kernels.center(kernels.gaussian_from_features(y, kernels.from_jit(rule, gamma))), kernels.finite_norms(y)
+  return _gram.center(_gram.gaussian_from_features(y, _gram.from_jit(rule, gamma))), _gram.finite_norms(y)
 
 
 def _output_gram_unchecked(y, kernel, bandwidth, dtype):
@@ -493,13 +407,13 @@ def _output_gram_unchecked(y, kernel, bandwidth, dtype):
   labels, validated here); ``raise_unless_finite_norms("y", y, finite)`` completes the check once the flag is
   wanted, so that a build can launch before waiting for it."""
   if kernel == "delta":
-    return kernels.labels_gram("y", y, centered=True, dtype=dtype), y, None
+    return _gram.labels_gram("y", y, centered=True, dtype=dtype), y, None
   if kernel != "gaussian":
     raise ValueError(f"kernel must be 'gaussian' or 'delta', got {kernel!r}.")
   y = _checks.as_float_array("y", y, dtype, ndim=tuple(range(1, 9)), finite=False)  # checked by the computation
   _checks.check_samples("y", y.shape[0])
   _checks.check_values_per_sample("y", y.shape)
-  lbar, finite = _output_gram(y, *kernels.jit_bandwidth(kernels.validate_bandwidth(bandwidth)))
+  lbar, finite = _output_gram(y, *_gram.jit_bandwidth(_gram.validate_bandwidth(bandwidth)))
   return lbar, y, finite
 
 
@@ -565,8 +479,8 @@ def problem_from_features(
       or ``y`` or values whose deviations from their mean overflow its dtype when squared.
   """
   dtype = _checks.compute_dtype(dtype)
-  bandwidth = kernels.validate_bandwidth(bandwidth)
-  y_bandwidth = kernels.validate_bandwidth(bandwidth if y_bandwidth is None else y_bandwidth, "y_bandwidth")
+  bandwidth = _gram.validate_bandwidth(bandwidth)
+  y_bandwidth = _gram.validate_bandwidth(bandwidth if y_bandwidth is None else y_bandwidth, "y_bandwidth")
   x = _checks.as_float_array("x", x, dtype, ndim=3, finite=False)  # checked by the computation itself
   n, c, _ = x.shape
   _checks.check_samples("x", n)
@@ -580,16 +494,16 @@ def problem_from_features(
   lbar, y, finite_y = _output_gram_unchecked(y, y_kernel, y_bandwidth, dtype)
   strategy = _checks.strategy_for(x)
   if c * n * n * dtype.itemsize <= max_block_bytes:
-    grams, finite = kernels._channel_grams(  # pylint: disable=protected-access
-        x, *kernels.jit_bandwidth(bandwidth), False, False, None, strategy)
+    grams, finite = _gram.jit_channel_grams(
+        x, *_gram.jit_bandwidth(bandwidth), False, False, None, strategy)
     problem = _from_grams(grams, lbar, _tiles_for(c, n, dtype.itemsize, max_block_bytes, strategy), normalized,
                           False, strategy)[0]
   else:
-    problem, finite = _from_features_streaming(x, lbar, *kernels.jit_bandwidth(bandwidth),
+    problem, finite = _from_features_streaming(x, lbar, *_gram.jit_bandwidth(bandwidth),
                                                _tile_side(c, n, dtype.itemsize, max_block_bytes, strategy),
                                                normalized)
   # x and y are validated by the build (their squared norms), not by passes of their own; see
-  # kernels._channel_grams.
+  # _gram.jit_channel_grams.
   if not check:
     return problem
   _checks.raise_unless_finite_norms("x", x, finite)
@@ -598,31 +512,18 @@ def problem_from_features(
   return problem
 
 
-def _check_unbatched(problems: Sequence[LassoProblem], fn: str) -> None:
-  if isinstance(problems, LassoProblem) or not isinstance(problems, Sequence):
-    raise ValueError(f"{fn} takes a list of LassoProblems, got {type(problems).__name__}.")
-  if not problems:
-    raise ValueError("problems must hold at least one LassoProblem, got an empty sequence.")
-  for i, p in enumerate(problems):
-    if not isinstance(p, LassoProblem):
-      raise ValueError(f"problems[{i}] must be a LassoProblem (see problem_from_grams), got {type(p).__name__}.")
-    if p.lin.ndim != 1:
-      raise ValueError(f"problems[{i}] is a batch of problems (q of shape {tuple(p.lin.shape)}); {fn} takes "
-                       "single-layer problems.")
-
-
 def combine_problems(problems: Sequence[LassoProblem]) -> LassoProblem:
   """Sums problems built on different calibration batches of the same layer (block HSIC Lasso, one block a batch).
 
   ``Q``, ``q``, ``||L̄||^2`` and the row counts add; the Lipschitz constant is recomputed.
   """
-  _check_unbatched(problems, "combine_problems")
+  _lasso.check_unbatched(problems, "combine_problems")
   c = problems[0].num_channels
   for i, p in enumerate(problems):
     if p.quad.shape != (c, c):
       raise ValueError(f"problems[{i}] has Q of shape {tuple(p.quad.shape)}, expected ({c}, {c}) like problems[0].")
   total = jax.tree.map(lambda *a: sum(a[1:], a[0]), *problems)
-  return make_problem(total.quad, total.lin, total.const, total.rows)
+  return _lasso.make_problem(total.quad, total.lin, total.const, total.rows)
 
 
 def stack_problems(problems: Sequence[LassoProblem]) -> tuple[LassoProblem, Int[Array, " b"]]:
@@ -631,7 +532,7 @@ def stack_problems(problems: Sequence[LassoProblem]) -> tuple[LassoProblem, Int[
   A padded channel has ``Q`` row/column and ``q`` entry 0, so its coefficient stays 0 for any ``lam >= 0`` and it is
   never selected. Returns the batched problem and the true width of each (for :func:`~hsic_jax.select_k`).
   """
-  _check_unbatched(problems, "stack_problems")
+  _lasso.check_unbatched(problems, "stack_problems")
   widths = [p.num_channels for p in problems]
   cmax = max(widths)
 

@@ -13,6 +13,10 @@ from __future__ import annotations
 import pathlib
 import warnings
 
+__all__ = [
+    "limit_lapack_threads",
+]
+
 
 def _scipy_dirs() -> tuple[pathlib.Path, ...]:
   import scipy  # pylint: disable=import-outside-toplevel

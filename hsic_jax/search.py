@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsic_jax import _checks
+from hsic_jax import _checks, _lasso
 from hsic_jax import problem as problem_lib
 from hsic_jax import selection, solver
 from hsic_jax.problem import LassoProblem
@@ -197,14 +197,14 @@ def _as_list(problems: Any) -> list[LassoProblem]:
   them (the padding is cut off: zero padding changes neither the solutions nor the Lipschitz bound)."""
   if isinstance(problems, tuple) and len(problems) == 2 and isinstance(problems[0], LassoProblem):
     stacked, sizes = problems
-    solver.check_problem(stacked, "problems")
+    _lasso.check_problem(stacked, "problems")
     if stacked.lin.ndim != 2:
       raise ValueError(f"problems must be a stack of single-layer problems, got q of shape {stacked.lin.shape}")
     return [LassoProblem(stacked.quad[i, :c, :c], stacked.lin[i, :c], stacked.const[i], stacked.lipschitz[i],
                          stacked.rows[i]) for i, c in enumerate(np.asarray(sizes).tolist())]
-  problem_lib._check_unbatched(problems, "global_lambda_search")  # pylint: disable=protected-access
+  _lasso.check_unbatched(problems, "global_lambda_search")
   for i, p in enumerate(problems):
-    solver.check_problem(p, f"problems[{i}]")
+    _lasso.check_problem(p, f"problems[{i}]")
   return list(problems)
 
 

@@ -12,12 +12,21 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jax.sharding import PartitionSpec as P
 
-from hsic_jax import _checks, _sharding
+from hsic_jax import _checks, _fista, _lasso, _sharding
 from hsic_jax import problem as problem_lib
 from hsic_jax import solver
-from hsic_jax.kernels import Bandwidth
-from hsic_jax.problem import LassoProblem
-from hsic_jax.solver import LassoResult
+from hsic_jax._fista import LassoResult
+from hsic_jax._gram import Bandwidth
+from hsic_jax._lasso import LassoProblem
+
+__all__ = [
+    "KSelection",
+    "lambda_grid",
+    "lasso_path",
+    "lasso_select",
+    "lasso_select_features",
+    "select_k",
+]
 
 
 def lasso_select(
@@ -28,7 +37,7 @@ def lasso_select(
     normalized: bool = False,
     positive: bool = True,
     tol: float | None = None,
-    max_iter: int = solver.DEFAULT_MAX_ITER,
+    max_iter: int = _fista.DEFAULT_MAX_ITER,
     dtype=jnp.float32,
 ) -> LassoResult:
   """Selects the input channels whose Gram matrices best explain the output Gram, by nonnegative HSIC Lasso.
@@ -76,7 +85,7 @@ def lasso_select_features(
     normalized: bool = False,
     positive: bool = True,
     tol: float | None = None,
-    max_iter: int = solver.DEFAULT_MAX_ITER,
+    max_iter: int = _fista.DEFAULT_MAX_ITER,
     dtype=jnp.float32,
 ) -> LassoResult:
   """:func:`lasso_select` starting from features ``x`` (n, c, d) and a target ``y`` (features or labels).
@@ -105,10 +114,10 @@ def lambda_grid(problem: LassoProblem, *, num: int = 50, ratio: float = 1e-3,
   bfloat16 one gives float32 penalties, as it is solved in float32)."""
   num = _checks.check_count("num", num, 1)
   ratio = _check_ratio(ratio)
-  solver.check_problem(problem)
+  _lasso.check_problem(problem)
   if problem.lin.ndim != 1:
     raise ValueError(f"lambda_grid takes one unbatched problem; got q of shape {tuple(problem.lin.shape)}.")
-  problem = solver.widen(problem)
+  problem = _lasso.widen(problem)
   top = solver.lambda_max(problem, positive=positive)
   return top * jnp.logspace(0.0, np.log10(ratio), num, dtype=problem.lin.dtype)
 
@@ -137,7 +146,7 @@ def lasso_path(
     ratio: float = 1e-3,
     positive: bool = True,
     tol: float | None = None,
-    max_iter: int = solver.DEFAULT_MAX_ITER,
+    max_iter: int = _fista.DEFAULT_MAX_ITER,
 ) -> LassoResult:
   """Solves one problem at a whole grid of penalties in one vmapped call.
 
@@ -152,10 +161,10 @@ def lasso_path(
     A :class:`LassoResult` with a leading axis over ``lams``. A float16 or bfloat16 problem is solved (and its
     result returned) in float32.
   """
-  solver.check_problem(problem)
+  _lasso.check_problem(problem)
   if problem.lin.ndim != 1:
     raise ValueError(f"lasso_path takes one unbatched problem; got lin of shape {problem.lin.shape}.")
-  problem = solver.widen(problem)
+  problem = _lasso.widen(problem)
   if lams is None:
     lams = lambda_grid(problem, num=num, ratio=ratio, positive=positive)
   else:
@@ -192,8 +201,8 @@ def _top_k_mask(beta, lin, k, width):
 
 
 def _select_k_one(quad, lin, const, lip, k, width, tol, max_iter, max_steps, positive, compact=False):
-  solve_at = functools.partial(solver._solve_one, quad, lin, const, lip,  # pylint: disable=protected-access
-                               tol=tol, max_iter=max_iter, check_every=solver.CHECK_EVERY, positive=positive,
+  solve_at = functools.partial(_fista.solve_one, quad, lin, const, lip,
+                               tol=tol, max_iter=max_iter, check_every=_fista.CHECK_EVERY, positive=positive,
                                compact=compact)
   top = jnp.maximum(jnp.max(lin) if positive else jnp.max(jnp.abs(lin)), 0.0)
 
@@ -221,7 +230,7 @@ def _select_k_one(quad, lin, const, lip, k, width, tol, max_iter, max_steps, pos
     new = solve_at(0.5 * (lo + hi), jnp.where(started, res.beta, 0.0))
     return lo, hi, new, best, step + 1
 
-  placeholder = solver.LassoResult(jnp.zeros_like(lin), jnp.zeros(lin.shape, bool), zero, zero,  # replaced at step 0
+  placeholder = LassoResult(jnp.zeros_like(lin), jnp.zeros(lin.shape, bool), zero, zero,  # replaced at step 0
                                    jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero)
   lo, hi, res, best, _ = jax.lax.while_loop(cond, body, (zero, top, placeholder, placeholder,
                                                           jnp.zeros((), jnp.int32)))
@@ -242,7 +251,7 @@ def _select_k(problem, k, widths, tol, max_iter, max_steps, positive, strategy):
 @functools.partial(jax.jit, static_argnames=("max_iter", "max_steps", "positive", "strategy", "mesh", "axes"))
 def _select_k_split(problem, k, widths, tol, max_iter, max_steps, positive, strategy, mesh, axes):
   """:func:`_select_k` on each device's shard of a stack split over ``axes``."""
-  p_spec, r_spec = solver.batch_specs(axes)
+  p_spec, r_spec = _fista.batch_specs(axes)
   row = P(axes)
   local = lambda p, kk, w, t: _select_k(p, kk, w, t, max_iter, max_steps, positive, strategy)  # noqa: E731
   return jax.shard_map(local, mesh=mesh, in_specs=(p_spec, row, row, P()),
@@ -256,7 +265,7 @@ def select_k(
     widths: Int[ArrayLike, " b"] | None = None,
     positive: bool = True,
     tol: float | None = None,
-    max_iter: int = solver.DEFAULT_MAX_ITER,
+    max_iter: int = _fista.DEFAULT_MAX_ITER,
     max_steps: int = 60,
     strategy: str | None = None,
     check: bool = True,
@@ -281,9 +290,9 @@ def select_k(
   Returns:
     A :class:`KSelection`. A float16 or bfloat16 problem is solved (and its result returned) in float32.
   """
-  solver.check_problem(problem, values=check)
-  problem = solver.widen(problem)
-  tol = solver.resolve_tol(tol, problem.lin.dtype)
+  _lasso.check_problem(problem, values=check)
+  problem = _lasso.widen(problem)
+  tol = _fista.resolve_tol(tol, problem.lin.dtype)
   max_iter = _checks.check_count("max_iter", max_iter, 1)
   max_steps = _checks.check_count("max_steps", max_steps, 0)
   c = problem.num_channels

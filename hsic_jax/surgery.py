@@ -9,6 +9,7 @@ positions that no group removes. Optimizer-state subtrees that mirror the parame
 a factored moment, is refused), and a :class:`PrunePlan` records the cut so that a pruned checkpoint can be rebuilt
 from the dense one (:func:`apply_plan`).
 
+
 :func:`mask` is the reference that surgery is checked against: it zeroes the removed channels in the dense state
 instead of deleting them. Zeroing every consumer ("in") slice removes the channels' contribution exactly, also
 through residual adds, so a physically pruned model computes the same function as the masked dense one.
@@ -42,6 +43,17 @@ import numpy as np
 from flax import nnx
 
 from hsic_jax.groups import ChannelGroup, ChannelSlice, Path, flatten_state, keypath_to_path, path_str
+
+__all__ = [
+    "PrunePlan",
+    "PruneResult",
+    "apply_plan",
+    "keep_top_k",
+    "mask",
+    "prune",
+    "round_width",
+]
+
 
 _PLAN_FORMAT = 1
 # BatchNorm variance-like leaves stay untouched by `mask`: zeroing them would divide by sqrt(eps) (or by zero).
@@ -354,7 +366,8 @@ def _prune_opt_state(opt_state: Any, leaves: Mapping[Path, Any],
 
   A per-parameter subtree is a mapping (or ``nnx.State``) whose leaf paths are all state paths: momentum
   ``trace``, Adam ``mu``/``nu``, Adafactor's ``v``, ``v_row`` and ``v_col``. In it, a leaf of its parameter's shape
-  is cut like the parameter; a leaf of another shape is kept if none of its axes has the length of one of the
+  is cut like the parameter; a leaf of the parameter's rank with another length on an axis (other than 1) is
+  refused; a leaf of another shape is kept if none of its axes has the length of one of the
   parameter's cut axes (a placeholder of shape ``(1,)``, a statistic reduced over the cut axis), and refused
   otherwise: a factored moment (Adafactor's ``v_row``/``v_col`` of a cut axis) has no per-channel layout this
   function could know. Leaves outside such subtrees (``count``) are kept.
@@ -382,6 +395,15 @@ def _prune_opt_state(opt_state: Any, leaves: Mapping[Path, Any],
       if shape == shapes[p]:
         sub_masks.update({(p, axis): m for axis, m in cuts[p].items()})
         continue
+      if len(shape) == len(shapes[p]) and any(a not in (1, b) for a, b in zip(shape, shapes[p])):
+        # Of the parameter's rank but another length on some axis (not a broadcast 1): a moment of some other
+        # parameter or model, whose channels cannot be matched to the cut ones.
+        where = path_str(keypath_to_path(keypath) + p)
+        raise ValueError(
+            f"opt_state leaf {where!r} has shape {shape}, unlike the shape {shapes[p]} of its parameter "
+            f"{path_str(p)!r}, which the pruning cuts: expected a leaf of the parameter's shape (or lengths of 1 "
+            "where it reduces an axis). Pass the optimizer state of these parameters, or opt_state=None and "
+            "initialise the optimizer again for the pruned parameters.")
       for axis, m in cuts[p].items():
         if m.size in shape:
           where = path_str(keypath_to_path(keypath) + p)
@@ -449,9 +471,9 @@ def prune(state: Any, groups: Sequence[ChannelGroup], keep: Mapping[str, Any], *
       ``g.width_indices``. A group that is cut must have width indices (derived groups have none).
     opt_state: an optax optimizer state for ``state``'s parameters. In every subtree whose leaves have the paths of
       state leaves (momentum ``trace``, Adam ``mu`` and ``nu``), the leaves of their parameter's shape are cut the
-      same way; leaves of other shapes are kept if their shape does not follow a cut axis (placeholders), and
-      refused otherwise (factored moments such as Adafactor's for large parameters). Other leaves (``count``) are
-      kept.
+      same way; leaves of the parameter's rank but other lengths (not 1) are refused; leaves of other shapes are
+      kept if their shape does not follow a cut axis (placeholders), and refused otherwise (factored moments such
+      as Adafactor's for large parameters). Other leaves (``count``) are kept.
 
   Returns:
     ``PruneResult(state, opt_state, widths, plan)``; ``Model(widths)`` has exactly the pruned state's structure.
@@ -461,7 +483,7 @@ def prune(state: Any, groups: Sequence[ChannelGroup], keep: Mapping[str, Any], *
       indices out of range, duplicated or empty (a group is never emptied); a non-prunable group cut; a member path
       missing from the state or an axis length that does not match its group; a width list that does not match the
       groups or cannot follow a cut group (no width indices); an ``opt_state`` leaf that follows a cut axis but
-      does not mirror its parameter.
+      does not mirror its parameter, or that has its cut parameter's rank but another shape.
 
   >>> import numpy as np
   >>> from hsic_jax.groups import ChannelGroup, ChannelSlice

@@ -3,11 +3,13 @@
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import hsic_jax as hj
-from hsic_jax import kernels
+from hsic_jax import _gram, kernels
+from tests._lasso_data import OVERFLOW_MESSAGE, overflowing_outputs
 
 
 def _h(n):
@@ -83,13 +85,13 @@ def _has_loop(jaxpr) -> bool:
 
 def test_channel_grams_vmap_channels_for_accelerators_and_loop_on_cpus():
   x = np.random.default_rng(3).normal(size=(10, 6, 4)).astype(np.float32)
-  args = (*kernels.jit_bandwidth("apib"), False, False, None)
+  args = (*_gram.jit_bandwidth("apib"), False, False, None)
   # pylint: disable=protected-access
-  vmapped = jax.make_jaxpr(lambda v: kernels._channel_grams(v, *args, "vmap"))(x)
-  looped = jax.make_jaxpr(lambda v: kernels._channel_grams(v, *args, "loop"))(x)
+  vmapped = jax.make_jaxpr(lambda v: _gram.jit_channel_grams(v, *args, "vmap"))(x)
+  looped = jax.make_jaxpr(lambda v: _gram.jit_channel_grams(v, *args, "loop"))(x)
   assert not _has_loop(vmapped.jaxpr) and _has_loop(looped.jaxpr)
-  np.testing.assert_allclose(np.asarray(kernels._channel_grams(x, *args, "vmap")[0]),
-                             np.asarray(kernels._channel_grams(x, *args, "loop")[0]), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(_gram.jit_channel_grams(x, *args, "vmap")[0]),
+                             np.asarray(_gram.jit_channel_grams(x, *args, "loop")[0]), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("d", [3, 600])  # 600 >= SLICED_CHANNELS_MIN_DIM: one channel at a time on CPU
@@ -195,7 +197,7 @@ def test_bad_bandwidth(bad):
 
 def test_sq_distances_nonnegative_under_cancellation():
   x = np.full((5, 300), 1e4, np.float32)
-  assert float(np.min(np.asarray(kernels.sq_distances(x)))) >= 0.0
+  assert float(np.min(np.asarray(_gram.sq_distances(x)))) >= 0.0
 
 
 def test_a_large_common_offset_does_not_cancel_the_differences():
@@ -243,3 +245,135 @@ def test_a_sweep_over_explicit_gammas_compiles_once():
   # pylint: disable=protected-access
   assert kernels._gaussian_gram_checked._cache_size() == 1  # the compiled entry of gaussian_gram
   assert problem_lib._from_features_streaming._cache_size() == 1
+
+
+@pytest.mark.parametrize("empty", [(6, 0), (6, 3, 0)])
+def test_layer_without_values_is_refused_by_name(empty):
+  # An empty layer has no Gram to measure; it was refused inside a NumPy reduction that named nothing.
+  a = np.random.default_rng(0).normal(size=(6, 3))
+  with pytest.raises(ValueError, match=r"^features\[1\] must hold at least one value per sample"):
+    hj.hsic_matrix([a, np.zeros(empty)])
+  with pytest.raises(ValueError, match=r"^features\[1\] must hold at least one value per sample"):
+    hj.hsic_matrix([a, np.zeros(empty)], kernel="gaussian")
+  with pytest.raises(ValueError, match=r"^y must hold at least one value per sample"):
+    hj.linear_cka(a, np.zeros(empty))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad inputs; features at any scale and half-precision dtypes.
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_are_refused(value):
+  x = np.random.default_rng(1).normal(size=(8, 3, 2))
+  x[4, 1, 0] = value
+  with pytest.raises(ValueError, match="^x contains"):
+    hj.channel_grams(x)
+
+
+def test_mismatched_samples_are_refused():
+  with pytest.raises(ValueError, match="features\\[1\\] has 5 samples"):
+    hj.hsic_matrix([np.ones((6, 2)), np.ones((5, 2))])
+  with pytest.raises(ValueError, match="k and l must have the same shape"):
+    hj.hsic(np.eye(3), np.eye(4))
+
+
+def test_wrong_rank_is_refused():
+  with pytest.raises(ValueError, match="x must have 3 dimensions"):
+    hj.channel_grams(np.ones((4, 3)))
+
+
+def test_too_few_samples_for_the_unbiased_estimator():
+  with pytest.raises(ValueError, match="unbiased HSIC estimator needs n >= 4"):
+    hj.hsic(np.eye(3), np.eye(3), unbiased=True)
+
+
+def test_bad_labels_values_and_batch_sizes_are_refused():
+  with pytest.raises(ValueError, match="labels must hold integer class ids"):
+    hj.delta_gram(np.array([0.5, 1.0, 2.0]))
+  with pytest.raises(ValueError, match=r"^x must hold at least one value per sample"):
+    hj.channel_grams(np.ones((6, 2, 0)))
+  for batch_size in (0, -1, 1.5):
+    with pytest.raises(ValueError, match="batch_size must be a positive number of channels"):
+      hj.channel_grams(np.ones((6, 2, 2)), batch_size=batch_size)
+
+
+def test_gaussian_features_whose_squares_overflow_are_refused():
+  # Finite features from about 1e19 have squared distances that overflow float32 (the Gram came out NaN); the error
+  # names the argument.
+  x, y = overflowing_outputs()
+  msg = OVERFLOW_MESSAGE
+  with pytest.raises(ValueError, match="^x " + msg):
+    hj.gaussian_gram(y)
+  with pytest.raises(ValueError, match="^x " + msg):
+    hj.gaussian_cka(y, x[:, 0])
+  with pytest.raises(ValueError, match="^y " + msg):
+    hj.gaussian_cka(x[:, 0], y)
+  with pytest.raises(ValueError, match="^features\\[1\\] " + msg):
+    hj.hsic_matrix([x, y], kernel="gaussian")
+
+
+def _linear_cka64(x, y):
+  """Linear CKA in float64 numpy: the oracle."""
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  y = np.asarray(y, np.float64).reshape(len(y), -1)
+  x, y = x - x.mean(0), y - y.mean(0)
+  kx, ky = x @ x.T, y @ y.T
+  return float(np.sum(kx * ky) / np.sqrt(np.sum(kx * kx) * np.sum(ky * ky)))
+
+
+@pytest.fixture(scope="module")
+def wide_layers():
+  rng = np.random.default_rng(7)
+  a = rng.normal(size=(256, 4096)).astype(np.float32)
+  b = (a[:, :2048] + rng.normal(size=(256, 2048))).astype(np.float32)
+  return a, b
+
+
+@pytest.mark.parametrize("scale", [1e-10, 1.0, 1e9, 1e20])
+def test_linear_cka_and_hsic_matrix_are_right_at_any_scale(wide_layers, scale):
+  # Gram products of features of 1e9 at n = 256, d = 4096 overflow float32 (and those of 1e-10 underflow): CKA
+  # does not depend on the scale, and the features are scaled to unit magnitude before their products.
+  a, b = wide_layers
+  a, b = (a * np.float32(scale)), (b * np.float32(scale))
+  want = _linear_cka64(a, b)
+  assert float(hj.linear_cka(a, b)) == pytest.approx(want, abs=1e-5)
+  s = np.asarray(hj.hsic_matrix([a, b]))
+  np.testing.assert_allclose(s, [[1.0, want], [want, 1.0]], atol=1e-5)
+  assert np.all(np.diag(s) <= 1.0 + 1e-6)
+
+
+def test_raw_hsic_is_right_at_any_scale_or_refused():
+  rng = np.random.default_rng(8)
+  a = rng.normal(size=(32, 64)).astype(np.float32)
+  b = (a[:, :16] + rng.normal(size=(32, 16))).astype(np.float32)
+
+  def raw64(x, y):
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    x, y = x - x.mean(0), y - y.mean(0)
+    return np.sum((x @ x.T) * (y @ y.T)) / (len(x) - 1) ** 2
+
+  for scale in (1e-6, 1e8):  # raw HSIC near 1e-23 and 1e33: inside float32's range, though the Gram sums are not
+    x, y = a * np.float32(scale), b * np.float32(scale)
+    s = np.asarray(hj.hsic_matrix([x, y], normalized=False))
+    np.testing.assert_allclose(s, [[raw64(x, x), raw64(x, y)], [raw64(x, y), raw64(y, y)]], rtol=1e-5)
+  for bad, layers in ((0, [a * np.float32(1e15), b]), (1, [a, b * np.float32(1e-30)])):  # beyond float32 either way
+    with pytest.raises(ValueError, match=rf"^features\[{bad}\] holds values up to .* whose raw HSIC "
+                       r"\(normalized=False\) is outside the range of float32: pass normalized=True"):
+      hj.hsic_matrix(layers, normalized=False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_cka_in_half_precision_is_computed_in_float32(dtype):
+  # float16 sums of Gram products overflow at ordinary scale (CKA came out 0 or NaN); they are taken in float32.
+  rng = np.random.default_rng(9)
+  a = rng.normal(size=(64, 32)).astype(np.float16)
+  b = (a[:, :16] + rng.normal(size=(64, 16))).astype(np.float16)
+  want = _linear_cka64(a, b)
+  got = hj.linear_cka(a, b, dtype=dtype)
+  assert got.dtype == jnp.float32 and float(got) == pytest.approx(want, abs=1e-5)
+  s = hj.hsic_matrix([a, b], dtype=dtype)
+  assert s.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(s), [[1.0, want], [want, 1.0]], atol=1e-5)
+  k, l = (a.astype(np.float64) @ a.T.astype(np.float64)), (b.astype(np.float64) @ b.T.astype(np.float64))
+  assert float(hj.cka(k, l, dtype=dtype)) == pytest.approx(want, abs=1e-5)

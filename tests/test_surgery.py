@@ -775,3 +775,20 @@ SLOW_MODELS = {"resnet32", "resnet44", "resnet110"}
 def test_registry_parity(name: str) -> None:
   models = _registry()
   assert_parity(lambda w: models.get_model(name, w, rngs=nnx.Rngs(0)), registry_input(models, name), seed=0)
+
+
+def test_opt_state_leaf_shaped_unlike_its_parameter_is_refused() -> None:
+  # A momentum of a conv kernel with 7 output channels where the parameter has 8 (the optimizer state of another
+  # model): no channel of it can be matched to the kept ones, so it is refused, naming the leaf, not passed through.
+  state, groups = _small_state(fc_out=3)
+  opt_state = optax.sgd(0.1, momentum=0.9).init(state)
+  bad = jax.tree.map(lambda a: a, opt_state)
+  bad[0].trace["conv"]["kernel"] = jnp.zeros((3, 3, 3, 7), jnp.float32)
+  with pytest.raises(ValueError, match=r"^opt_state leaf '0/trace/conv/kernel' has shape \(3, 3, 3, 7\), unlike the "
+                     r"shape \(3, 3, 3, 8\) of its parameter 'conv/kernel'.*opt_state=None"):
+    prune(state, groups, {"conv": [0, 2, 5]}, opt_state=bad)
+  # Lengths of 1 (a statistic kept with its reduced axes) stay allowed, as before.
+  ok = jax.tree.map(lambda a: a, opt_state)
+  ok[0].trace["conv"]["kernel"] = jnp.zeros((1, 1, 1, 1), jnp.float32)
+  res = prune(state, groups, {"conv": [0, 2, 5]}, opt_state=ok)
+  assert res.opt_state[0].trace["conv"]["kernel"].shape == (1, 1, 1, 1)
