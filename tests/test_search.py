@@ -25,10 +25,10 @@ def _channels(w):
 def test_widths_are_the_supports_at_the_chosen_lambda():
   problems = _problems()
   res = hj.global_lambda_search(problems, _channels, target=14.0, key="channels", tolerance=0.0)
-  assert res.within_tolerance and sum(res.widths) == 14
+  assert res.reached and sum(res.widths) == 14
   # Independent check: solve every layer alone at the returned lambda.
   for p, w, k in zip(problems, res.widths, res.keep):
-    alone = hj.solve(p, res.lam)
+    alone = hj.solve(p, res.value)
     support = int(np.asarray(alone.selected).sum())
     assert w == max(support, 1)
     if support >= 1:
@@ -41,7 +41,7 @@ def test_widths_are_the_supports_at_the_chosen_lambda():
 def test_rounding_to_a_multiple_still_hits_the_target():
   problems = _problems()
   res = hj.global_lambda_search(problems, _channels, target=20.0, key="channels", multiple=4, tolerance=0.0)
-  assert res.within_tolerance and sum(res.widths) == 20
+  assert res.reached and sum(res.widths) == 20
   assert all(w % 4 == 0 or w == size for w, size in zip(res.widths, (12, 8, 16)))
   assert [len(k) for k in res.keep] == list(res.widths)
 
@@ -51,9 +51,9 @@ def test_omega_floor_and_reachable_range():
   res = hj.global_lambda_search(problems, _channels, target=9.0, key="channels", omega=3, tolerance=0.0)
   assert min(res.widths) >= 3 and sum(res.widths) == 9
   assert res.reachable[0] == 9.0
-  with pytest.raises(ValueError, match="outside what the search can reach"):
+  with pytest.raises(ValueError, match="outside what the search can reach: reachable range"):
     hj.global_lambda_search(problems, _channels, target=5.0, key="channels", omega=3)
-  with pytest.raises(ValueError, match="outside what the search can reach"):
+  with pytest.raises(ValueError, match="outside what the search can reach: reachable range"):
     hj.global_lambda_search(problems, _channels, target=1000.0, key="channels")
 
 
@@ -61,7 +61,7 @@ def test_fill_lands_in_the_band_when_lambda_steps_jump_over_it():
   # A cost where one width step is larger than the band: the lambda bisection alone cannot land in it.
   problems = _problems()
   res = hj.global_lambda_search(problems, _channels, target=31.0, key="weighted", tolerance=0.0, fill=True)
-  assert res.within_tolerance and res.costs["weighted"] == 31.0
+  assert res.reached and res.costs["weighted"] == 31.0
   no_fill = hj.global_lambda_search(problems, _channels, target=31.0, key="weighted", tolerance=0.0, fill=False)
   assert no_fill.costs["weighted"] <= 31.0
 
@@ -80,4 +80,4 @@ def test_stacks_by_width_and_one_padded_stack_agree():
   a = hj.global_lambda_search(problems, _channels, target=16.0, key="channels", bucket=True)
   b = hj.global_lambda_search(problems, _channels, target=16.0, key="channels", bucket=False)
   assert a.widths == b.widths and all(np.array_equal(x, y) for x, y in zip(a.keep, b.keep))
-  np.testing.assert_allclose([p.lam for p in a.trace], [p.lam for p in b.trace], rtol=1e-6)
+  np.testing.assert_allclose([p.value for p in a.trace], [p.value for p in b.trace], rtol=1e-6)
