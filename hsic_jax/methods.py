@@ -4,14 +4,14 @@ A selection method maps what calibration gathered (:class:`Evidence`), a cost fu
 "params": ..}``, see :mod:`hsic_jax.budget`) and a target to a :class:`~hsic_jax.budget.BudgetResult`. The
 built-in methods:
 
-========= ============================================================================= ============
-name      widths                                                                        needs
-========= ============================================================================= ============
-apib      one HSIC Lasso penalty for all decisions (:func:`hsic_jax.global_lambda_search`) problems
-itpruner  ITPruner's importances and integer allocation (:func:`hsic_jax.allocate_widths`) similarity
-uniform   one kept fraction for every decision (:func:`hsic_jax.allocate_uniform`)       --
-global    one threshold on the criterion's normalised scores (:func:`hsic_jax.allocate_global`) scores
-========= ============================================================================= ============
+======== ================================================================================ ==========
+name     widths                                                                           needs
+======== ================================================================================ ==========
+apib     one HSIC Lasso penalty for all decisions (:func:`hsic_jax.global_lambda_search`) problems
+itpruner ITPruner's importances, integer allocation (:func:`hsic_jax.allocate_widths`)    similarity
+uniform  one kept fraction for every decision (:func:`hsic_jax.allocate_uniform`)         --
+global   one threshold on normalised scores (:func:`hsic_jax.allocate_global`)            scores
+======== ================================================================================ ==========
 
 The *criterion* fills the widths with channels: ``"hsic_lasso"`` (APIB's own support, or exactly ``k`` channels
 by :func:`hsic_jax.select_k`: it needs the ``problems``) or a criterion of :mod:`hsic_jax.criteria` (its top

@@ -20,7 +20,8 @@ architecture); the search finds ``lam`` with ``|cost - target| <= tolerance * ta
    fill from the widest point under the target adds one multiple at a time to the decision whose next channel is
    most relevant, while the cost stays at most ``target * (1 + tolerance)``.
 
-Every point evaluated is recorded in the trace.
+The steps are ``_grid``, ``_bisect`` (the shared :func:`hsic_jax.budget.bisect`) and ``_fill``, sharing one trace
+of every point evaluated (``_Trace``); the result is a :class:`hsic_jax.budget.BudgetResult`.
 
 >>> import numpy as np, hsic_jax as hj
 >>> rng = np.random.default_rng(0)
