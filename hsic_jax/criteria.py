@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsic_jax._checks import check_count
+from hsic_jax._registry import Registry
 from hsic_jax.groups import ChannelGroup, ChannelSlice, Path, flatten_state, path_str
 from hsic_jax.surgery import keep_top_k
 
@@ -79,7 +80,7 @@ class Criterion:
   needs: frozenset[str]
 
 
-_REGISTRY: dict[str, Criterion] = {}
+_REGISTRY: Registry[Criterion] = Registry("criterion")
 
 
 def register_criterion(name: str, fn: CriterionFn, *, needs: Iterable[str] = frozenset(),
@@ -99,8 +100,6 @@ def register_criterion(name: str, fn: CriterionFn, *, needs: Iterable[str] = fro
     ValueError: ``name`` is not a non-empty string or is taken (and not ``replace``), ``fn`` is not callable, or
       ``needs`` holds something other than ``"weights"``, ``"activations"``, ``"grads"``.
   """
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"name must be a non-empty string, got {name!r}")
   if not callable(fn):
     raise ValueError(f"fn must be callable, got {type(fn).__name__}")
   if isinstance(needs, str) or not isinstance(needs, Iterable):
@@ -108,9 +107,7 @@ def register_criterion(name: str, fn: CriterionFn, *, needs: Iterable[str] = fro
   needs = frozenset(needs)
   if not needs <= NEEDS:
     raise ValueError(f"needs must be a subset of {sorted(NEEDS)}, got unknown {sorted(needs - NEEDS)}")
-  if name in _REGISTRY and not replace:
-    raise ValueError(f"criterion {name!r} is already registered; pass replace=True to replace it")
-  _REGISTRY[name] = Criterion(name, fn, needs)
+  _REGISTRY.add(name, Criterion(name, fn, needs), replace=replace)
 
 
 def unregister_criterion(name: str) -> None:
@@ -119,8 +116,7 @@ def unregister_criterion(name: str) -> None:
   Raises:
     ValueError: an unknown name (the message lists the known ones).
   """
-  _lookup(name)
-  del _REGISTRY[name]
+  _REGISTRY.remove(name)
 
 
 def criterion_names() -> tuple[str, ...]:
@@ -129,13 +125,11 @@ def criterion_names() -> tuple[str, ...]:
   >>> criterion_names()[:4]
   ('random', 'l1', 'l2', 'fpgm')
   """
-  return tuple(_REGISTRY)
+  return _REGISTRY.names()
 
 
 def _lookup(name: Any) -> Criterion:
-  if not isinstance(name, str) or name not in _REGISTRY:
-    raise ValueError(f"unknown criterion {name!r}; expected one of {list(_REGISTRY)}")
-  return _REGISTRY[name]
+  return _REGISTRY.get(name)
 
 
 def criterion_needs(name: str) -> frozenset[str]:

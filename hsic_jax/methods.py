@@ -45,6 +45,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from hsic_jax import allocation, budget, criteria, search
+from hsic_jax._registry import Registry
 from hsic_jax.budget import BudgetPoint, BudgetResult, CostFn
 from hsic_jax.problem import LassoProblem, stack_problems
 from hsic_jax.selection import select_k
@@ -96,7 +97,7 @@ class Method:
   record: Callable[[BudgetResult], dict[str, Any]]
 
 
-_REGISTRY: dict[str, Method] = {}
+_REGISTRY: Registry[Method] = Registry("selection method")
 
 
 def default_record(result: BudgetResult) -> dict[str, Any]:
@@ -112,8 +113,6 @@ def register_method(name: str, fn: MethodFn, *, needs: Iterable[str], keeps: str
     ValueError: ``name`` is not a non-empty string or is taken (and not ``replace``), ``fn`` or ``record`` is not
       callable, or ``needs`` / ``keeps`` name evidence other than ``"problems"``, ``"similarity"``, ``"scores"``.
   """
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"name must be a non-empty string, got {name!r}")
   if not callable(fn):
     raise ValueError(f"fn must be callable, got {type(fn).__name__}")
   if isinstance(needs, str) or not isinstance(needs, Iterable):
@@ -125,9 +124,7 @@ def register_method(name: str, fn: MethodFn, *, needs: Iterable[str], keeps: str
     raise ValueError(f"keeps must be None, 'problems' or 'scores', got {keeps!r}")
   if record is not None and not callable(record):
     raise ValueError(f"record must be callable, got {type(record).__name__}")
-  if name in _REGISTRY and not replace:
-    raise ValueError(f"selection method {name!r} is already registered; pass replace=True to replace it")
-  _REGISTRY[name] = Method(name, fn, needs, keeps, record or default_record)
+  _REGISTRY.add(name, Method(name, fn, needs, keeps, record or default_record), replace=replace)
 
 
 def unregister_method(name: str) -> None:
@@ -136,8 +133,7 @@ def unregister_method(name: str) -> None:
   Raises:
     ValueError: an unknown name (the message lists the known ones).
   """
-  get_method(name)
-  del _REGISTRY[name]
+  _REGISTRY.remove(name)
 
 
 def method_names() -> tuple[str, ...]:
@@ -146,7 +142,7 @@ def method_names() -> tuple[str, ...]:
   >>> method_names()[:4]
   ('apib', 'itpruner', 'uniform', 'global')
   """
-  return tuple(_REGISTRY)
+  return _REGISTRY.names()
 
 
 def get_method(name: Any) -> Method:
@@ -155,9 +151,7 @@ def get_method(name: Any) -> Method:
   Raises:
     ValueError: an unknown name (the message lists the known ones).
   """
-  if not isinstance(name, str) or name not in _REGISTRY:
-    raise ValueError(f"unknown selection method {name!r}; expected one of {list(_REGISTRY)}")
-  return _REGISTRY[name]
+  return _REGISTRY.get(name)
 
 
 def method_needs(name: str, criterion: str) -> frozenset[str]:
