@@ -7,9 +7,11 @@ For each workload, hsic_jax runs the program's own code paths with the program's
 
 1. **forward pass with taps**: :func:`train.calibrate.make_capture` (BatchNorm in batch-statistics mode, as
    ``stage_calibrate``), every decision's input and output at once;
-2. **problem builds**: :func:`hsic_jax.problem_from_features` per decision, as :func:`train.calibrate.build_problems`;
-3. **lambda search**: :func:`hsic_jax.global_lambda_search` with the ``models.flops.count`` cost, as
-   ``train.pipeline.stage_select`` calls it.
+2. **problem builds**: :func:`train.calibrate.problems_from_taps` (:func:`hsic_jax.problem_from_features` per
+   decision), which :func:`train.calibrate.build_problems` runs on every calibration batch;
+3. **lambda search**: :func:`train.pipeline.select_channels` (the ``apib`` method of :mod:`hsic_jax.methods`:
+   :func:`hsic_jax.global_lambda_search`) with the cost and target of :func:`train.pipeline.selection_budget`
+   (``models.flops.count``), as ``train.pipeline.stage_select`` calls them.
 
 Each stage runs once cold (its first call in the process: compilation + run), then warm (median of ``--repeats``);
 "compile" is cold minus warm. The total is the sum of the stages. As in ``stage_select``, the cost function's set-up
@@ -143,38 +145,15 @@ def quick_workloads() -> list[Workload]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The program's cost function and settings (as train.pipeline.stage_select).
+# The program's cost function and target (train.pipeline.selection_budget, as stage_select).
 
 
 def cost_function(workload: Workload) -> tuple[Callable[[Sequence[int]], dict[str, float]], str, float, float]:
-  """``(cost, key, target, dense)``: kept channels per decision -> MACs and params of the model, as ``stage_select``
-  builds it, and the config's target."""
-  from train import calibrate, pipeline  # pylint: disable=import-outside-toplevel
-  cfg = workload.config
-  pairs = calibrate.decision_groups(workload.model)
-  num_classes = int(workload.model.num_classes)
-  dense_widths = list(workload.model.widths)
-  dense = pipeline.counts(cfg, dense_widths, num_classes)
-  key, target = pipeline.resolve_target(cfg, dense)
-
-  def cost(kept: Sequence[int]) -> dict[str, float]:
-    ws = list(dense_widths)
-    for (_, g), k in zip(pairs, kept):
-      for i in g.width_indices:
-        ws[i] = int(k)
-    c = pipeline.counts(cfg, ws, num_classes)
-    return {"macs": float(c.macs), "params": float(c.params)}
-
-  return cost, key, float(target), float(getattr(dense, key))
-
-
-def search_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The keyword arguments ``stage_select`` passes to :func:`hsic_jax.global_lambda_search`."""
+  """``(cost, key, target, dense)`` of :func:`train.pipeline.selection_budget` for the workload's model and config:
+  kept channels per decision -> MACs and params, the config's target, and the dense value of the targeted cost."""
   from train import pipeline  # pylint: disable=import-outside-toplevel
-  default_multiple = getattr(pipeline, "default_multiple", lambda: 1)
-  return {"tolerance": float(cfg.select.tolerance), "omega": int(cfg.select.omega),
-          "multiple": int(cfg.select.round_to) or int(default_multiple()), "positive": bool(cfg.select.positive),
-          "grid": int(cfg.select.grid), "max_steps": int(cfg.select.max_steps)}
+  budget = pipeline.selection_budget(workload.config, workload.model)
+  return budget.cost, budget.key, float(budget.target), float(getattr(budget.dense, budget.key))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -196,7 +175,7 @@ def _cold_warm(fn: Callable[[], Any], repeats: int) -> tuple[Any, dict[str, floa
 
 def run_hsic_jax(workload: Workload, repeats: int) -> dict[str, Any]:
   """Times the three stages of the program's selection on ``workload`` (see the module docstring)."""
-  from train import calibrate  # pylint: disable=import-outside-toplevel
+  from train import calibrate, pipeline  # pylint: disable=import-outside-toplevel
   cfg = workload.config
   decisions = [d for d, _ in calibrate.decision_groups(workload.model)]
   images = _ready(jnp.asarray(workload.images))
@@ -212,27 +191,28 @@ def run_hsic_jax(workload: Workload, repeats: int) -> dict[str, Any]:
 
   feats, stages["capture"] = _cold_warm(capture, repeats)
 
-  def build():
-    return _ready([hj.problem_from_features(*feats[d], bandwidth=cfg.select.bandwidth,
-                                            normalized=bool(cfg.select.normalized)) for d in decisions])
-
-  problems, stages["build"] = _cold_warm(build, repeats)
+  problems, stages["build"] = _cold_warm(lambda: _ready(calibrate.problems_from_taps(feats, decisions, cfg.select)),
+                                         repeats)
 
   t0 = time.perf_counter()
-  cost, key, target, dense = cost_function(workload)  # the first count traces the model (cached afterwards)
+  budget = pipeline.selection_budget(cfg, workload.model)  # the first count traces the model (cached afterwards)
   cost_setup = time.perf_counter() - t0
-  settings = search_settings(cfg)
-  result, stages["search"] = _cold_warm(lambda: hj.global_lambda_search(problems, cost, target, key=key, **settings),
-                                        repeats)
+  key, target, dense = budget.key, float(budget.target), float(getattr(budget.dense, budget.key))
+  sel, stages["search"] = _cold_warm(lambda: pipeline.select_channels(
+      cfg.select, budget.sizes, budget.cost, key, target, multiple=budget.multiple, problems=problems), repeats)
+  result = sel.result
+  settings = {"tolerance": float(cfg.select.tolerance), "omega": int(cfg.select.omega), "multiple": budget.multiple,
+              "positive": bool(cfg.select.positive), "grid": int(cfg.select.grid),
+              "max_steps": int(cfg.select.max_steps)}
   for kind in ("cold", "warm", "compile"):
     stages.setdefault("selection", {})[kind] = stages["build"][kind] + stages["search"][kind]
     stages.setdefault("total", {})[kind] = sum(stages[s][kind] for s, _ in STAGES)
   n = int(workload.images.shape[0])
   return {
       "stages": stages,
-      "search": {"lambda": result.lam, "alpha_equivalent": result.lam / (n * n), key: result.costs[key],
+      "search": {"lambda": result.value, "alpha_equivalent": result.value / (n * n), key: result.costs[key],
                  "target": target, "ratio_of_dense": result.costs[key] / dense, "within_tolerance":
-                 bool(result.within_tolerance), "points": len(result.trace), "widths": list(result.widths),
+                 bool(result.reached), "points": len(result.trace), "widths": list(result.widths),
                  "phases": sorted({p.phase for p in result.trace})},
       "cost_setup_seconds": cost_setup,
       "settings": {**settings, "bandwidth": str(cfg.select.bandwidth), "normalized": bool(cfg.select.normalized),

@@ -8,9 +8,13 @@ The top level holds what users call most; each public module is a namespace of t
 - :mod:`hsic_jax.solver`: FISTA with restart for the nonnegative (or signed) HSIC Lasso, with duality gaps.
 - :mod:`hsic_jax.selection`: ``lasso_select`` and friends (paths, batches, keep exactly k).
 - :mod:`hsic_jax.groups`: channel groups (parameter slices that share channels).
+- :mod:`hsic_jax.budget`: widths under a cost budget: the cost-function type, the reachable-range check, rounding
+  to a multiple, the one result type every allocator returns, and the uniform and global allocators.
 - :mod:`hsic_jax.search`: one global penalty for all decisions, searched to a cost target (APIB).
 - :mod:`hsic_jax.allocation`: layer importances from normalised HSIC and integer widths under budgets (ITPruner).
-- :mod:`hsic_jax.criteria`: baseline channel criteria behind one registry, and widths from their scores.
+- :mod:`hsic_jax.criteria`: baseline channel criteria behind one registry, and the scores' scale across layers.
+- :mod:`hsic_jax.methods`: selection methods (apib, itpruner, uniform, global, your own) behind one registry: the
+  evidence each needs, and widths and channels under a cost target.
 - :mod:`hsic_jax.surgery`: pure-functional channel removal from parameter, BatchNorm and optimizer state.
 - :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr, and the registry of
   channel rules (``register_channel_rule``) that tells derivation how a primitive moves channels.
@@ -23,12 +27,14 @@ state of a derivation and the built-in rules), ``_jaxpr_walk`` (jaxpr traversal)
 ``_sharding`` (how inputs split over a mesh).
 """
 
-from hsic_jax import allocation, criteria, groups, jaxpr_groups, kernels, problem, runtime, search, selection, solver
-from hsic_jax import surgery
-from hsic_jax.allocation import Allocation, allocate_widths, layer_importance
+from hsic_jax import allocation, budget, criteria, groups, jaxpr_groups, kernels, methods, problem, runtime, search
+from hsic_jax import selection, solver, surgery
+from hsic_jax.allocation import allocate_widths, layer_importance
+from hsic_jax.budget import BudgetPoint, BudgetResult, allocate_global, allocate_uniform
 from hsic_jax.criteria import channel_scores, criterion_names, register_criterion
 from hsic_jax.groups import ChannelGroup, ChannelSlice
 from hsic_jax.jaxpr_groups import GroupDerivationWarning, check_groups, derive_groups, derive_model_groups
+from hsic_jax.methods import Evidence, method_names, method_needs, register_method, select, unregister_method
 from hsic_jax.kernels import (
     Bandwidth,
     channel_grams,
@@ -50,7 +56,7 @@ from hsic_jax.problem import (
     stack_problems,
 )
 from hsic_jax.runtime import limit_lapack_threads
-from hsic_jax.search import SearchPoint, SearchResult, global_lambda_search
+from hsic_jax.search import global_lambda_search
 from hsic_jax.selection import (
     KSelection,
     lambda_grid,
@@ -65,21 +71,24 @@ from hsic_jax.surgery import PrunePlan, PruneResult, apply_plan, prune
 __version__ = "0.1.0"
 
 __all__ = [
-    "Allocation",
     "Bandwidth",
+    "BudgetPoint",
+    "BudgetResult",
     "ChannelGroup",
     "ChannelSlice",
+    "Evidence",
     "GroupDerivationWarning",
     "KSelection",
     "LassoProblem",
     "LassoResult",
     "PrunePlan",
     "PruneResult",
-    "SearchPoint",
-    "SearchResult",
+    "allocate_global",
+    "allocate_uniform",
     "allocate_widths",
     "allocation",
     "apply_plan",
+    "budget",
     "channel_grams",
     "channel_scores",
     "check_groups",
@@ -107,18 +116,24 @@ __all__ = [
     "limit_lapack_threads",
     "linear_cka",
     "linear_gram",
+    "method_names",
+    "method_needs",
+    "methods",
     "output_gram",
     "problem",
     "problem_from_features",
     "problem_from_grams",
     "prune",
     "register_criterion",
+    "register_method",
     "runtime",
     "search",
+    "select",
     "select_k",
     "selection",
     "solve",
     "solver",
     "stack_problems",
     "surgery",
+    "unregister_method",
 ]

@@ -39,8 +39,14 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 
 
 def check_count(name: str, value: Any, low: int) -> int:
-  """Returns ``value`` as an int, raising ValueError unless it is an integer (an int, or an integral float such as
-  ``1e4``) ``>= low``; booleans are refused."""
+  """Returns ``value`` as an int, raising ValueError unless it is an integer ``>= low``.
+
+  The library's one contract for "an integer": an ``int``, a NumPy integer, or an integral float such as ``1e4``
+  (people write iteration counts so); booleans, non-integral floats (``2.5``), NaN and infinities are refused.
+
+  >>> check_count("max_iter", 1e4, 1)
+  10000
+  """
   ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
   if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
     ok = True

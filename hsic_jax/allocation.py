@@ -27,7 +27,7 @@ cost can exceed the budget.
 >>> import numpy as np
 >>> a = layer_importance(np.array([[1.0, 0.9, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 1.0]]), beta=1.0)
 >>> alloc = allocate_widths(a, [8, 8, 8], lambda w: {"macs": float(w[0] * w[1] + w[1] * w[2])}, {"macs": 40.0})
->>> alloc.widths, alloc.feasible
+>>> alloc.widths, alloc.reached
 ((8, 2, 8), True)
 """
 
@@ -36,13 +36,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import optimize
 
-CostFn = Callable[[Sequence[int]], Mapping[str, float]]
+from hsic_jax._budget import BudgetResult, CostFn, check_count, check_reachable, costs_at, round_width
+from hsic_jax._lattice import Lattice
 
 # The fitted form is exact up to float64 rounding of sums of products of integers below 2**53.
 _FIT_RTOL = 1e-9
@@ -166,19 +167,6 @@ class QuadraticCost:
     return self.linear + 2 * self.square * w + self.cross @ w
 
 
-def _costs_of(cost_fn: CostFn, widths: np.ndarray, keys: Sequence[str]) -> dict[str, float]:
-  out = cost_fn([int(x) for x in widths])
-  vals = {}
-  for k in keys:
-    if k not in out:
-      raise ValueError(f"cost_fn returned no {k!r} (it returned {sorted(out)})")
-    v = float(out[k])
-    if not math.isfinite(v):
-      raise ValueError(f"cost_fn returned {k}={v} at widths {widths.tolist()}")
-    vals[k] = v
-  return vals
-
-
 def fit_quadratic_costs(cost_fn: CostFn, base_widths: Sequence[int], *, keys: Sequence[str] = ("macs",),
                         check_points: int = 16, seed: int = 0, rtol: float = _FIT_RTOL) -> dict[str, QuadraticCost]:
   """:func:`fit_quadratic_cost` for several keys of one cost function, sharing its evaluations.
@@ -194,15 +182,14 @@ def fit_quadratic_costs(cost_fn: CostFn, base_widths: Sequence[int], *, keys: Se
   keys = list(keys)
   if not keys or not all(isinstance(k, str) for k in keys):
     raise ValueError(f"keys must be a non-empty list of strings, got {keys!r}")
-  if int(check_points) < 0:
-    raise ValueError(f"check_points must be >= 0, got {check_points}")
+  check_points = check_count("check_points", check_points, 0)
   l = base.size
   # Steps of -1 from the base stay within [1, base]: a width of 1 or 2 allows 0 or 1 step, where the cost needs no
   # square (or no term at all) in that width to be exact on the widths it can take.
   steps = np.minimum(2, base - 1)
 
   def at(w: np.ndarray) -> np.ndarray:
-    c = _costs_of(cost_fn, w, keys)
+    c = costs_at(cost_fn, w, keys)
     return np.array([c[k] for k in keys])
 
   f0 = at(base)
@@ -311,205 +298,10 @@ class AllocationStart:
   feasible: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class Allocation:
-  """The outcome of :func:`allocate_widths`.
-
-  Attributes:
-    widths: the chosen width of every layer.
-    objective: ``sum_i a_i w_i / c_i`` at ``widths``.
-    dense_objective: the objective at the dense widths, ``sum_i a_i``.
-    costs: the exact ``cost_fn(widths)`` (every key it returns).
-    budgets: the budgets, by key.
-    feasible: whether every budget holds for the exact costs.
-    relaxed_objective: the best objective of the continuous relaxation over the starts (a local optimum, so an
-      indication of the rounding gap, not a bound); ``None`` when no relaxation ran.
-    reachable: per budget key, the exact cost at the minimum widths and at the dense widths.
-    starts: every start's results.
-    cost_calls: calls of ``cost_fn``.
-    seconds: wall time.
-    solver: ``"search"`` or ``"reference"`` (see :func:`allocate_widths`).
-  """
-
-  widths: tuple[int, ...]
-  objective: float
-  dense_objective: float
-  costs: dict[str, float]
-  budgets: dict[str, float]
-  feasible: bool
-  relaxed_objective: float | None
-  reachable: dict[str, tuple[float, float]]
-  starts: tuple[AllocationStart, ...]
-  cost_calls: int
-  seconds: float
-  solver: str = "search"
-
-
 SOLVERS = ("search", "reference")
 
 
-class _Lattice:
-  """The allowed widths of every layer and the fitted budgets, for the integer search."""
-
-  def __init__(self, a: np.ndarray, base: np.ndarray, lo: np.ndarray, multiple: int,
-               costs: Sequence[QuadraticCost], budgets: np.ndarray):
-    self.a, self.base = a, base.astype(np.float64)
-    self.values = []
-    for c, low in zip(base.tolist(), lo.tolist()):
-      # ``low`` is a multiple of ``multiple`` unless it is ``c`` itself (round_width caps at the size).
-      v = list(range(low, c + 1, multiple)) if low < c else []
-      self.values.append(np.unique(np.array(v + [c], np.int64)))
-    # Padded (l, L) table of the lattices (each row repeats its last value), for vectorised step look-ups.
-    self.length = np.array([len(v) for v in self.values])
-    self.table = np.stack([np.pad(v, (0, int(self.length.max()) - len(v)), mode="edge") for v in self.values])
-    self.rows = np.arange(len(self.values))
-    self.costs = list(costs)
-    self.budgets = budgets
-    self.slack_tol = 1e-9 * np.maximum(np.abs(budgets), 1.0)
-    self.weight = a / self.base  # objective per unit of width
-
-  def objective(self, w: np.ndarray) -> float:
-    return float(self.weight @ w)
-
-  def cost(self, w: np.ndarray) -> np.ndarray:
-    return np.array([q(w) for q in self.costs])
-
-  def feasible(self, w: np.ndarray) -> bool:
-    return bool(np.all(self.cost(w) <= self.budgets + self.slack_tol))
-
-  def floor(self, w: np.ndarray) -> np.ndarray:
-    """Each width down to the largest allowed value <= it (the smallest allowed value where none is)."""
-    pos = np.sum(self.table <= np.asarray(w, np.float64)[:, None] + 1e-9, axis=1) - 1
-    pos = np.clip(np.minimum(pos, self.length - 1), 0, None)
-    return self.table[self.rows, pos]
-
-  def nearest(self, w: np.ndarray) -> np.ndarray:
-    """Each width to its nearest allowed value (ties to the lower one)."""
-    d = np.abs(self.table - np.asarray(w, np.float64)[:, None])
-    d = np.where(np.arange(self.table.shape[1])[None, :] < self.length[:, None], d, np.inf)
-    return self.table[self.rows, np.argmin(d + 1e-9 * np.arange(self.table.shape[1])[None, :], axis=1)]
-
-  def _pos(self, w: np.ndarray) -> np.ndarray:
-    return np.minimum(np.sum(self.table < w[:, None], axis=1), self.length - 1)
-
-  def up_steps(self, w: np.ndarray, s: int) -> np.ndarray:
-    """Per layer, the change of ``s`` steps up its lattice (0 where it has fewer than ``s`` above)."""
-    pos = self._pos(w) + s
-    ok = pos < self.length
-    return np.where(ok, self.table[self.rows, np.minimum(pos, self.length - 1)] - w, 0).astype(np.float64)
-
-  def steps(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer, the change of one step up and one step down on its lattice (0 where there is none)."""
-    pos = self._pos(w)
-    up = np.where(pos + 1 < self.length, self.table[self.rows, np.minimum(pos + 1, self.length - 1)] - w, 0)
-    down = np.where(pos > 0, self.table[self.rows, np.maximum(pos - 1, 0)] - w, 0)
-    return up.astype(np.float64), down.astype(np.float64)
-
-  def deltas(self, w: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """(keys, l): the change of every cost when layer i alone changes by ``d_i``."""
-    wf = w.astype(np.float64)
-    return np.stack([d * q.gradient(wf) + q.square * d * d for q in self.costs])
-
-  def repair(self, w: np.ndarray) -> np.ndarray | None:
-    """Steps layers down, cheapest objective loss per unit of overshoot removed first, until every budget holds."""
-    w = w.copy()
-    for _ in range(int(sum(len(v) for v in self.values))):
-      over = self.cost(w) - self.budgets
-      if np.all(over <= self.slack_tol):
-        return w
-      _, down = self.steps(w)
-      can = down < 0
-      if not np.any(can):
-        return None
-      gain = -self.deltas(w, down)  # cost removed, per key
-      norm = self.budgets[:, None]
-      relief = np.sum(np.clip(gain, 0, None) / norm * (over[:, None] > 0), axis=0)
-      loss = -self.weight * down
-      score = np.where(can & (relief > 0), loss / np.maximum(relief, 1e-300), np.inf)
-      if not np.isfinite(score).any():
-        return None
-      i = int(np.argmin(score))
-      w[i] += int(down[i])
-    return w if self.feasible(w) else None
-
-  def greedy(self, w: np.ndarray) -> np.ndarray:
-    """From feasible ``w``, steps up the layer with the most objective per unit of normalised cost while it fits."""
-    w = w.copy()
-    for _ in range(int(sum(len(v) for v in self.values))):
-      up, _ = self.steps(w)
-      slack = self.budgets + self.slack_tol - self.cost(w)
-      delta = self.deltas(w, up)
-      ok = (up > 0) & np.all(delta <= slack[:, None], axis=0)
-      if not np.any(ok):
-        return w
-      price = np.max(np.clip(delta, 0, None) / self.budgets[:, None], axis=0)
-      score = np.where(ok, self.weight * up / np.maximum(price, 1e-300), -np.inf)
-      i = int(np.argmax(score))
-      w[i] += int(up[i])
-    return w
-
-  def local_search(self, w: np.ndarray, max_moves: int, *, up_steps: int = 4) -> np.ndarray:
-    """Improves feasible ``w`` by moves that gain objective and keep every budget, best move first, until none.
-
-    Moves: one step up of one layer; else ``s <= up_steps`` steps up of layer i with layer j (any ``j != i``) down
-    by the fewest lattice steps that bring every budget back (the nearest lower width that fits gains most).
-    """
-    w = w.copy()
-    for _ in range(max_moves):
-      up, _ = self.steps(w)
-      slack = self.budgets + self.slack_tol - self.cost(w)
-      d_up = self.deltas(w, up)
-      ok = (up > 0) & np.all(d_up <= slack[:, None], axis=0)
-      if np.any(ok):
-        i = int(np.argmax(np.where(ok, self.weight * up, -np.inf)))
-        w[i] += int(up[i])
-        continue
-      move = self._best_exchange(w, slack, up_steps)
-      if move is None:
-        return w
-      i, di, j, dj = move
-      w[i] += di
-      w[j] += dj
-    return w
-
-  def _best_exchange(self, w: np.ndarray, slack: np.ndarray, up_steps: int) -> tuple[int, int, int, int] | None:
-    owner, down = [], []
-    for j, v in enumerate(self.values):
-      below = v[v < w[j]]
-      owner.append(np.full(below.size, j))
-      down.append(below - w[j])
-    owner_a, dj = np.concatenate(owner), np.concatenate(down).astype(np.float64)
-    if owner_a.size == 0:
-      return None
-    wf = w.astype(np.float64)
-    grads = [q.gradient(wf) for q in self.costs]
-    floor = 1e-12 * max(self.objective(w), 1.0)
-    best: tuple[float, tuple[int, int, int, int]] | None = None
-    for s in range(1, up_steps + 1):
-      di = self.up_steps(w, s)
-      movable = np.flatnonzero(di > 0)
-      if movable.size == 0:
-        break
-      d = di[movable]
-      gain = (self.weight[movable] * d)[:, None] - (self.weight[owner_a] * -dj)[None, :]
-      fits = (gain > floor) & (movable[:, None] != owner_a[None, :])
-      for k, q in enumerate(self.costs):
-        g = grads[k]
-        up_cost = d * g[movable] + q.square[movable] * d * d
-        # j's change at w with i already moved: d_j (g_j + D_ij d_i) + q_j d_j^2.
-        down_cost = dj[None, :] * (g[owner_a][None, :] + q.cross[movable][:, owner_a] * d[:, None]) + \
-            (q.square[owner_a] * dj * dj)[None, :]
-        fits &= (up_cost[:, None] + down_cost) <= slack[k]
-      if not np.any(fits):
-        continue
-      flat = int(np.argmax(np.where(fits, gain, -np.inf)))
-      r, col = np.unravel_index(flat, gain.shape)
-      if best is None or gain[r, col] > best[0]:
-        best = (float(gain[r, col]), (int(movable[r]), int(d[r]), int(owner_a[col]), int(dj[col])))
-    return None if best is None else best[1]
-
-
-def _ray_to_budget(lat: _Lattice, lo: np.ndarray, target: np.ndarray) -> np.ndarray:
+def _ray_to_budget(lat: Lattice, lo: np.ndarray, target: np.ndarray) -> np.ndarray:
   """The point ``lo + t (target - lo)`` with the largest ``t in [0, 1]`` inside every fitted budget (bisection)."""
   lo_f, tg = lo.astype(np.float64), target.astype(np.float64)
   if lat.feasible(tg):
@@ -524,7 +316,7 @@ def _ray_to_budget(lat: _Lattice, lo: np.ndarray, target: np.ndarray) -> np.ndar
   return lo_f + t_ok * (tg - lo_f)
 
 
-def _relax(lat: _Lattice, lo: np.ndarray, x0: np.ndarray, maxiter: int) -> tuple[np.ndarray, bool]:
+def _relax(lat: Lattice, lo: np.ndarray, x0: np.ndarray, maxiter: int) -> tuple[np.ndarray, bool]:
   """SLSQP on ``max a.x`` over ``x = w / c in [lo / c, 1]`` with every fitted budget normalised to 1."""
   c = lat.base
   a = lat.a / max(float(np.sum(lat.a)), 1e-300)
@@ -548,11 +340,11 @@ def _relax(lat: _Lattice, lo: np.ndarray, x0: np.ndarray, maxiter: int) -> tuple
 def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn, budgets: Mapping[str, float], *,
                     min_width: int = 1, multiple: int = 1, starts: int = 8, seed: int = 0, check_points: int = 16,
                     fitted: Mapping[str, QuadraticCost] | None = None, maxiter: int = 200,
-                    max_moves: int | None = None, solver: str = "search") -> Allocation:
+                    max_moves: int | None = None, solver: str = "search") -> BudgetResult:
   """Integer widths maximising ``sum_i a_i w_i / c_i`` with every ``cost_fn(w)[k] <= budgets[k]``.
 
   Widths range over ``[round_width(min_width, c_i), c_i]`` in steps of ``multiple`` (the dense width ``c_i`` is
-  always allowed, as :func:`hsic_jax.surgery.round_width` caps). Costs must be nondecreasing in every width (MACs
+  always allowed, as :func:`hsic_jax.budget.round_width` caps). Costs must be nondecreasing in every width (MACs
   and params are), so the minimum widths are the cheapest point. Method:
 
   1. fit every budgeted cost as an exact quadratic of the widths (:func:`fit_quadratic_costs`, ~``l^2 / 2`` calls
@@ -573,8 +365,8 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
   same linear objective puts most layers at their minimum or their dense width.
 
   >>> alloc = allocate_widths([1.0, 2.0], [8, 8], lambda w: {"macs": float(w[0] + 3 * w[1])}, {"macs": 20.0})
-  >>> alloc.widths, alloc.costs["macs"]
-  ((8, 4), 20.0)
+  >>> alloc.widths, alloc.costs["macs"], alloc.reached
+  ((8, 4), 20.0, True)
 
   Args:
     importance: (l,) finite, nonnegative weights ``a`` (e.g. :func:`layer_importance`).
@@ -592,13 +384,46 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
     solver: ``"search"`` (the method above) or ``"reference"`` (ITPruner's SLSQP, rounded and repaired).
 
   Returns:
-    An :class:`Allocation`; the dense widths when they already fit every budget.
+    A :class:`~hsic_jax.budget.BudgetResult` (``method="itpruner"``; ``key`` and ``target``: the first budget;
+    ``reached``: every budget holds for the exact costs; ``trace``: every start's :class:`AllocationStart`), with
+    ``extras``: ``objective`` (``sum_i a_i w_i / c_i`` at the widths), ``dense_objective`` (``sum_i a_i``),
+    ``budgets``, ``relaxed_objective`` (the best objective of the continuous relaxation over the starts: a local
+    optimum, so an indication of the rounding gap, not a bound; ``None`` when no relaxation ran), ``reachable``
+    (per budget key, the exact cost at the minimum and at the dense widths), ``cost_calls`` (calls of
+    ``cost_fn``), ``seconds`` (wall time) and ``solver``. The dense widths when they already fit every budget.
 
   Raises:
     ValueError: bad arguments, NaN importances, a budget below the cost at the minimum widths (the message gives
       the reachable range), or a cost that is not quadratic in the widths.
   """
   t0 = time.perf_counter()
+  a, base, budgets = _check_allocation(importance, base_widths, budgets, solver)
+  min_width, multiple = check_count("min_width", min_width, 1), check_count("multiple", multiple, 1)
+  starts = check_count("starts", starts, 1)
+  keys = list(budgets)
+  bud = np.array([budgets[k] for k in keys])
+  exact = _Exact(cost_fn, keys)
+  lo = np.array([round_width(min_width, int(c), multiple=multiple) for c in base], np.int64)
+  dense_cost, low_cost = exact(base), exact(lo)
+  reachable = {k: (low_cost[k], dense_cost[k]) for k in keys}
+  for k in keys:
+    check_reachable(k, budgets[k], *reachable[k], above=False, high="dense: a budget above it keeps every width")
+  extras = {"dense_objective": float(np.sum(a)), "budgets": budgets, "reachable": reachable, "solver": solver}
+  if all(dense_cost[k] <= b for k, b in zip(keys, bud)):
+    return _allocation(base, dense_cost, (), {**extras, "objective": extras["dense_objective"],
+                                              "relaxed_objective": extras["dense_objective"]}, exact, t0)
+  fits = _fit(exact, base, keys, fitted, check_points, seed)
+  lat = Lattice(a, base, lo, multiple, [fits[k] for k in keys], bud)
+  results, relaxed_best = _solve(lat, solver, starts, seed, maxiter, max_moves)
+  chosen, chosen_cost = _verify(results, exact, bud, lo, low_cost)
+  w = np.array(chosen)
+  return _allocation(w, chosen_cost, tuple(results), {**extras, "objective": lat.objective(w),
+                                                      "relaxed_objective": relaxed_best}, exact, t0)
+
+
+def _check_allocation(importance: Any, base_widths: Sequence[int], budgets: Any, solver: Any
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+  """Step 1 of :func:`allocate_widths`: the importances, dense widths and budgets, checked."""
   a = _as_importance(importance)
   base = _as_widths("base_widths", base_widths, a.size)
   if not isinstance(budgets, Mapping) or not budgets:
@@ -606,80 +431,79 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
   for k, b in budgets.items():
     if not isinstance(k, str) or not (isinstance(b, (int, float, np.floating, np.integer)) and math.isfinite(b)):
       raise ValueError(f"budgets must map cost keys to finite numbers, got {k!r}: {b!r}")
-  for name, v in (("min_width", min_width), ("multiple", multiple), ("starts", starts)):
-    if int(v) != v or int(v) < 1:
-      raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
   if solver not in SOLVERS:
     raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
-  keys = list(budgets)
-  bud = np.array([float(budgets[k]) for k in keys])
-  calls = 0
+  return a, base, {k: float(b) for k, b in budgets.items()}
 
-  def exact(w: np.ndarray) -> dict[str, float]:
-    nonlocal calls
-    calls += 1
-    out = cost_fn([int(x) for x in w])
-    _costs_of(lambda _: out, w, keys)  # the budgeted keys are present and finite
-    return {k: float(v) for k, v in out.items()}
 
-  lo = np.minimum(base, int(multiple) * np.ceil(max(int(min_width), 1) / int(multiple))).astype(np.int64)
-  dense_obj = float(np.sum(a))
-  dense_cost = exact(base)
-  low_cost = exact(lo)
-  reachable = {k: (low_cost[k], dense_cost[k]) for k in keys}
-  short = [k for k, b in zip(keys, bud) if low_cost[k] > b]
-  if short:
-    raise ValueError("budgets cannot be met: " + "; ".join(
-        f"{k} budget {budgets[k]:.6g} is below the cost at the minimum widths (reachable range "
-        f"[{reachable[k][0]:.6g}, {reachable[k][1]:.6g}])" for k in short))
-  if all(dense_cost[k] <= b for k, b in zip(keys, bud)):
-    return Allocation(tuple(int(x) for x in base), dense_obj, dense_obj, dense_cost, dict(budgets), True, dense_obj,
-                      reachable, (), calls, time.perf_counter() - t0, solver)
+class _Exact:
+  """The caller's exact cost function at integer widths, its budgeted keys checked, its calls counted."""
+
+  def __init__(self, cost_fn: CostFn, keys: Sequence[str]):
+    self.cost_fn, self.keys, self.calls = cost_fn, list(keys), 0
+
+  def __call__(self, w: Any) -> dict[str, float]:
+    self.calls += 1
+    return costs_at(self.cost_fn, [int(x) for x in w], self.keys)
+
+  def counted(self, w: Sequence[int]) -> Mapping[str, float]:
+    """The unchecked cost function, counted (for the fit, which checks what it reads)."""
+    self.calls += 1
+    return self.cost_fn(w)
+
+
+def _fit(exact: _Exact, base: np.ndarray, keys: Sequence[str], fitted: Mapping[str, QuadraticCost] | None,
+         check_points: int, seed: int) -> dict[str, QuadraticCost]:
+  """Step 2: every budgeted cost as an exact quadratic of the widths (or the caller's ``fitted`` ones, checked)."""
   if fitted is None:
-    counted = []
+    return fit_quadratic_costs(exact.counted, base.tolist(), keys=keys, check_points=check_points, seed=seed)
+  missing = [k for k in keys if k not in fitted]
+  if missing:
+    raise ValueError(f"fitted lacks a QuadraticCost for budget key(s) {missing}")
+  for k in keys:
+    if fitted[k].size != base.size:
+      raise ValueError(f"fitted[{k!r}] has {fitted[k].size} widths, expected {base.size}")
+  return {k: fitted[k] for k in keys}
 
-    def counting(w: Sequence[int]) -> Mapping[str, float]:
-      counted.append(1)
-      return cost_fn(w)
 
-    fits = fit_quadratic_costs(counting, base.tolist(), keys=keys, check_points=check_points, seed=seed)
-    calls += len(counted)
-  else:
-    missing = [k for k in keys if k not in fitted]
-    if missing:
-      raise ValueError(f"fitted lacks a QuadraticCost for budget key(s) {missing}")
-    fits = {k: fitted[k] for k in keys}
-    for k in keys:
-      if fits[k].size != a.size:
-        raise ValueError(f"fitted[{k!r}] has {fits[k].size} widths, expected {a.size}")
-  lat = _Lattice(a, base, lo, int(multiple), [fits[k] for k in keys], bud)
-  c = base.astype(np.float64)
+def _solve(lat: Lattice, solver: str, starts: int, seed: int, maxiter: int, max_moves: int | None
+           ) -> tuple[list[AllocationStart], float | None]:
+  """Step 3: the candidates on the lattice, by ITPruner's own SLSQP (``"reference"``) or the multi-start search."""
   if solver == "reference":
-    x, ok = _reference_slsqp(a, c, [fits[k] for k in keys], bud)
-    start = _finish(lat, "reference", ok, float((a / c) @ (c * x)), lat.nearest(c * x), 0)
-    results = [start]
-    relaxed_best = start.relaxed_objective
-  else:
-    results, relaxed_best = _search(lat, a, c, lo, starts, seed, maxiter, max_moves)
+    c = lat.base
+    x, ok = _reference_slsqp(lat.a, c, lat.costs, lat.budgets)
+    start = _finish(lat, "reference", ok, float((lat.a / c) @ (c * x)), lat.nearest(c * x), 0)
+    return [start], start.relaxed_objective
+  return _search(lat, lat.a, lat.base, lat.lo, starts, seed, maxiter, max_moves)
+
+
+def _verify(results: Sequence[AllocationStart], exact: _Exact, bud: np.ndarray, lo: np.ndarray,
+            low_cost: dict[str, float]) -> tuple[tuple[int, ...], dict[str, float]]:
+  """Step 4: the best candidate whose exact costs hold every budget (the fit can disagree right at a budget)."""
   order = sorted(range(len(results)), key=lambda i: (not results[i].feasible, -results[i].objective, i))
   seen: set[tuple[int, ...]] = set()
-  chosen, chosen_cost = None, None
   for i in order:
     r = results[i]
     if not r.feasible or r.widths in seen:
       continue
     seen.add(r.widths)
     ex = exact(np.array(r.widths))
-    if all(ex[k] <= b for k, b in zip(keys, bud)):
-      chosen, chosen_cost = r.widths, ex
-      break
-  if chosen is None:
-    # Only when the fit and the exact counter disagree right at a budget: fall back to the cheapest point.
-    chosen, chosen_cost = tuple(int(x) for x in lo), low_cost
-  w = np.array(chosen)
-  feasible = all(chosen_cost[k] <= b for k, b in zip(keys, bud))
-  return Allocation(tuple(int(x) for x in w), lat.objective(w), dense_obj, chosen_cost, dict(budgets), feasible,
-                    relaxed_best, reachable, tuple(results), calls, time.perf_counter() - t0, solver)
+    if all(ex[k] <= b for k, b in zip(exact.keys, bud)):
+      return r.widths, ex
+  # Only when the fit and the exact counter disagree right at a budget: fall back to the cheapest point.
+  return tuple(int(x) for x in lo), low_cost
+
+
+def _allocation(w: np.ndarray, costs: dict[str, float], starts: tuple[AllocationStart, ...], extras: dict[str, Any],
+                exact: _Exact, t0: float) -> BudgetResult:
+  """The :class:`~hsic_jax.budget.BudgetResult` of :func:`allocate_widths` (its extras in the order of the record)."""
+  budgets = extras["budgets"]
+  key = next(iter(budgets))
+  order = ("objective", "dense_objective", "budgets", "relaxed_objective", "reachable")
+  return BudgetResult("itpruner", tuple(int(x) for x in w), costs, key, budgets[key],
+                      all(costs[k] <= b for k, b in budgets.items()), extras["reachable"][key], starts,
+                      extras={**{k: extras[k] for k in order}, "cost_calls": exact.calls,
+                              "seconds": time.perf_counter() - t0, "solver": extras["solver"]})
 
 
 def _reference_slsqp(a: np.ndarray, c: np.ndarray, costs: Sequence[QuadraticCost], budgets: np.ndarray
@@ -691,7 +515,7 @@ def _reference_slsqp(a: np.ndarray, c: np.ndarray, costs: Sequence[QuadraticCost
   return np.clip(np.asarray(res.x, np.float64), 0.0, 1.0), bool(res.success)
 
 
-def _search(lat: _Lattice, a: np.ndarray, c: np.ndarray, lo: np.ndarray, starts: int, seed: int, maxiter: int,
+def _search(lat: Lattice, a: np.ndarray, c: np.ndarray, lo: np.ndarray, starts: int, seed: int, maxiter: int,
             max_moves: int | None) -> tuple[list[AllocationStart], float | None]:
   """The continuous starts and the greedy start of :func:`allocate_widths`, each finished on the lattice."""
   moves = int(max_moves) if max_moves is not None else int(sum(len(v) for v in lat.values)) + 10
@@ -716,7 +540,7 @@ def _search(lat: _Lattice, a: np.ndarray, c: np.ndarray, lo: np.ndarray, starts:
   return results, relaxed_best
 
 
-def _finish(lat: _Lattice, name: str, ok: bool | None, rel_obj: float | None, w0: np.ndarray,
+def _finish(lat: Lattice, name: str, ok: bool | None, rel_obj: float | None, w0: np.ndarray,
             moves: int) -> AllocationStart:
   w = lat.repair(w0)
   if w is None:
@@ -726,33 +550,8 @@ def _finish(lat: _Lattice, name: str, ok: bool | None, rel_obj: float | None, w0
   return AllocationStart(name, ok, rel_obj, rounded, lat.objective(w), tuple(int(x) for x in w), lat.feasible(w))
 
 
-@dataclasses.dataclass(frozen=True)
-class ReferenceAllocation:
-  """What ITPruner's own optimisation gives (see :func:`reference_allocation`).
-
-  Attributes:
-    widths: ``np.around(c * x)`` (round half to even; can be 0).
-    x: SLSQP's kept fractions.
-    success: what SLSQP reported (ITPruner does not look).
-    objective: ``sum_i a_i w_i / c_i`` at ``widths``.
-    cost: the quadratic cost at ``widths``.
-    budget: the budget.
-    feasible: ``cost <= budget``.
-    zero_widths: how many widths are 0.
-  """
-
-  widths: tuple[int, ...]
-  x: tuple[float, ...]
-  success: bool
-  objective: float
-  cost: float
-  budget: float
-  feasible: bool
-  zero_widths: int
-
-
 def reference_allocation(importance: Any, base_widths: Sequence[int], cost: QuadraticCost,
-                         budget: float) -> ReferenceAllocation:
+                         budget: float) -> BudgetResult:
   """ITPruner's allocation as its code runs it, for comparison with :func:`allocate_widths`.
 
   ``scipy.optimize.minimize(-a.x, x0=ones, jac=-a, method="SLSQP", bounds=[(0, 1)] * l,
@@ -763,6 +562,13 @@ def reference_allocation(importance: Any, base_widths: Sequence[int], cost: Quad
   ...                            4.0)
   >>> sum(ref.widths)
   4
+
+  Returns:
+    A :class:`~hsic_jax.budget.BudgetResult` (``method="itpruner_reference"``): ``widths`` ``np.around(c * x)``
+    (round half to even; can be 0), ``costs`` ``{"cost": quadratic cost at the widths}`` (``key="cost"``),
+    ``target`` the budget, ``reached`` ``cost <= budget``, ``reachable`` the cost at all-zero and at the dense
+    widths; ``extras``: ``x`` (SLSQP's kept fractions), ``success`` (what SLSQP reported: ITPruner does not look),
+    ``objective`` (``sum_i a_i w_i / c_i``) and ``zero_widths`` (how many widths are 0).
 
   Raises:
     ValueError: bad importances, widths, cost or budget.
@@ -777,5 +583,7 @@ def reference_allocation(importance: Any, base_widths: Sequence[int], cost: Quad
   x, ok = _reference_slsqp(a, c, [cost], np.array([float(budget)]))
   w = np.around(c * x).astype(np.int64)
   val = cost(w)
-  return ReferenceAllocation(tuple(int(v) for v in w), tuple(float(v) for v in x), ok,
-                             float((a / c) @ w), val, float(budget), bool(val <= float(budget)), int(np.sum(w == 0)))
+  return BudgetResult("itpruner_reference", tuple(int(v) for v in w), {"cost": val}, "cost", float(budget),
+                      bool(val <= float(budget)), (cost(np.zeros(a.size)), cost(base)),
+                      extras={"x": tuple(float(v) for v in x), "success": ok, "objective": float((a / c) @ w),
+                              "zero_widths": int(np.sum(w == 0))})

@@ -1,4 +1,4 @@
-"""Baseline channel-selection criteria behind one registry, and width allocation from their scores.
+"""Baseline channel-selection criteria behind one registry, and the scores' scale across decisions.
 
 A criterion scores every channel of a :class:`~hsic_jax.groups.ChannelGroup` (higher = more important, kept first)
 from what it needs: the weights (a state pytree, a pure dict ``nnx.to_pure_dict(nnx.state(model))`` or an
@@ -19,12 +19,10 @@ hrank      mean over images of ``rank(F_c)``, ``F_c`` the (h, w) map        acti
 chip       mean over images of ``||A||_* - ||A with row c zeroed||_*``      activations
 ========== ================================================================ ===============
 
-Users add their own with :func:`register_criterion`. Scores become widths with the same cost function as the APIB
-search (``cost(widths) -> {"macs": .., "params": ..}``, see :mod:`hsic_jax.search`):
-
-- :func:`allocate_uniform`: one kept fraction for every decision;
-- :func:`allocate_global`: one threshold on the per-decision-normalised scores of all decisions;
-- :func:`keep_for_widths`: the top-scoring channels of each decision for given widths.
+Users add their own with :func:`register_criterion`. :func:`normalize_scores` puts one decision's scores on a scale
+comparable across decisions, and :func:`keep_for_widths` gives the top-scoring channels of each decision for given
+widths. Widths from scores under a cost target (one kept fraction, one threshold on the normalised scores) are
+:func:`hsic_jax.budget.allocate_uniform` and :func:`hsic_jax.budget.allocate_global`.
 
 >>> import numpy as np
 >>> from hsic_jax.groups import ChannelGroup, ChannelSlice
@@ -32,28 +30,27 @@ search (``cost(widths) -> {"macs": .., "params": ..}``, see :mod:`hsic_jax.searc
 >>> group = ChannelGroup("conv", 3, (ChannelSlice(("conv", "kernel"), 3, "out"),))
 >>> channel_scores("l1", group, state=state).tolist()
 [1.0, 3.0, 2.0]
->>> res = allocate_global([np.array([1.0, 3.0, 2.0])], lambda w: {"macs": float(sum(w))}, 2.0, normalize="max")
->>> res.widths, [k.tolist() for k in res.keep]
-((2,), [[1, 2]])
+>>> [k.tolist() for k in keep_for_widths([np.array([1.0, 3.0, 2.0])], [2])]
+[[1, 2]]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hsic_jax._checks import check_count
+from hsic_jax._registry import Registry
 from hsic_jax.groups import ChannelGroup, ChannelSlice, Path, flatten_state, path_str
-from hsic_jax.surgery import keep_top_k, round_width
+from hsic_jax.surgery import keep_top_k
 
-CostFn = Callable[[Sequence[int]], Mapping[str, float]]
 NEEDS = frozenset({"weights", "activations", "grads"})
 NORMALIZATIONS = ("l2", "max", "sum", "none")
 
@@ -83,7 +80,7 @@ class Criterion:
   needs: frozenset[str]
 
 
-_REGISTRY: dict[str, Criterion] = {}
+_REGISTRY: Registry[Criterion] = Registry("criterion")
 
 
 def register_criterion(name: str, fn: CriterionFn, *, needs: Iterable[str] = frozenset(),
@@ -103,8 +100,6 @@ def register_criterion(name: str, fn: CriterionFn, *, needs: Iterable[str] = fro
     ValueError: ``name`` is not a non-empty string or is taken (and not ``replace``), ``fn`` is not callable, or
       ``needs`` holds something other than ``"weights"``, ``"activations"``, ``"grads"``.
   """
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"name must be a non-empty string, got {name!r}")
   if not callable(fn):
     raise ValueError(f"fn must be callable, got {type(fn).__name__}")
   if isinstance(needs, str) or not isinstance(needs, Iterable):
@@ -112,9 +107,7 @@ def register_criterion(name: str, fn: CriterionFn, *, needs: Iterable[str] = fro
   needs = frozenset(needs)
   if not needs <= NEEDS:
     raise ValueError(f"needs must be a subset of {sorted(NEEDS)}, got unknown {sorted(needs - NEEDS)}")
-  if name in _REGISTRY and not replace:
-    raise ValueError(f"criterion {name!r} is already registered; pass replace=True to replace it")
-  _REGISTRY[name] = Criterion(name, fn, needs)
+  _REGISTRY.add(name, Criterion(name, fn, needs), replace=replace)
 
 
 def unregister_criterion(name: str) -> None:
@@ -123,8 +116,7 @@ def unregister_criterion(name: str) -> None:
   Raises:
     ValueError: an unknown name (the message lists the known ones).
   """
-  _lookup(name)
-  del _REGISTRY[name]
+  _REGISTRY.remove(name)
 
 
 def criterion_names() -> tuple[str, ...]:
@@ -133,13 +125,11 @@ def criterion_names() -> tuple[str, ...]:
   >>> criterion_names()[:4]
   ('random', 'l1', 'l2', 'fpgm')
   """
-  return tuple(_REGISTRY)
+  return _REGISTRY.names()
 
 
 def _lookup(name: Any) -> Criterion:
-  if not isinstance(name, str) or name not in _REGISTRY:
-    raise ValueError(f"unknown criterion {name!r}; expected one of {list(_REGISTRY)}")
-  return _REGISTRY[name]
+  return _REGISTRY.get(name)
 
 
 def criterion_needs(name: str) -> frozenset[str]:
@@ -528,181 +518,15 @@ for _name, _fn, _needs in (
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Allocation.
+# Scores across decisions.
 
 
-@dataclasses.dataclass(frozen=True)
-class ScorePoint:
-  """One evaluated point of an allocation search.
-
-  Attributes:
-    value: the searched parameter: the kept fraction ``f`` (uniform) or the threshold ``t`` (global); ``None``
-      for the minimum widths (every decision at ``min_width``).
-    widths: the widths it gives.
-    costs: the cost function's values there (every key it returns).
-    phase: ``"bound"`` (the minimum or the dense widths) or ``"bisect"``.
-  """
-
-  value: float | None
-  widths: tuple[int, ...]
-  costs: Mapping[str, float]
-  phase: str
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreAllocation:
-  """The outcome of :func:`allocate_uniform` or :func:`allocate_global`.
-
-  Attributes:
-    method: ``"uniform"`` or ``"global"``.
-    value: the chosen fraction (uniform) or threshold (global); ``None`` at the minimum widths.
-    widths: kept channels per decision.
-    keep: kept channel indices per decision (sorted; ``None`` for uniform, which knows no scores).
-    costs: the cost function's values at ``widths``.
-    target: the target value of ``costs[key]``.
-    key: the cost that was targeted.
-    within_tolerance: whether ``|costs[key] - target| <= tolerance * target``.
-    trace: every point evaluated, in order.
-    reachable: ``(lowest, highest)`` cost: every decision at its minimum width / dense.
-    normalize: the score normalisation of ``"global"`` (``None`` for uniform).
-  """
-
-  method: str
-  value: float | None
-  widths: tuple[int, ...]
-  keep: tuple[np.ndarray, ...] | None
-  costs: Mapping[str, float]
-  target: float
-  key: str
-  within_tolerance: bool
-  trace: tuple[ScorePoint, ...]
-  reachable: tuple[float, float]
-  normalize: str | None = None
-
-
-def _check_sizes(sizes: Any) -> list[int]:
-  if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
-    raise ValueError(f"sizes must be a sequence of channel counts, got {type(sizes).__name__}")
-  out = list(sizes)
-  if not out or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in out):
-    raise ValueError(f"sizes must be a non-empty sequence of integers >= 1, got {out!r}")
-  return [int(s) for s in out]
-
-
-def _check_common(target: Any, tolerance: Any, min_width: Any, multiple: Any, key: Any) -> float:
-  for name, value in (("min_width", min_width), ("multiple", multiple)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-  if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
-    raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
-  if isinstance(target, bool) or not (isinstance(target, (int, float, np.number)) and math.isfinite(target)
-                                      and target > 0):
-    raise ValueError(f"target must be a finite number > 0, got {target!r}")
-  if not isinstance(key, str):
-    raise ValueError(f"key must be a string naming a cost, got {key!r}")
-  return float(target)
-
-
-class _Search:
-  """Bisection over a monotone family of width vectors ``widths_at(i)``, ``i = 0 .. n - 1`` (nondecreasing in
-  every width, so the cost is nondecreasing in ``i`` for a cost increasing in the widths)."""
-
-  def __init__(self, cost_fn: CostFn, key: str, target: float, tolerance: float):
-    if not callable(cost_fn):
-      raise ValueError(f"cost_fn must be callable (widths -> {{name: value}}), got {type(cost_fn).__name__}")
-    self.cost_fn, self.key, self.target, self.tolerance = cost_fn, key, target, tolerance
-    self.trace: list[ScorePoint] = []
-
-  def evaluate(self, value: float | None, widths: Sequence[int], phase: str) -> ScorePoint:
-    widths = tuple(int(w) for w in widths)
-    costs = self.cost_fn(list(widths))
-    if not isinstance(costs, Mapping) or self.key not in costs:
-      raise ValueError(f"cost_fn must return a mapping with key {self.key!r}, got {costs!r}")
-    costs = {k: float(v) for k, v in costs.items()}
-    if not math.isfinite(costs[self.key]):
-      raise ValueError(f"cost_fn returned a non-finite {self.key} {costs[self.key]!r} at widths {list(widths)}")
-    point = ScorePoint(value, widths, costs, phase)
-    self.trace.append(point)
-    return point
-
-  def value(self, p: ScorePoint) -> float:
-    return p.costs[self.key]
-
-  def within(self, p: ScorePoint) -> bool:
-    return abs(self.value(p) - self.target) <= self.tolerance * self.target
-
-  def run(self, n: int, value_at: Callable[[int], float | None], widths_at: Callable[[int], Sequence[int]]
-          ) -> tuple[ScorePoint, tuple[float, float]]:
-    """The point of largest index with cost at most the target (or, where that misses the band and the next index
-    lands in it, the next); index 0 is the minimum widths, ``n - 1`` the dense ones."""
-    lo_p = self.evaluate(value_at(0), widths_at(0), "bound")
-    hi_p = self.evaluate(value_at(n - 1), widths_at(n - 1), "bound")
-    lo, hi = self.value(lo_p), self.value(hi_p)
-    t, tol = self.target, self.tolerance
-    if t < lo * (1 - tol) or t > hi * (1 + tol):
-      raise ValueError(f"target {self.key} {t:,.6g} is outside what the allocation can reach: {lo:,.6g} (every "
-                       f"decision at its minimum width) to {hi:,.6g} (dense); expected a target in that range (as a "
-                       f"ratio of dense: {lo / hi:.4f} to 1)")
-    reachable = (lo, hi)
-    if hi <= t:
-      return hi_p, reachable
-    if lo > t:
-      return lo_p, reachable  # above the target but within the band (checked above)
-    a, b, pa, pb = 0, n - 1, lo_p, hi_p  # invariant: cost(a) <= t < cost(b)
-    while b - a > 1:
-      mid = (a + b) // 2
-      p = self.evaluate(value_at(mid), widths_at(mid), "bisect")
-      if self.value(p) <= t:
-        a, pa = mid, p
-      else:
-        b, pb = mid, p
-    if not self.within(pa) and self.within(pb):
-      return pb, reachable
-    return pa, reachable
-
-
-def allocate_uniform(sizes: Sequence[int], cost_fn: CostFn, target: float, *, key: str = "macs",
-                     tolerance: float = 0.01, min_width: int = 1, multiple: int = 1) -> ScoreAllocation:
-  """One kept fraction ``f`` for every decision, the largest whose cost is at most the target.
-
-  ``width_d(f) = round_width(max(ceil(f * size_d), min_width), size_d, multiple=multiple)`` (rounded up to a
-  multiple, capped at the size). The widths change only at ``f = k / size_d``, so the search bisects over those
-  breakpoints (exact, about ``log2(sum(sizes))`` cost evaluations). Where the largest fraction under the target
-  misses the band ``|cost - target| <= tolerance * target`` and the next breakpoint lands in it, that one is taken.
-
-  >>> res = allocate_uniform([10, 20], lambda w: {"macs": float(sum(w))}, 15.0)
-  >>> res.widths, res.value, res.within_tolerance
-  ((5, 10), 0.5, True)
-
-  Args:
-    sizes: the dense channel count of every decision.
-    cost_fn: widths -> ``{name: value}``, increasing in every width.
-    target: the value of ``cost_fn(widths)[key]`` to reach.
-    key: which cost to target.
-    tolerance: relative band around the target.
-    min_width: the fewest channels a decision keeps (capped at its size).
-    multiple: round every width up to a multiple of this (capped at the size).
+def check_scores(scores: Any) -> list[np.ndarray]:
+  """``scores`` as one finite, non-empty float64 array per decision.
 
   Raises:
-    ValueError: bad arguments, or a target outside ``[cost at min widths, dense cost]`` (widened by the tolerance;
-      the message gives the range).
+    ValueError: not a sequence of finite, non-empty 1-D arrays (naming the bad decision).
   """
-  sizes = _check_sizes(sizes)
-  target = _check_common(target, tolerance, min_width, multiple, key)
-  fractions = np.unique(np.concatenate([[0.0]] + [np.arange(1, s + 1) / s for s in sizes]))
-
-  def widths_at(i: int) -> list[int]:
-    f = float(fractions[i])
-    # The small slack keeps k / size_d from rounding up to k + 1 (float division then multiplication).
-    return [round_width(max(math.ceil(f * s - 1e-9), min_width), s, multiple=multiple) for s in sizes]
-
-  search = _Search(cost_fn, key, target, float(tolerance))
-  best, reachable = search.run(len(fractions), lambda i: float(fractions[i]), widths_at)
-  return ScoreAllocation("uniform", best.value, best.widths, None, dict(best.costs), target, key,
-                         search.within(best), tuple(search.trace), reachable)
-
-
-def _check_scores(scores: Any) -> list[np.ndarray]:
   if isinstance(scores, (str, bytes, np.ndarray)) or not isinstance(scores, Iterable):
     raise ValueError(f"scores must be a sequence of 1-D score arrays (one per decision), got {type(scores).__name__}")
   out = []
@@ -730,60 +554,12 @@ def normalize_scores(scores: Any, *, normalize: str = "l2") -> np.ndarray:
   """
   if normalize not in NORMALIZATIONS:
     raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
-  s = _check_scores([scores])[0]
+  s = check_scores([scores])[0]
   if normalize == "none":
     return s
   scale = {"l2": lambda: float(np.sqrt(np.sum(s * s))), "max": lambda: float(np.max(np.abs(s))),
            "sum": lambda: float(np.sum(np.abs(s)))}[normalize]()
   return s / scale if scale > 0 else s
-
-
-def allocate_global(scores: Sequence[Any], cost_fn: CostFn, target: float, *, key: str = "macs",
-                    normalize: str = "l2", tolerance: float = 0.01, min_width: int = 1,
-                    multiple: int = 1) -> ScoreAllocation:
-  """One threshold ``t`` on every decision's normalised scores (:func:`normalize_scores`), the lowest whose cost is
-  at most the target: decision ``d`` keeps its channels with ``s_hat >= t``, at least ``min_width`` of them, their
-  count rounded up to ``multiple`` by adding the next best channels (ties to the lower index; capped at the size).
-
-  The widths change only at the scores' distinct values, so the search bisects over those (about
-  ``log2(sum(sizes))`` cost evaluations); the band rule is that of :func:`allocate_uniform`.
-
-  >>> res = allocate_global([[0.9, 0.1], [0.5, 0.4]], lambda w: {"macs": float(sum(w))}, 3.0, normalize="none")
-  >>> res.widths, [k.tolist() for k in res.keep], res.value
-  ((1, 2), [[0], [0, 1]], 0.4)
-
-  Args:
-    scores: per decision, one score per channel (higher kept first), e.g. from :func:`channel_scores`.
-    cost_fn, target, key, tolerance, min_width, multiple: as in :func:`allocate_uniform`.
-    normalize: ``"l2"``, ``"max"``, ``"sum"`` or ``"none"``.
-
-  Raises:
-    ValueError: bad arguments, or a target outside the reachable range (the message gives it).
-  """
-  target = _check_common(target, tolerance, min_width, multiple, key)
-  if normalize not in NORMALIZATIONS:
-    raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
-  raw = _check_scores(scores)
-  norm = [normalize_scores(s, normalize=normalize) for s in raw]
-  sizes = [s.size for s in raw]
-  ascending = [np.sort(s) for s in norm]
-  thresholds = np.unique(np.concatenate(norm))[::-1]  # high to low: index 0 keeps the least
-
-  def counts_at(i: int) -> list[int]:
-    if i == 0:
-      return [0] * len(sizes)  # the minimum widths, below every threshold
-    t = thresholds[i - 1]
-    return [int(s.size - np.searchsorted(s, t, side="left")) for s in ascending]
-
-  def widths_at(i: int) -> list[int]:
-    return [round_width(max(k, min_width), n, multiple=multiple) for k, n in zip(counts_at(i), sizes)]
-
-  search = _Search(cost_fn, key, target, float(tolerance))
-  best, reachable = search.run(len(thresholds) + 1, lambda i: None if i == 0 else float(thresholds[i - 1]),
-                               widths_at)
-  keep = tuple(keep_top_k(s, w) for s, w in zip(raw, best.widths))
-  return ScoreAllocation("global", best.value, best.widths, keep, dict(best.costs), target, key,
-                         search.within(best), tuple(search.trace), reachable, normalize)
 
 
 def keep_for_widths(scores: Sequence[Any], widths: Sequence[int], *, multiple: int = 1) -> list[np.ndarray]:
@@ -796,7 +572,7 @@ def keep_for_widths(scores: Sequence[Any], widths: Sequence[int], *, multiple: i
   Raises:
     ValueError: scores not finite 1-D arrays, or widths not one integer in ``[1, size]`` per decision.
   """
-  raw = _check_scores(scores)
+  raw = check_scores(scores)
   if isinstance(widths, (str, bytes)) or not isinstance(widths, Iterable):
     raise ValueError(f"widths must be a sequence of integers, got {type(widths).__name__}")
   widths = list(widths)
@@ -805,6 +581,5 @@ def keep_for_widths(scores: Sequence[Any], widths: Sequence[int], *, multiple: i
   for d, (w, s) in enumerate(zip(widths, raw)):
     if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or not 1 <= w <= s.size:
       raise ValueError(f"widths[{d}] must be an integer in [1, {s.size}], got {w!r}")
-  if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
-    raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}")
+  multiple = check_count("multiple", multiple, 1)
   return [keep_top_k(s, int(w), multiple=multiple) for s, w in zip(raw, widths)]

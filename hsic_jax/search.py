@@ -20,7 +20,8 @@ architecture); the search finds ``lam`` with ``|cost - target| <= tolerance * ta
    fill from the widest point under the target adds one multiple at a time to the decision whose next channel is
    most relevant, while the cost stays at most ``target * (1 + tolerance)``.
 
-Every point evaluated is recorded in the trace.
+The steps are ``_grid``, ``_bisect`` (the shared :func:`hsic_jax.budget.bisect`) and ``_fill``, sharing one trace
+of every point evaluated (``_Trace``); the result is a :class:`hsic_jax.budget.BudgetResult`.
 
 >>> import numpy as np, hsic_jax as hj
 >>> rng = np.random.default_rng(0)
@@ -28,69 +29,25 @@ Every point evaluated is recorded in the trace.
 >>> y = np.concatenate([np.sin(x[:, 0]), x[:, 1] ** 2, x[:, 2]], 1)
 >>> problems = [hj.problem_from_features(x, y), hj.problem_from_features(x[:, :6], y)]
 >>> res = global_lambda_search(problems, lambda w: {"channels": float(sum(w))}, target=6.0, key="channels")
->>> int(sum(res.widths)), res.within_tolerance
+>>> int(sum(res.widths)), res.reached
 (6, True)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hsic_jax import _checks, _lasso
 from hsic_jax import problem as problem_lib
 from hsic_jax import selection, solver
+from hsic_jax._budget import BudgetPoint, BudgetResult, CostFn, bisect, check_count, check_reachable, check_target
+from hsic_jax._budget import check_tolerance, costs_at, round_width, within
 from hsic_jax.problem import LassoProblem
-
-CostFn = Callable[[Sequence[int]], Mapping[str, float]]
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchPoint:
-  """One evaluated penalty: the widths it gives and their costs (every key the cost function returns)."""
-
-  lam: float
-  widths: tuple[int, ...]
-  costs: Mapping[str, float]
-  phase: str  # "grid", "bisect", "fill" or "bound"
-
-  def to_dict(self) -> dict[str, Any]:
-    return {"lambda": self.lam, "widths": list(self.widths), **{k: float(v) for k, v in self.costs.items()},
-            "phase": self.phase}
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchResult:
-  """The outcome of :func:`global_lambda_search`.
-
-  Attributes:
-    lam: the penalty of the chosen point (of the last lambda point before a fill).
-    widths: kept channels per decision.
-    keep: kept channel indices per decision (sorted), ``len(keep[d]) == widths[d]``.
-    costs: the cost function's values at ``widths``.
-    target: the target value of ``costs[key]``.
-    key: the cost that was targeted.
-    within_tolerance: whether ``|costs[key] - target| <= tolerance * target``.
-    trace: every point evaluated, in order.
-    reachable: ``(lowest, highest)`` cost the search could reach (every decision at ``omega`` / at ``lam = 0``).
-  """
-
-  lam: float
-  widths: tuple[int, ...]
-  keep: tuple[np.ndarray, ...]
-  costs: Mapping[str, float]
-  target: float
-  key: str
-  within_tolerance: bool
-  trace: tuple[SearchPoint, ...]
-  reachable: tuple[float, float]
-
 
 def _order(beta: np.ndarray, lin: np.ndarray) -> np.ndarray:
   """Channels of one decision ranked by ``|beta|`` then ``q`` (descending)."""
@@ -160,8 +117,7 @@ class _Decisions:
     return [(sel[i], beta[i]) for i in range(g)]
 
   def round(self, k: int, d: int) -> int:
-    size = int(self.sizes[d])
-    return min(size, self.multiple * math.ceil(max(int(k), 1) / self.multiple))
+    return round_width(k, int(self.sizes[d]), multiple=self.multiple)
 
   def widths_of(self, solution: Solution) -> tuple[int, ...]:
     return tuple(self.round(max(int(s.sum()), int(o)), d) for d, (s, o) in enumerate(zip(solution[0], self.omega)))
@@ -208,13 +164,44 @@ def _as_list(problems: Any) -> list[LassoProblem]:
   return list(problems)
 
 
-def _check_target(costs_lo: Mapping[str, float], costs_hi: Mapping[str, float], key: str, target: float,
-                  tolerance: float) -> None:
-  lo, hi = float(costs_lo[key]), float(costs_hi[key])
-  if target < lo * (1 - tolerance) or target > hi * (1 + tolerance):
-    raise ValueError(f"target {key} {target:,.0f} is outside what the search can reach: {lo:,.0f} (every decision "
-                     f"at its minimum width) to {hi:,.0f} (the widest solution, at lam = 0); expected a target in "
-                     f"that range (as a ratio of the widest: {lo / hi:.4f} to 1)")
+@dataclasses.dataclass
+class _Trace:
+  """Every point the search evaluates, in order, with the solution behind each: what the grid, bisect and fill steps
+  share."""
+
+  dec: _Decisions
+  cost: CostFn
+  key: str
+  target: float
+  tolerance: float
+  progress: Callable[[BudgetPoint], None] | None
+  points: list[BudgetPoint] = dataclasses.field(default_factory=list)
+  solved: dict[float, Solution] = dataclasses.field(default_factory=dict)
+
+  def value(self, p: BudgetPoint) -> float:
+    return p.costs[self.key]
+
+  def within(self, p: BudgetPoint) -> bool:
+    return within(self.value(p), self.target, self.tolerance)
+
+  def costs(self, widths: Sequence[int]) -> dict[str, float]:
+    return costs_at(self.cost, widths, (self.key,))
+
+  def add(self, point: BudgetPoint) -> BudgetPoint:
+    self.points.append(point)
+    if self.progress is not None:
+      self.progress(point)
+    return point
+
+  def evaluate(self, lams: np.ndarray, phase: str, init: Solution | None = None) -> list[BudgetPoint]:
+    """Every decision solved at every penalty of ``lams`` (batched), each penalty's widths costed and recorded."""
+    points = []
+    for lam, solution in zip(np.asarray(lams, np.float64), self.dec.solve(lams, init)):
+      widths = self.dec.widths_of(solution)
+      point = BudgetPoint(float(lam), widths, self.costs(widths), phase)
+      self.solved[point.value] = solution
+      points.append(self.add(point))
+    return points
 
 
 def global_lambda_search(
@@ -233,8 +220,8 @@ def global_lambda_search(
     max_iter: int = solver.DEFAULT_MAX_ITER,
     fill: bool = True,
     bucket: bool | None = None,
-    progress: Callable[[SearchPoint], None] | None = None,
-) -> SearchResult:
+    progress: Callable[[BudgetPoint], None] | None = None,
+) -> BudgetResult:
   """Finds one penalty for all decisions whose widths make ``cost(widths)[key]`` hit ``target``.
 
   Args:
@@ -258,121 +245,90 @@ def global_lambda_search(
     progress: called with every evaluated point (e.g. to advance a progress bar).
 
   Returns:
-    A :class:`SearchResult`. When the band cannot be reached, the point nearest to the target from below is
-    returned with ``within_tolerance=False``.
+    A :class:`~hsic_jax.budget.BudgetResult` (``method="lambda_search"``, ``value`` the penalty of the chosen point,
+    of the last lambda point before a fill; ``keep`` the kept channels; ``trace`` every point, the phase of each
+    ``"grid"``, ``"bisect"`` or ``"fill"``). When the band cannot be reached, the point nearest to the target from
+    below is returned with ``reached=False``.
 
   Raises:
     ValueError: no problems, a bad argument, or a target outside the reachable range (the message gives it).
   """
   problems = _as_list(problems)
-  for name, value, low in (("omega", omega, 1), ("multiple", multiple, 1), ("grid", grid, 2),
-                           ("max_steps", max_steps, 0)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-      raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-  if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
-    raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
-  if not (isinstance(target, (int, float, np.number)) and math.isfinite(target) and target > 0):
-    raise ValueError(f"target must be a finite number > 0, got {target!r}")
-  target = float(target)
-  dec = _Decisions(problems, int(omega), int(multiple), positive, tol, max_iter, bucket)
-  trace: list[SearchPoint] = []
-  solved: dict[float, Solution] = {}
+  omega, multiple = check_count("omega", omega, 1), check_count("multiple", multiple, 1)
+  grid, max_steps = check_count("grid", grid, 2), check_count("max_steps", max_steps, 0)
+  tolerance, target = check_tolerance(tolerance), check_target(target)
+  dec = _Decisions(problems, omega, multiple, positive, tol, max_iter, bucket)
+  trace = _Trace(dec, cost, key, target, tolerance, progress)
+  floor, points = _grid(trace, grid)
+  inside = [p for p in points if trace.within(p)]
+  if inside:
+    best = min(inside, key=lambda p: abs(trace.value(p) - target))
+  else:
+    best = _bisect(trace, floor, points, max_steps)
+  solution = dec.floor if best is floor or best.value not in trace.solved else trace.solved[best.value]
+  keep = list(dec.keep_of(solution, best.widths))
+  if not trace.within(best) and fill:
+    best, keep = _fill(trace, best, keep)
+  return BudgetResult("lambda_search", best.widths, dict(best.costs), key, target, trace.within(best),
+                      (trace.value(floor), trace.value(points[-1])), tuple(trace.points), tuple(keep), best.value)
 
-  def evaluate(lams: np.ndarray, phase: str, init: Solution | None = None) -> list[SearchPoint]:
-    points = []
-    for lam, solution in zip(np.asarray(lams, np.float64), dec.solve(lams, init)):
-      widths = dec.widths_of(solution)
-      point = SearchPoint(float(lam), widths, dict(cost(widths)), phase)
-      solved[point.lam] = solution
-      trace.append(point)
-      points.append(point)
-      if progress is not None:
-        progress(point)
-    return points
 
-  def value(p: SearchPoint) -> float:
-    return float(p.costs[key])
-
-  def within(p: SearchPoint) -> bool:
-    return abs(value(p) - target) <= tolerance * target
-
-  top = dec.top
-  if top <= 0:
+def _grid(trace: _Trace, grid: int) -> tuple[BudgetPoint, list[BudgetPoint]]:
+  """Step 1: the floor (every decision at ``omega``) and one batched solve over ``grid`` log-spaced penalties from
+  ``max_d lambda_max(d)`` down, plus ``lam = 0``; the target is checked against the range they span."""
+  dec = trace.dec
+  if dec.top <= 0:
     raise ValueError("no decision has a channel with positive relevance q (every layer's output is constant on the "
                      "calibration data); expected features that vary")
   floor_widths = tuple(dec.round(int(o), d) for d, o in enumerate(dec.omega))
-  floor = SearchPoint(top, floor_widths, dict(cost(floor_widths)), "bound")
-  lams = np.concatenate([top * np.logspace(0.0, -6.0, grid), [0.0]])
-  points = evaluate(lams, "grid")
-  _check_target(floor.costs, points[-1].costs, key, target, tolerance)
-  reachable = (value(floor), value(points[-1]))
-
-  best = None
-  inside = [p for p in points if within(p)]
-  if inside:
-    best = min(inside, key=lambda p: abs(value(p) - target))
-  else:
-    # Penalties decrease along the grid, so costs (mostly) increase: the bracket is the first point above target.
-    above = next(i for i, p in enumerate(points) if value(p) > target)
-    hi_p = points[above - 1] if above > 0 else floor  # cost <= target (larger lam)
-    lo_p = points[above]  # cost > target (smaller lam)
-    for _ in range(max_steps):
-      if hi_p.lam - lo_p.lam <= 1e-7 * top:
-        break
-      mid = 0.5 * (hi_p.lam + lo_p.lam)
-      p = evaluate(np.array([mid]), "bisect", solved.get(lo_p.lam))[0]
-      if within(p):
-        best = p
-        break
-      if value(p) > target:
-        lo_p = p
-      else:
-        hi_p = p
-    if best is None:
-      below = [p for p in trace if value(p) <= target] or [floor]
-      best = max(below, key=value)
-  solution = dec.floor if best is floor or best.lam not in solved else solved[best.lam]
-  widths = list(best.widths)
-  keep = list(dec.keep_of(solution, widths))
-
-  if not within(best) and fill:
-    widths, keep, best = _fill(dec, widths, keep, best, cost, key, target, tolerance, trace, progress)
-  return SearchResult(best.lam, tuple(widths), tuple(keep), dict(best.costs), target, key, within(best),
-                      tuple(trace), reachable)
+  floor = BudgetPoint(dec.top, floor_widths, trace.costs(floor_widths), "bound")
+  points = trace.evaluate(np.concatenate([dec.top * np.logspace(0.0, -6.0, grid), [0.0]]), "grid")
+  check_reachable(trace.key, trace.target, trace.value(floor), trace.value(points[-1]), tolerance=trace.tolerance,
+                  what="the search", high="the widest solution, at lam = 0")
+  return floor, points
 
 
-def _fill(dec: _Decisions, widths, keep, best, cost, key, target, tolerance, trace, progress):
-  """Greedy fill toward the target from below: one multiple at a time to the decision whose next channel is the
-  most relevant (``q`` of the next unkept channel, relative to the decision's top ``q``), while in budget."""
-  limit = target * (1 + tolerance)
-  current = best
-  while abs(float(current.costs[key]) - target) > tolerance * target:
+def _bisect(trace: _Trace, floor: BudgetPoint, points: list[BudgetPoint], max_steps: int) -> BudgetPoint:
+  """Step 2: bisection on ``lam`` between the grid points that bracket the target, warm-started from the point
+  above the target; where it cannot land in the band, the point of the trace nearest the target from below."""
+  # Penalties decrease along the grid, so costs (mostly) increase: the bracket is the first point above target.
+  above = next(i for i, p in enumerate(points) if trace.value(p) > trace.target)
+  eps = 1e-7 * trace.dec.top
+  _, _, hit = bisect(
+      points[above - 1] if above > 0 else floor, points[above],
+      midpoint=lambda lo, hi: None if lo.value - hi.value <= eps else 0.5 * (lo.value + hi.value),
+      evaluate=lambda mid, lo, hi: trace.evaluate(np.array([mid]), "bisect", trace.solved.get(hi.value))[0],
+      is_below=lambda p: trace.value(p) <= trace.target, stop=trace.within, max_steps=max_steps)
+  if hit is not None:
+    return hit
+  below = [p for p in trace.points if trace.value(p) <= trace.target] or [floor]
+  return max(below, key=trace.value)
+
+
+def _fill(trace: _Trace, start: BudgetPoint, keep: list[np.ndarray]) -> tuple[BudgetPoint, list[np.ndarray]]:
+  """Step 3: greedy fill toward the target from below: one multiple at a time to the decision whose next channel is
+  the most relevant (``q`` of the next unkept channel, relative to the decision's top ``q``), while in budget."""
+  dec, limit = trace.dec, trace.target * (1 + trace.tolerance)
+  current, keep = start, list(keep)
+  while not trace.within(current):
+    widths = list(current.widths)
     candidates = []
     for d, w in enumerate(widths):
       size = int(dec.sizes[d])
-      if w >= size:
-        continue
-      lin = dec.lin[d]
-      rest = np.setdiff1d(np.arange(size), keep[d])
-      score = float(np.max(lin[rest])) / max(float(np.max(lin)), 1e-30)
-      candidates.append((score, d))
-    grown = False
+      if w < size:
+        rest = np.setdiff1d(np.arange(size), keep[d])
+        candidates.append((float(np.max(dec.lin[d][rest])) / max(float(np.max(dec.lin[d])), 1e-30), d))
     for _, d in sorted(candidates, reverse=True):
       trial = list(widths)
       trial[d] = min(int(dec.sizes[d]), widths[d] + dec.multiple)
-      costs = dict(cost(trial))
-      if float(costs[key]) <= limit:
-        widths = trial
+      costs = trace.costs(trial)
+      if costs[trace.key] <= limit:
         keep[d] = _extend(dec, d, keep[d], trial[d])
-        current = SearchPoint(best.lam, tuple(widths), costs, "fill")
-        trace.append(current)
-        if progress is not None:
-          progress(current)
-        grown = True
+        current = trace.add(BudgetPoint(start.value, tuple(trial), costs, "fill"))
         break
-    if not grown:
-      break
-  return widths, keep, current
+    else:
+      break  # no decision can grow within the budget
+  return current, keep
 
 
 def _extend(dec: _Decisions, d: int, kept: np.ndarray, width: int) -> np.ndarray:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -42,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hsic_jax._budget import round_width  # its home is hsic_jax.budget; kept importable here
 from hsic_jax.groups import ChannelGroup, ChannelSlice, Path, flatten_state, keypath_to_path, path_str
 
 __all__ = [
@@ -128,25 +128,6 @@ class PruneResult(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Choosing kept channels.
-
-
-def round_width(k: int, size: int, *, multiple: int = 1) -> int:
-  """Rounds a channel count up to a multiple, within ``[1, size]``: ``min(size, multiple * ceil(max(k, 1) / m))``.
-
-  Hardware prefers widths that are multiples of 8 (GPU) or 128 (TPU); a group never becomes empty, and a width
-  rounded past the group's size is capped at the size.
-
-  >>> round_width(13, 64, multiple=8), round_width(0, 64, multiple=8), round_width(60, 64, multiple=16)
-  (16, 8, 64)
-
-  Raises:
-    ValueError: if ``size < 1`` or ``multiple < 1``.
-  """
-  if size < 1:
-    raise ValueError(f"size must be >= 1, got {size}")
-  if multiple < 1:
-    raise ValueError(f"multiple must be >= 1, got {multiple}")
-  return min(size, multiple * math.ceil(max(int(k), 1) / multiple))
 
 
 def keep_top_k(scores: Any, k: int, *, multiple: int = 1) -> np.ndarray:

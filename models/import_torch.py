@@ -39,8 +39,6 @@ from flax.nnx import traversals
 
 from models import checkpoint, resnet50 as r50
 from models import resnet_cifar
-# The checkpoint functions' earlier home: kept so that code written against it still runs.
-from models.checkpoint import load as load_checkpoint, read_meta, save as save_checkpoint  # noqa: F401
 
 FlaxPath = tuple[str, ...]
 _BN_LEAF = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}

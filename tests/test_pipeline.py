@@ -161,7 +161,7 @@ def test_every_config_resolves_and_builds():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config()
-    need = pipeline.evidence(cfg.select)  # the method and criterion are known, and mean something together
+    need = hj.method_needs(cfg.select.method, cfg.select.criterion)  # known, and meaning something together
     assert ("similarity" in need) == name.endswith("_itpruner"), name
 
 
@@ -200,7 +200,7 @@ def test_impossible_target_in_the_search_stage(finished, tmp_path):
   cfg = pipeline.ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   cfg.select.ratio = 0.01
   run = pipeline.Run(cfg, tmp_path, pipeline.train_lib.make_mesh(jax.devices()[:1]), True)
-  with pytest.raises(ValueError, match="outside what the search can reach"):
+  with pytest.raises(ValueError, match="outside what the search can reach: reachable range"):
     pipeline.stage_select(run)
 
 
@@ -364,16 +364,12 @@ def test_itpruner_widths_filled_by_hsic_lasso_keep_select_k_channels(finished, t
 
 
 def test_selection_methods_and_criteria_are_checked():
-  cfg = digits_apib.get_config()
-  cfg.select.method = "global"
-  with pytest.raises(ValueError, match="use select.method='apib'"):
-    pipeline.evidence(cfg.select)
-  cfg.select.method, cfg.select.criterion = "uniform", "no_such"
-  with pytest.raises(ValueError, match="fpgm"):
-    pipeline.evidence(cfg.select)
-  cfg.select.method, cfg.select.criterion = "lottery", "l1"
-  with pytest.raises(ValueError, match="select.method must be one of"):
-    pipeline.evidence(cfg.select)
+  with pytest.raises(ValueError, match=r"'hsic_lasso' has none: .* a method that solves its problems: \['apib'\]"):
+    hj.method_needs("global", "hsic_lasso")
+  with pytest.raises(ValueError, match="unknown criterion 'no_such'.*fpgm"):
+    hj.method_needs("uniform", "no_such")
+  with pytest.raises(ValueError, match=r"unknown selection method 'lottery'; expected one of \['apib'"):
+    hj.method_needs("lottery", "l1")
 
 
 def test_apib_widths_filled_by_fpgm_keep_each_layers_top_fpgm_scores(finished, tmp_path):

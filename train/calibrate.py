@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import hsic_jax as hj
 from hsic_jax import ChannelGroup, criteria
-from train import train as train_lib
+from train import files, train as train_lib
 
 
 def decision_groups(model: nnx.Module) -> list[tuple[str, ChannelGroup]]:
@@ -149,6 +149,20 @@ def criterion_scores(model: nnx.Module, criterion: str, images: np.ndarray, labe
   return out
 
 
+def problems_from_taps(feats: dict[str, tuple[jax.Array, jax.Array]], decisions: Sequence[str], cfg_select: Any, *,
+                       check: bool = True, progress: Any = None) -> list[hj.LassoProblem]:
+  """One problem per decision from one batch of captured taps (:func:`make_capture`'s ``{decision: (x, y)}``),
+  with the config's kernel settings (``select.bandwidth``, ``select.normalized``)."""
+  out = []
+  for d in decisions:
+    x, y = feats[d]
+    out.append(hj.problem_from_features(x, y, bandwidth=cfg_select.bandwidth, normalized=cfg_select.normalized,
+                                        check=check))
+    if progress is not None:
+      progress()
+  return out
+
+
 def build_problems(model: nnx.Module, images: np.ndarray, cfg_calib: Any, cfg_select: Any
                    ) -> tuple[list[str], list[hj.LassoProblem]]:
   """One problem per decision from ``images`` (taken ``cfg_calib.batch_size`` at a time), summed over batches."""
@@ -165,12 +179,10 @@ def build_problems(model: nnx.Module, images: np.ndarray, cfg_calib: Any, cfg_se
   for i, s in enumerate(starts):
     end = len(images) if i == len(starts) - 1 else s + bs
     feats = capture(jnp.asarray(images[s:end]))
-    for d in decisions:
-      x, y = feats[d]
-      # Dispatched without waiting for each build's check; the summed problems are validated once below.
-      per_decision[d].append(hj.problem_from_features(x, y, bandwidth=cfg_select.bandwidth,
-                                                      normalized=cfg_select.normalized, check=False))
-      bar.update(1)
+    # Dispatched without waiting for each build's check; the summed problems are validated once below.
+    for d, p in zip(decisions, problems_from_taps(feats, decisions, cfg_select, check=False,
+                                                  progress=lambda: bar.update(1))):
+      per_decision[d].append(p)
   bar.close()
   problems = [ps[0] if len(ps) == 1 else hj.combine_problems(ps) for ps in per_decision.values()]
   finite = np.asarray(jnp.stack([jnp.all(jnp.isfinite(p.quad)) & jnp.all(jnp.isfinite(p.lin)) &
@@ -189,9 +201,7 @@ def save_problems(path: Path, decisions: Sequence[str], problems: Sequence[hj.La
   for i, p in enumerate(problems):
     for field in p._fields:
       arrays[f"{i}/{field}"] = np.asarray(getattr(p, field))
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **arrays)
-  tmp.replace(path)
+  files.save_npz(path, **arrays)
 
 
 def load_problems(path: Path) -> tuple[list[str], list[hj.LassoProblem]]:

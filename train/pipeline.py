@@ -11,7 +11,8 @@ Workdir layout::
   metrics.jsonl        one JSON line per logged training window, epoch and stage
   dense/               the dense model (orbax; from a PyTorch .npz, a checkpoint, or pre-trained here in pretrain/)
   calibration/         problems.npz (Q, q, ||L̄||² per decision) and calibration.json (image ids, timings)
-  selection.json       the global lambda search: keep sets, widths, trace, costs
+  selection.json       the selection (hsic_jax.methods): keep sets, widths, costs, and the method's record (APIB:
+                       lambda and the search trace; ITPruner: importances and the allocation; ...)
   pruned/              the pruned model right after surgery, with the plan in its meta
   finetune/            fine-tuning checkpoints; final/ the fine-tuned model, with the plan
   evaluation.json      top-1 / top-5 of the dense, the pruned (before fine-tuning) and the final model
@@ -37,34 +38,11 @@ from tqdm import tqdm
 
 import hsic_jax as hj
 import models
+from hsic_jax.methods import lasso_keep  # noqa: F401  # the program's name for it, as benchmarks call it
 from models import checkpoint, flops, import_torch
-from hsic_jax import allocation, criteria
-from train import calibrate, data, loops, report, train as train_lib
+from train import calibrate, data, files, loops, report, train as train_lib
 
 STAGES = ("dense", "calibrate", "select", "surgery", "finetune", "evaluate", "report")
-
-
-def _write_json(path: Path, payload: Any) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(payload, indent=2, default=_json_default))
-  os.replace(tmp, path)
-
-
-def _json_default(x: Any) -> Any:
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (np.floating,)):
-    return float(x)
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def _read_json(path: Path) -> Any:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError) as err:
-    raise ValueError(f"{path} cannot be read ({err}); delete it to run its stage again") from err
 
 
 @dataclasses.dataclass
@@ -82,21 +60,21 @@ class Run:
   def log(self, record: dict[str, Any]) -> None:
     if self.writer:
       with open(self.path("metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"time": time.time(), **record}, default=_json_default) + "\n")
+        f.write(json.dumps({"time": time.time(), **record}, default=files.json_default) + "\n")
 
   def save_model(self, model: nnx.Module, name: str, extra: dict[str, Any]) -> None:
     """Saves ``model`` to ``workdir/name`` atomically (orbax writes a temporary directory, renamed at the end)."""
     tmp = self.path(name + ".tmp")
     if tmp.exists():
       shutil.rmtree(tmp)
-    import_torch.save_checkpoint(model, tmp, extra=extra)
+    checkpoint.save(model, tmp, extra=extra)
     final = self.path(name)
     if final.exists():  # a stage run again with --only replaces its result
       shutil.rmtree(final)
     os.replace(tmp, final)
 
   def load_model(self, name: str) -> nnx.Module:
-    return import_torch.load_checkpoint(self.path(name))
+    return checkpoint.load(self.path(name))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -132,7 +110,7 @@ def stage_dense(run: Run) -> dict[str, Any]:
   if source == "npz":
     model = import_torch.import_torch_state(cfg.model.name, import_torch.load_npz(os.path.expanduser(cfg.dense.path)))
   elif source == "checkpoint":
-    model = import_torch.load_checkpoint(os.path.expanduser(cfg.dense.path))
+    model = checkpoint.load(os.path.expanduser(cfg.dense.path))
   elif source == "pretrain":
     model = models.get_model(cfg.model.name, widths, num_classes=num_classes, rngs=nnx.Rngs(int(cfg.seed)))
     model, _ = train_lib.train_and_evaluate(model, cfg.pretrain, _loop(run, cfg.pretrain, run.path("pretrain"),
@@ -152,39 +130,10 @@ def stage_dense(run: Run) -> dict[str, Any]:
   return {}
 
 
-METHODS = ("apib", "itpruner", "uniform", "global")
-
-
-def evidence(cfg_select: ml_collections.ConfigDict) -> set[str]:
-  """What the selection needs from calibration: ``problems`` (HSIC Lasso), ``similarity`` (ITPruner), ``scores``
-  (a baseline criterion).
-
-  Raises:
-    ValueError: an unknown method or criterion, or a pairing that means nothing (a global ranking of HSIC Lasso,
-      which is what ``method="apib"`` is).
-  """
-  method, crit = cfg_select.method, cfg_select.criterion
-  if method not in METHODS:
-    raise ValueError(f"select.method must be one of {list(METHODS)}, got {method!r}")
-  if crit != "hsic_lasso" and crit not in criteria.criterion_names():
-    raise ValueError(f"select.criterion must be 'hsic_lasso' or one of {criteria.criterion_names()}, got {crit!r}")
-  if method == "global" and crit == "hsic_lasso":
-    raise ValueError("select.method='global' ranks a criterion's scores across layers; for HSIC Lasso the global "
-                     "ranking is APIB's single penalty: use select.method='apib'")
-  need = set()
-  if method == "apib" or crit == "hsic_lasso":
-    need.add("problems")
-  if method == "itpruner":
-    need.add("similarity")
-  if crit != "hsic_lasso":
-    need.add("scores")
-  return need
-
-
 def stage_calibrate(run: Run) -> dict[str, Any]:
   """The evidence the selection needs, from the dense model on the calibration images."""
   cfg = run.config
-  need = evidence(cfg.select)
+  need = hj.method_needs(cfg.select.method, cfg.select.criterion)
   model = run.load_model("dense")
   n = int(cfg.calib.num_images)
   images, labels, ids = data.calibration_batch(cfg.data, n, seed=int(cfg.calib.seed), augment=bool(cfg.calib.augment))
@@ -209,39 +158,21 @@ def stage_calibrate(run: Run) -> dict[str, Any]:
     sim = calibrate.layer_similarity(acts, cfg.select.itpruner.kernel)
     seconds["similarity"] = time.perf_counter() - t0
     if run.writer:
-      _save_npz(out / "similarity.npz", decisions=np.asarray(decisions), similarity=sim)
+      files.save_npz(out / "similarity.npz", decisions=np.asarray(decisions), similarity=sim)
   if "scores" in need:
     t0 = time.perf_counter()
     scores = calibrate.criterion_scores(model, cfg.select.criterion, images, labels, cfg.calib, seed=int(cfg.seed),
                                         acts=acts)  # the similarity's activations, when it had them
     seconds["scores"] = time.perf_counter() - t0
     if run.writer:
-      _save_npz(out / "scores.npz", decisions=np.asarray(decisions), **{str(i): sc for i, sc in enumerate(scores)})
+      files.save_npz(out / "scores.npz", decisions=np.asarray(decisions), **{str(i): sc for i, sc in enumerate(scores)})
   if run.writer:
-    _write_json(out / "calibration.json", {
+    files.write_json(out / "calibration.json", {
         "num_images": n, "ids": [int(i) for i in ids], "labels": [int(l) for l in labels],
         "split": cfg.data.calib_split, "bn_mode": cfg.calib.bn_mode, "augment": bool(cfg.calib.augment),
         "decisions": decisions, "channels": channels, "evidence": sorted(need), "seconds": seconds,
         "criterion": cfg.select.criterion, "method": cfg.select.method})
   return {"seconds": sum(seconds.values())}
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **arrays)
-  tmp.replace(path)
-
-
-def _load_npz(path: Path, decisions: list[str]) -> dict[str, np.ndarray]:
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      out = {k: np.asarray(f[k]) for k in f.files}
-  except (OSError, ValueError) as err:
-    raise ValueError(f"{path} cannot be read ({err}); delete {path.parent} to calibrate again") from err
-  if [str(d) for d in out.get("decisions", [])] != decisions:
-    raise ValueError(f"{path} was written for other decisions than this model's; delete {path.parent} to "
-                     "calibrate again")
-  return out
 
 
 def default_multiple() -> int:
@@ -269,6 +200,43 @@ def resolve_target(cfg: ml_collections.ConfigDict, dense: flops.Count) -> tuple[
 
 
 @dataclasses.dataclass(frozen=True)
+class Budget:
+  """What a model's selection is measured against: its decisions, the exact cost of their widths and the target."""
+
+  pairs: list[tuple[str, hj.ChannelGroup]]  # (decision, the group whose channels it sets), in forward order
+  dense_widths: list[int]
+  num_classes: int
+  dense: flops.Count
+  key: str
+  target: float
+  cost: Callable[[Any], dict[str, float]]  # widths per decision -> {"macs", "params"}
+  multiple: int
+  params_budget: float | None  # ITPruner's parameter budget (select.itpruner.params_ratio of the dense params)
+
+  @property
+  def decisions(self) -> list[str]:
+    return [d for d, _ in self.pairs]
+
+  @property
+  def sizes(self) -> list[int]:
+    return [int(g.size) for _, g in self.pairs]
+
+
+def selection_budget(cfg: ml_collections.ConfigDict, dense_model: nnx.Module) -> Budget:
+  """The decisions of ``dense_model``, the cost of their widths at the config's input size, and the config's
+  target (:func:`resolve_target`) and rounding (``select.round_to``, else :func:`default_multiple`)."""
+  pairs = calibrate.decision_groups(dense_model)
+  num_classes = int(dense_model.num_classes)
+  dense_widths = list(dense_model.widths)
+  dense = counts(cfg, dense_widths, num_classes)
+  key, target = resolve_target(cfg, dense)
+  return Budget(pairs, dense_widths, num_classes, dense, key, target,
+                decision_cost(cfg, pairs, dense_widths, num_classes),
+                int(cfg.select.round_to) or default_multiple(),
+                float(cfg.select.itpruner.params_ratio) * float(dense.params) or None)
+
+
+@dataclasses.dataclass(frozen=True)
 class Selection:
   """What :func:`select_channels` chose: kept channels and widths per decision, and how they were found."""
 
@@ -276,6 +244,7 @@ class Selection:
   keep: list[np.ndarray]
   record: dict[str, Any]  # method-specific: lambda and trace (APIB), importances and allocation (ITPruner), ...
   seconds: float
+  result: hj.BudgetResult | None = None
 
 
 def select_channels(cfg_select: ml_collections.ConfigDict, sizes: Sequence[int], cost: Callable[[Any], dict],
@@ -284,115 +253,66 @@ def select_channels(cfg_select: ml_collections.ConfigDict, sizes: Sequence[int],
                     params_budget: float | None = None, seed: int = 0) -> Selection:
   """The widths of every decision and the channels that fill them (the ``select`` stage without its files).
 
-  ``cfg_select.method`` sets the widths: ``apib`` (one global HSIC Lasso penalty searched until ``cost[key]`` hits
-  ``target``), ``itpruner`` (layer importances from the normalised HSIC ``similarity`` between layers, then an
-  integer allocation under the budget), ``uniform`` (one kept fraction for every decision) or ``global`` (one
-  threshold on the criterion's per-layer-normalised ``scores``). ``cfg_select.criterion`` picks the channels:
-  ``hsic_lasso`` (APIB's own support, or exactly ``k`` channels by :func:`hsic_jax.select_k` for widths set
-  otherwise) or a baseline criterion of :mod:`hsic_jax.criteria` (its top scores).
+  ``cfg_select.method`` names a selection method of the library's registry (:func:`hsic_jax.method_names`: apib,
+  itpruner, uniform, global, or one registered with :func:`hsic_jax.register_method`), which sets the widths so that
+  ``cost[key]`` reaches ``target``; ``cfg_select.criterion`` picks the channels (:func:`hsic_jax.select`). The
+  method's settings are ``cfg_select`` itself, with ``params_budget`` and ``seed``; its progress shows as a bar.
   """
-  method, crit = cfg_select.method, cfg_select.criterion
-  omega = int(cfg_select.omega)
-  tol = float(cfg_select.tolerance)
-  record: dict[str, Any] = {}
-  keep = None
+  method = cfg_select.method
+  settings = {**cfg_select.to_dict(), "params_budget": params_budget, "seed": seed}
   t0 = time.perf_counter()
-  if method == "apib":
-    bar = tqdm(desc="select (lambda search)", unit="point", leave=False)
-    result = hj.global_lambda_search(
-        problems, cost, target, key=key, tolerance=tol, omega=omega, multiple=multiple,
-        positive=bool(cfg_select.positive), grid=int(cfg_select.grid), max_steps=int(cfg_select.max_steps),
-        progress=lambda p: bar.update(1))
+  bar = tqdm(desc=f"select ({method})", unit="point", leave=False)
+  try:
+    result = hj.select(method, cfg_select.criterion, hj.Evidence(problems, similarity, scores), cost, target,
+                       key=key, sizes=list(sizes), multiple=multiple, settings=settings,
+                       progress=lambda _: bar.update(1))
+  finally:
     bar.close()
-    widths = list(result.widths)
-    if crit == "hsic_lasso":
-      keep = list(result.keep)
-    record.update({"lambda": result.lam, "reachable": list(result.reachable),
-                   "search": [pt.to_dict() for pt in result.trace]})
-  elif method == "itpruner":
-    importance = allocation.layer_importance(similarity, beta=float(cfg_select.itpruner.beta),
-                                             normalize=bool(cfg_select.itpruner.normalize))
-    budgets = {key: target}
-    if params_budget and key != "params":
-      budgets["params"] = float(params_budget)
-    alloc = allocation.allocate_widths(np.asarray(importance), list(sizes), cost, budgets,
-                                       min_width=max(omega, 1), multiple=multiple, seed=seed,
-                                       solver=str(cfg_select.itpruner.solver))
-    widths = [int(w) for w in alloc.widths]
-    record.update({"similarity": np.asarray(similarity).tolist(), "importance": np.asarray(importance).tolist(),
-                   "beta": float(cfg_select.itpruner.beta), "budgets": budgets, "solver": alloc.solver,
-                   "allocation": _allocation_summary(alloc)})
-  elif method == "uniform":
-    alloc = criteria.allocate_uniform(list(sizes), cost, target, key=key, tolerance=tol, min_width=omega,
-                                      multiple=multiple)
-    widths = [int(w) for w in alloc.widths]
-    record["allocation"] = _allocation_summary(alloc)
-  elif method == "global":
-    alloc = criteria.allocate_global(scores, cost, target, key=key, normalize=cfg_select.global_normalize,
-                                     tolerance=tol, min_width=omega, multiple=multiple)
-    widths = [int(w) for w in alloc.widths]
-    keep = list(alloc.keep)
-    record["allocation"] = _allocation_summary(alloc)
-  else:
-    raise ValueError(f"select.method must be one of {list(METHODS)}, got {method!r}")
-  if keep is None:
-    keep = lasso_keep(problems, widths, positive=bool(cfg_select.positive)) if crit == "hsic_lasso" else \
-        criteria.keep_for_widths(scores, widths)
-  keep = [np.sort(np.asarray(k, np.int64)) for k in keep]
-  if [len(k) for k in keep] != widths:
-    raise ValueError(f"the selection kept {[len(k) for k in keep]} channels where the widths are {widths}")
-  return Selection(widths, keep, record, time.perf_counter() - t0)
+  record = files.jsonable(hj.methods.get_method(method).record(result))
+  return Selection([int(w) for w in result.widths], list(result.keep), record, time.perf_counter() - t0, result)
+
+
+def load_evidence(cal: Path, cfg_select: ml_collections.ConfigDict, decisions: list[str]) -> dict[str, Any]:
+  """The calibration evidence that the config's method and criterion need, read from ``cal``, as keyword
+  arguments of :func:`select_channels`."""
+  need = hj.method_needs(cfg_select.method, cfg_select.criterion)
+  out: dict[str, Any] = {}
+  if "problems" in need:
+    saved_decisions, out["problems"] = calibrate.load_problems(cal / "problems.npz")
+    if saved_decisions != decisions:
+      raise ValueError("the calibration problems were built for other decisions than this model's; delete "
+                       f"{cal} to calibrate again")
+  if "similarity" in need:
+    out["similarity"] = files.load_npz(cal / "similarity.npz", decisions)["similarity"]
+  if "scores" in need:
+    f = files.load_npz(cal / "scores.npz", decisions)
+    out["scores"] = [f[str(i)] for i in range(len(decisions))]
+  return out
 
 
 def stage_select(run: Run) -> dict[str, Any]:
   """Widths and channels per decision (:func:`select_channels`) from the calibration evidence, to the target."""
   cfg = run.config
-  need = evidence(cfg.select)
-  dense_model = run.load_model("dense")
-  pairs = calibrate.decision_groups(dense_model)
-  decisions = [d for d, _ in pairs]
-  num_classes = int(dense_model.num_classes)
-  dense_widths = list(dense_model.widths)
-  dense = counts(cfg, dense_widths, num_classes)
-  key, target = resolve_target(cfg, dense)
-  cal = run.path("calibration")
-  problems = similarity = scores = None
-  if "problems" in need:
-    saved_decisions, problems = calibrate.load_problems(cal / "problems.npz")
-    if saved_decisions != decisions:
-      raise ValueError("the calibration problems were built for other decisions than this model's; delete "
-                       f"{cal} to calibrate again")
-  if "similarity" in need:
-    similarity = _load_npz(cal / "similarity.npz", decisions)["similarity"]
-  if "scores" in need:
-    f = _load_npz(cal / "scores.npz", decisions)
-    scores = [f[str(i)] for i in range(len(decisions))]
-  cost = decision_cost(cfg, pairs, dense_widths, num_classes)
-  multiple = int(cfg.select.round_to) or default_multiple()
+  budget = selection_budget(cfg, run.load_model("dense"))
+  pairs, key, target = budget.pairs, budget.key, budget.target
+  evidence = load_evidence(run.path("calibration"), cfg.select, budget.decisions)
   tol = float(cfg.select.tolerance)
-  params_budget = float(cfg.select.itpruner.params_ratio) * float(dense.params) or None
-  sel = select_channels(cfg.select, [int(g.size) for _, g in pairs], cost, key, target, multiple=multiple,
-                        problems=problems, similarity=similarity, scores=scores, params_budget=params_budget,
-                        seed=int(cfg.seed))
-  costs = cost(sel.widths)
-  if cfg.select.method == "itpruner":
-    # ITPruner's target is a budget: it is reached when every budget holds, however much of it the widths use.
-    within = all(costs[k] <= v * (1 + 1e-9) for k, v in sel.record["budgets"].items())
-  else:
-    within = abs(costs[key] - target) <= tol * target
-  if not within:
+  sel = select_channels(cfg.select, budget.sizes, budget.cost, key, target, multiple=budget.multiple,
+                        params_budget=budget.params_budget, seed=int(cfg.seed), **evidence)
+  costs = budget.cost(sel.widths)
+  if not sel.result.reached:
     tqdm.write(f"warning: the selection could not land within {tol:.1%} of the target {key} {target:,.0f}; "
                f"it has {costs[key]:,.0f}")
   if run.writer:
-    _write_json(run.path("selection.json"), {
+    files.write_json(run.path("selection.json"), {
         "method": cfg.select.method, "criterion": cfg.select.criterion, "target_key": key, "target": target,
-        "tolerance": tol, "within_tolerance": bool(within), "costs": costs,
-        "dense": {"macs": dense.macs, "params": dense.params, "widths": dense_widths},
-        "widths": full_widths(pairs, dense_widths, sel.widths),
+        "tolerance": tol, "within_tolerance": bool(sel.result.reached), "costs": costs,
+        "dense": {"macs": budget.dense.macs, "params": budget.dense.params, "widths": budget.dense_widths},
+        "widths": full_widths(pairs, budget.dense_widths, sel.widths),
         "decisions": [{"decision": d, "group": g.name, "size": g.size, "kept": len(k)}
                       for (d, g), k in zip(pairs, sel.keep)],
         "keep": {g.name: [int(i) for i in k] for (_, g), k in zip(pairs, sel.keep)},
-        "positive": bool(cfg.select.positive), "round_to": multiple, "omega": int(cfg.select.omega),
+        "positive": bool(cfg.select.positive), "round_to": budget.multiple, "omega": int(cfg.select.omega),
         **sel.record, "seconds": sel.seconds})
   return {"seconds": sel.seconds}
 
@@ -417,34 +337,10 @@ def decision_cost(cfg: ml_collections.ConfigDict, pairs: Sequence[tuple[str, hj.
   return cost
 
 
-def _allocation_summary(alloc: Any) -> dict[str, Any]:
-  out = {}
-  for k, v in dataclasses.asdict(alloc).items():
-    if k in ("keep",):
-      continue
-    out[k] = v
-  return json.loads(json.dumps(out, default=_json_default))
-
-
-def lasso_keep(problems: list[hj.LassoProblem], widths: list[int], *, positive: bool) -> list[np.ndarray]:
-  """Exactly ``widths[d]`` channels of each decision by HSIC Lasso (:func:`hsic_jax.select_k`), problems of one
-  channel count solved in one batched call."""
-  keep: list[np.ndarray] = [np.empty(0, np.int64)] * len(problems)
-  sizes = [int(p.num_channels) for p in problems]
-  for c in sorted(set(sizes)):
-    idx = [i for i, s in enumerate(sizes) if s == c]
-    stacked, _ = hj.stack_problems([problems[i] for i in idx])
-    sel = hj.select_k(stacked, np.asarray([widths[i] for i in idx], np.int32), positive=positive)
-    mask = np.asarray(sel.selected)
-    for j, i in enumerate(idx):
-      keep[i] = np.flatnonzero(mask[j])
-  return keep
-
-
 def stage_surgery(run: Run) -> dict[str, Any]:
   """Removes the unselected channels (``hsic_jax.prune`` with the model's groups) into the same class, thinner."""
   dense_model = run.load_model("dense")
-  sel = _read_json(run.path("selection.json"))
+  sel = files.read_json(run.path("selection.json"))
   t0 = time.perf_counter()
   pruned, plan = prune_model(dense_model, sel["keep"])
   if list(pruned.widths) != list(sel["widths"]):
@@ -466,7 +362,7 @@ def prune_model(dense_model: nnx.Module, keep: dict[str, Any]) -> tuple[nnx.Modu
 def stage_finetune(run: Run) -> dict[str, Any]:
   cfg = run.config
   pruned = run.load_model("pruned")
-  meta = import_torch.read_meta(run.path("pruned"))
+  meta = checkpoint.read_meta(run.path("pruned"))
   teacher = run.load_model("dense") if cfg.finetune.distill_weight > 0 else None
   t0 = time.perf_counter()
   if cfg.finetune.epochs > 0:
@@ -488,10 +384,7 @@ def stage_evaluate(run: Run) -> dict[str, Any]:
   pruned = run.load_model("pruned")
   out["pruned_before_finetune_raw"] = _evaluate(run, pruned, "eval pruned")
   if cfg.eval.bn_recalibrate:
-    bs = int(cfg.finetune.batch_size)
-    batches = data.train_batches(cfg.data, batch_size=bs, seed=int(cfg.seed) + 1, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-    recal = train_lib.recalibrate_batch_norm(pruned, batches, int(cfg.eval.bn_recalibrate_steps), run.mesh)
+    recal = loops.recalibrated(cfg, pruned, run.mesh)
     out["pruned_before_finetune"] = _evaluate(run, recal, "eval pruned (BN re-estimated)")
   else:
     out["pruned_before_finetune"] = out["pruned_before_finetune_raw"]
@@ -499,7 +392,7 @@ def stage_evaluate(run: Run) -> dict[str, Any]:
   out["split"] = cfg.data.eval_split
   out["seconds"] = time.perf_counter() - t0
   if run.writer:
-    _write_json(run.path("evaluation.json"), out)
+    files.write_json(run.path("evaluation.json"), out)
   return {"seconds": out["seconds"]}
 
 
@@ -526,14 +419,14 @@ def check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   path = workdir / "config.json"
   current = json.loads(config.to_json_best_effort())
   if path.exists():
-    saved = _read_json(path)
+    saved = files.read_json(path)
     diffs = sorted(_diff(saved, current))
     if diffs:
       shown = ", ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
       raise ValueError(f"workdir {workdir} holds a run of another config (keys that differ: {shown}); use another "
                        "--workdir, or delete the stages to redo from it")
     return
-  _write_json(path, current)
+  files.write_json(path, current)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -569,7 +462,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, *, only
   if not run.writer:
     data.prepare(config.data)  # finds it prepared
   timings_path = workdir / "seconds.json"
-  timings = _read_json(timings_path) if timings_path.exists() else {}
+  timings = files.read_json(timings_path) if timings_path.exists() else {}
   for i, stage in enumerate(STAGES):
     result = workdir / RESULTS[stage]
     if only is not None and stage != only:
@@ -580,14 +473,14 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, *, only
     if result.exists() and only is None:
       continue
     if stage == "report":
-      _write_json(timings_path, timings)
+      files.write_json(timings_path, timings)
     t0 = time.perf_counter()
     tqdm.write(f"[{stage}] ...")
     _STAGE_FNS[stage](run)
     timings[stage] = time.perf_counter() - t0
     run.log({"event": "stage", "stage": stage, "seconds": timings[stage]})
     if stage != "report":
-      _write_json(timings_path, timings)
+      files.write_json(timings_path, timings)
   if (workdir / "report.json").exists():
-    return _read_json(workdir / "report.json")
+    return files.read_json(workdir / "report.json")
   return {}
