@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from models import cifar10
-from train import data
+from train import augment, data
 from train.datasets import fake_imagenet, make_fake_imagenet
 
 MEAN = (0.485, 0.456, 0.406)
@@ -297,34 +297,6 @@ def test_grain_worker_processes_give_the_same_batches(digits_cfg):
     np.testing.assert_array_equal(a["label"], b["label"])
 
 
-def test_pad_crop_is_a_shifted_copy_with_zero_borders():
-  image = (np.arange(6 * 5 * 3) % 250 + 1).astype(np.uint8).reshape(6, 5, 3)  # no zero pixel
-  for top in range(9):
-    for left in range(9):
-      out = data.pad_crop(image, top, left, pad=4)
-      expected = np.zeros_like(image)
-      for y in range(6):
-        for x in range(5):
-          sy, sx = y + top - 4, x + left - 4
-          if 0 <= sy < 6 and 0 <= sx < 5:
-            expected[y, x] = image[sy, sx]
-      np.testing.assert_array_equal(out, expected)
-  np.testing.assert_array_equal(data.pad_crop(image, 4, 4), image)
-
-
-def test_random_pad_crop_flip_draws_shifts_and_flips():
-  image = np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8)
-  candidates = {}
-  for top in range(9):
-    for left in range(9):
-      crop = data.pad_crop(image, top, left)
-      candidates[crop.tobytes()] = (top, left, False)
-      candidates[crop[:, ::-1].tobytes()] = (top, left, True)
-  draws = [candidates[data.random_pad_crop_flip(image, np.random.default_rng(s)).tobytes()] for s in range(300)]
-  assert {d[2] for d in draws} == {False, True}
-  assert len({d[:2] for d in draws}) > 60  # of 81 shifts
-
-
 def test_cifar_augmented_batch_images_are_crops_of_the_source(cifar_cfg):
   cfg = make_cfg(**{**cifar_cfg.to_dict(), "train_split": "validation"})
   source = tfds.data_source("hsic_cifar10_folder", split="validation", data_dir=cfg.data_dir)
@@ -333,35 +305,12 @@ def test_cifar_augmented_batch_images_are_crops_of_the_source(cifar_cfg):
   order = np.random.default_rng([0, 0, 0]).permutation(n)[:8]
   for row, index in enumerate(order):
     image = source[int(index)]["image"]
-    crops = [data.pad_crop(image, t, l) for t in range(9) for l in range(9)]
+    crops = [augment.pad_crop(image, t, l) for t in range(9) for l in range(9)]
     crops += [c[:, ::-1] for c in crops]
     got = to_uint8(b["image"][row])
     assert any(np.array_equal(got, c) for c in crops)
 
 
-def test_resize_and_crops_shapes_and_identities():
-  rng = np.random.default_rng(0)
-  wide = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
-  out = data.resize_center_crop(wide, 32, 36)
-  assert out.shape == (32, 32, 3)
-  # Oracle: PIL resize of the shorter side to 36 (56 -> 50), then the centre 32x32.
-  big = np.asarray(Image.fromarray(wide).resize((50, 36), Image.BILINEAR))
-  np.testing.assert_array_equal(out, big[2:34, 9:41])
-  square = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-  np.testing.assert_array_equal(data.resize_center_crop(square, 32, 32), square)
-  for s in range(20):
-    crop = data.random_resized_crop(wide, np.random.default_rng(s), 24)
-    assert crop.shape == (24, 24, 3) and crop.dtype == np.uint8
-  whole = data.random_resized_crop(wide, rng, 16, area=(1.0, 1.0), ratio=(56 / 40, 56 / 40))
-  np.testing.assert_array_equal(whole, np.asarray(Image.fromarray(wide).resize((16, 16), Image.BILINEAR)))
-  # No draw fits a 10:1 strip at ratio <= 4/3: the fallback is the centre 40x53 (ratio 4/3) of a 40x400 image.
-  strip = rng.integers(0, 256, (40, 400, 3), dtype=np.uint8)
-  fallback = data.random_resized_crop(strip, rng, 16, area=(0.9, 1.0))
-  np.testing.assert_array_equal(fallback, np.asarray(Image.fromarray(strip[:, 173:226]).resize((16, 16),
-                                                                                               Image.BILINEAR)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Fake imagenet2012
 
 

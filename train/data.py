@@ -15,16 +15,8 @@ attributes will do): ``name``, ``data_dir``, ``source_dir``, ``train_split``, ``
 ``num_workers``.
 
 Images are read as decoded uint8 ``(h, w, 3)`` arrays (TFDS decodes the PNG/JPEG bytes with PIL), preprocessed on
-the host and returned normalised, ``(x / 255 - mean) / std``, as float32 NHWC:
-
-* evaluation (and ``augment="none"``): ImageNet resizes the shorter side to ``round(image_size * 256 / 224)`` and
-  takes the centre ``image_size`` square; the 32x32 datasets are used as they are (resized bilinearly to
-  ``image_size`` if it differs);
-* ``augment="cifar"``: the evaluation image, zero-padded by 4 pixels, a random ``image_size`` crop of it, and a
-  horizontal flip with probability 1/2 (the padding is black in pixel space: ``-mean / std`` once normalised);
-* ``augment="imagenet"``: a random crop of 8%-100% of the area and aspect ratio 3/4-4/3 (log-uniform), resized to
-  ``image_size`` (Inception-style; after 10 failed draws, the centre crop of the nearest allowed aspect ratio), and
-  a horizontal flip with probability 1/2.
+the host by :mod:`train.augment` (evaluation crops, CIFAR and Inception augmentation) and returned normalised,
+``(x / 255 - mean) / std``, as float32 NHWC.
 
 Determinism: the order of epoch ``e`` is ``np.random.default_rng([seed, 0, e]).permutation(n)`` and the
 augmentation of the example at global position ``g`` (``step * batch_size + row``) draws from
@@ -37,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import sys
@@ -50,21 +41,13 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
-from PIL import Image
 
-from models.cifar10 import normalize
+from train.augment import Preprocess
 from train.datasets import Cifar10Folder, Cifar100Folder, Digits
 
 PROJECT_DATASETS = {"digits": Digits, "cifar10_folder": Cifar10Folder, "cifar100_folder": Cifar100Folder}
 TFDS_DATASETS = ("cifar10", "cifar100", "imagenet2012")
 NAMES = (*PROJECT_DATASETS, *TFDS_DATASETS)
-AUGMENTS = ("cifar", "imagenet", "none")
-
-# Datasets whose images come in any size: evaluation resizes and centre-crops them.
-_VARIABLE_SIZE = ("imagenet2012",)
-CIFAR_PAD = 4
-CROP_AREA = (0.08, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
 
 # Independent random streams: np.random.default_rng([seed, stream, ...]).
 _PERMUTATION, _AUGMENT, _CALIB_CHOICE, _CALIB_AUGMENT = 0, 1, 2, 3
@@ -375,118 +358,6 @@ def split_info(cfg: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Preprocessing (uint8 in, uint8 out; normalisation last)
-
-
-def pad_crop(image: np.ndarray, top: int, left: int, pad: int = CIFAR_PAD) -> np.ndarray:
-  """The ``(h, w)`` window at ``(top, left)`` of ``image`` zero-padded by ``pad`` on every side.
-
-  ``top = left = pad`` gives ``image`` back; in general ``out[y, x] = image[y + top - pad, x + left - pad]`` where
-  that index is inside the image and 0 elsewhere.
-  """
-  h, w = image.shape[:2]
-  if not (0 <= top <= 2 * pad and 0 <= left <= 2 * pad):
-    raise ValueError(f"top={top} and left={left} must be in [0, {2 * pad}] for pad={pad}")
-  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-  return padded[top:top + h, left:left + w]
-
-
-def random_pad_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = CIFAR_PAD) -> np.ndarray:
-  """CIFAR augmentation: :func:`pad_crop` at a uniform ``(top, left)`` in ``[0, 2 pad]^2``, then a horizontal flip
-  with probability 1/2 (draws, in order: top, left, flip)."""
-  top, left = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
-  out = pad_crop(image, top, left, pad)
-  return out[:, ::-1] if rng.random() < 0.5 else out
-
-
-def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """``image`` resized to ``(height, width)`` by PIL's bilinear filter (antialiased when shrinking)."""
-  if image.shape[:2] == (height, width):
-    return image
-  return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-
-
-def resize_center_crop(image: np.ndarray, size: int, resize_to: int) -> np.ndarray:
-  """The shorter side resized to ``resize_to`` (aspect kept), then the centre ``size x size`` square."""
-  if resize_to < size:
-    raise ValueError(f"resize_to={resize_to} must be >= size={size}")
-  h, w = image.shape[:2]
-  scale = resize_to / min(h, w)
-  new_h, new_w = (resize_to, max(resize_to, round(w * scale))) if h <= w else (max(resize_to, round(h * scale)),
-                                                                              resize_to)
-  big = resize(image, new_h, new_w)
-  top, left = (new_h - size) // 2, (new_w - size) // 2
-  return big[top:top + size, left:left + size]
-
-
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                        area: tuple[float, float] = CROP_AREA,
-                        ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
-  """Inception-style crop: a region of ``area`` x the image area (uniform) and aspect ratio ``w / h`` in ``ratio``
-  (log-uniform), at a uniform position, resized to ``size x size``.
-
-  After 10 draws that do not fit, the centre crop of the whole image clipped to the nearest allowed aspect ratio
-  (torchvision's ``RandomResizedCrop`` rule).
-  """
-  h, w = image.shape[:2]
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target = h * w * rng.uniform(*area)
-    aspect = math.exp(rng.uniform(*log_ratio))
-    cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-    if 0 < cw <= w and 0 < ch <= h:
-      top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-      return resize(image[top:top + ch, left:left + cw], size, size)
-  if w / h < ratio[0]:
-    cw, ch = w, round(w / ratio[0])
-  elif w / h > ratio[1]:
-    cw, ch = round(h * ratio[1]), h
-  else:
-    cw, ch = w, h
-  top, left = (h - ch) // 2, (w - cw) // 2
-  return resize(image[top:top + ch, left:left + cw], size, size)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Preprocess:
-  """Turns a decoded uint8 image into the model's normalised float32 input (see the module docstring)."""
-
-  size: int
-  mean: tuple[float, float, float]
-  std: tuple[float, float, float]
-  augment: str
-  variable_size: bool
-
-  @classmethod
-  def from_config(cls, cfg: Any) -> _Preprocess:
-    size = int(cfg.image_size)
-    if size < 1:
-      raise ValueError(f"data.image_size={cfg.image_size} must be a positive int")
-    mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-      raise ValueError(f"data.mean={cfg.mean} and data.std={cfg.std} must be 3 floats each, std > 0")
-    if cfg.augment not in AUGMENTS:
-      raise ValueError(f"data.augment={cfg.augment!r} is not one of {list(AUGMENTS)}")
-    return cls(size, mean, std, cfg.augment, cfg.name in _VARIABLE_SIZE)  # type: ignore[arg-type]
-
-  def eval_image(self, image: np.ndarray) -> np.ndarray:
-    if self.variable_size:
-      return resize_center_crop(image, self.size, round(self.size * 256 / 224))
-    return resize(image, self.size, self.size)
-
-  def train_image(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    if self.augment == "cifar":
-      return random_pad_crop_flip(self.eval_image(image), rng)
-    if self.augment == "imagenet":
-      out = random_resized_crop(image, rng, self.size)
-      return out[:, ::-1] if rng.random() < 0.5 else out
-    return self.eval_image(image)
-
-  def normalize(self, image: np.ndarray) -> np.ndarray:
-    return normalize(image, self.mean, self.std)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Iterators
 
 
@@ -523,7 +394,7 @@ class _TrainExample:
   offset: int
   start_step: int
   seed: int
-  preprocess: _Preprocess
+  preprocess: Preprocess
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
     step = self.start_step + i // self.local_batch
@@ -543,7 +414,7 @@ class _EvalExample:
   global_batch: int
   local_batch: int
   offset: int
-  preprocess: _Preprocess
+  preprocess: Preprocess
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
     step, row = divmod(i, self.local_batch)
@@ -564,7 +435,7 @@ class _CalibExample:
   indices: tuple[int, ...]
   seed: int
   augment: bool
-  preprocess: _Preprocess
+  preprocess: Preprocess
 
   def __call__(self, r: int) -> dict[str, np.ndarray]:
     image, label, example_id = self.split.read(self.indices[r])
@@ -624,7 +495,7 @@ def train_batches(cfg: Any, *, batch_size: int, seed: int, start_step: int = 0, 
   seed = _check_seed(seed)
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0")
-  preprocess = _Preprocess.from_config(cfg)
+  preprocess = Preprocess.from_config(cfg)
   split = _split(cfg, cfg.train_split)
   n = len(split.source())
   if n < batch_size:
@@ -652,7 +523,7 @@ def eval_batches(cfg: Any, split: str, *, batch_size: int, process_index: int = 
     ValueError: unknown split, or ``batch_size`` not a multiple of ``process_count``.
   """
   local = _check_processes(batch_size, process_index, process_count)
-  preprocess = _Preprocess.from_config(cfg)
+  preprocess = Preprocess.from_config(cfg)
   split_ = _split(cfg, split)
   n = len(split_.source())
   steps = -(-n // batch_size)
@@ -682,7 +553,7 @@ def calibration_batch(cfg: Any, n: int, *, seed: int,
     ValueError: ``n`` is not in ``[1, size of the split]``.
   """
   seed = _check_seed(seed)
-  preprocess = _Preprocess.from_config(cfg)
+  preprocess = Preprocess.from_config(cfg)
   split = _split(cfg, cfg.calib_split)
   size = len(split.source())
   if not 1 <= n <= size:
