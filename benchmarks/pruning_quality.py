@@ -250,7 +250,8 @@ def prune_and_measure(v: Variant, cfg: ml_collections.ConfigDict, dense: Any, ev
     evidence_s += ev.seconds["similarity"]
   costs = cost(sel.widths)
   base = {"label": v.label, "method": v.method, "criterion": v.criterion, "solver": v.solver, "select": v.select,
-          "macs": costs["macs"], "params": costs["params"], "widths": sel.widths, "keep": [k.tolist() for k in sel.keep],
+          "macs": costs["macs"], "params": costs["params"], "widths": sel.widths,
+          "keep": [k.tolist() for k in sel.keep],
           "select_seconds": evidence_s + sel.seconds, "evidence_seconds": evidence_s,
           "allocation_seconds": sel.seconds, "dense_top1": dense_acc}
   same = twin(base["keep"]) if twin is not None else None
