@@ -665,6 +665,12 @@ def separated(summary: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any
   return sorted(out, key=lambda d: -d["difference"])
 
 
+def twin_lookup(rows: Sequence[dict[str, Any]], seed: int) -> Any:
+  """``keep -> row``: the first measured row of ``seed`` (not itself a reuse) that kept exactly ``keep``, or None."""
+  done = [r for r in rows if r["seed"] == seed and "same_selection_as" not in r]
+  return lambda keep: next((r for r in done if r["keep"] == keep), None)
+
+
 def run_study(shared: pathlib.Path, network: str, epochs: int, seeds: Sequence[int], data_dir: str,
               progress_path: pathlib.Path, *, lr: float = STUDY_LR, variants_: Sequence[Variant] | None = None,
               max_steps_per_epoch: int | None = None) -> dict[str, Any]:
@@ -700,8 +706,7 @@ def run_study(shared: pathlib.Path, network: str, epochs: int, seeds: Sequence[i
     scfg = seeded_config(cfg, seed)
     for v in vs:
       print(f"seed {seed}: {v.label}", flush=True)
-      done = [r for r in rows if r["seed"] == seed and "same_selection_as" not in r]
-      twin = lambda keep, done=done: next((r for r in done if r["keep"] == keep), None)
+      twin = twin_lookup(rows, seed)
       rows.append(prog.get(f"seed {seed} {v.label}", lambda: {"seed": int(seed), "removed": STUDY_REMOVED, **study_part(
           v, scfg, dense, pairs, (1 - STUDY_REMOVED) * dense_macs, steps, epochs, lr, mesh, dense_acc, twin=twin)}))
   return study_payload(rows, network=network, epochs=epochs, steps_per_epoch=steps, seeds=list(seeds), lr=lr,
