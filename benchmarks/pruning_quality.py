@@ -2,6 +2,7 @@
 
 ``python -m benchmarks.pruning_quality [--quick] [--no-readme] [--out DIR] [--shared DIR] [--finetune-steps N]``
 ``python -m benchmarks.pruning_quality --study [--epochs E] [--seeds 0,1,2] [--network resnet20] [--methods A,B]``
+``python -m benchmarks.pruning_quality --stability [--network resnet20]``
 (``--render`` rewrites the README block and the plots from the saved JSON.)
 
 On the pretrained CIFAR-10 ResNet-56 (``../shared/weights``) and the real CIFAR-10 images of ``../shared/data``
@@ -49,6 +50,12 @@ of methods "differs beyond the spread" when their ranges do not overlap. Its own
 (``results/pruning_quality_study.json``), plot, README block and progress file (``runs/pruning_quality_study/``,
 one part per (seed, method), so that a killed run resumes and a new variant or seed is just computed);
 ``--study --render`` renders whatever parts the progress file holds.
+
+**How many calibration images** (``--stability``): APIB, APIB on normalised problems, ITPruner and ITPruner + HSIC
+Lasso select at 50% removed from n = 32 ... 2048 calibration images (seed 0); each selection is compared with the
+same method's at the largest n (widths: sum(min)/sum(max); channels: mean Jaccard over layers), and ``stable_from``
+is the smallest n from which both stay >= 0.9 (``results/pruning_quality_calibration.json``, one resumable part
+per n).
 
 ``--quick`` (CI-sized; the fallback when the shared folder is missing is to stop with a message): the pretrained
 ResNet-20 instead of ResNet-56, one ratio (55%), a few methods, two fine-tuning steps, a short stability curve and
@@ -824,6 +831,164 @@ def study_from_progress(progress_path: pathlib.Path) -> dict[str, Any]:
                        seconds=sum(float(r.get("seconds", 0.0)) for r in parts.values()), partial=True)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Stability of the widths and channels with the number of calibration images (issue 25, section 4).
+
+
+CALIB_NAME = f"{NAME}_calibration"
+CALIB_SECTION = ("## Pruning quality: how many calibration images? "
+                 "(`python -m benchmarks.pruning_quality --stability`)")
+CALIB_N = (32, 64, 128, 256, 512, 1024, 2048)
+STABLE_AT = 0.9
+CALIB_METHODS = ("APIB", "APIB (normalised problems)", "ITPruner", "ITPruner + HSIC Lasso")
+
+
+def width_agreement(a: Sequence[int], b: Sequence[int]) -> float:
+  """``sum_i min(a_i, b_i) / sum_i max(a_i, b_i)``: the weighted Jaccard index of two width vectors (1 when equal;
+  for channel sets nested by width it is the Jaccard index of the union over layers)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.minimum(a, b).sum() / max(1e-12, np.maximum(a, b).sum()))
+
+
+def channel_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
+  """The mean over layers of the Jaccard index of the kept channels."""
+  return float(np.mean([jaccard(x, y) for x, y in zip(a, b)]))
+
+
+def calibration_part(n: int, cfg: ml_collections.ConfigDict, dense: Any, pairs: Sequence[Any], target: float,
+                     methods: Sequence[Variant]) -> dict[str, Any]:
+  """Each method's widths and kept channels from ``n`` calibration images (the evidence built once per ``select``
+  setting that shapes it)."""
+  from train import data, pipeline  # pylint: disable=import-outside-toplevel
+  images, labels, _ = data.calibration_batch(cfg.data, n, seed=int(cfg.calib.seed))
+  cost = pipeline.decision_cost(cfg, pairs, list(dense.widths), int(dense.num_classes))
+  sizes = [g.size for _, g in pairs]
+  out, cache = {}, {}
+  for v in methods:
+    sel_cfg = v.select_config(cfg.select)
+    lasso = v.method == "apib" or v.criterion == "hsic_lasso"
+    key = (bool(sel_cfg.normalized) if lasso else None, v.method == "itpruner",
+           None if v.criterion == "hsic_lasso" else v.criterion)
+    if key not in cache:
+      cache[key] = gather_evidence(dense, cfg, images, labels, [] if key[2] is None else [key[2]],
+                                   problems=lasso, similarity=key[1], select=sel_cfg)
+    ev = cache[key]
+    t0 = time.perf_counter()
+    sel = pipeline.select_channels(sel_cfg, sizes, cost, "macs", target, multiple=1, problems=ev.problems,
+                                   similarity=ev.similarity, scores=ev.scores.get(v.criterion), seed=int(cfg.seed))
+    out[v.label] = {"widths": list(sel.widths), "keep": [k.tolist() for k in sel.keep],
+                    "macs": cost(sel.widths)["macs"], "seconds": time.perf_counter() - t0}
+    print(f"  n={n} {v.label:<28} widths {list(sel.widths)}", flush=True)
+  return out
+
+
+def calibration_summary(parts: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per method: width and channel agreement with the largest ``n`` at every ``n``, and ``stable_from``, the
+  smallest ``n`` from which both stay >= STABLE_AT for every larger ``n`` (None when even the second largest is
+  below)."""
+  ns = sorted(parts)
+  ref = parts[ns[-1]]
+  out = []
+  for label in ref:
+    curve = [{"n": n, "widths": width_agreement(parts[n][label]["widths"], ref[label]["widths"]),
+              "channels": channel_agreement(parts[n][label]["keep"], ref[label]["keep"])} for n in ns]
+    stable = None
+    for c in reversed(curve[:-1]):
+      if min(c["widths"], c["channels"]) < STABLE_AT:
+        break
+      stable = c["n"]
+    out.append({"label": label, "largest_n": ns[-1], "curve": curve, "stable_from": stable})
+  return out
+
+
+def run_calibration(shared: pathlib.Path, network: str, data_dir: str, progress_path: pathlib.Path,
+                    ns: Sequence[int] = CALIB_N, labels: Sequence[str] = CALIB_METHODS) -> dict[str, Any]:
+  """The stability study: each method's selection at 50% of the MACs removed from every ``n`` of ``ns``
+  calibration images (seed 0), one resumable part per ``n``."""
+  import hsic_jax as hj  # pylint: disable=import-outside-toplevel
+  from models import import_torch  # pylint: disable=import-outside-toplevel
+  from train import calibrate, data, pipeline  # pylint: disable=import-outside-toplevel
+  t_start = time.perf_counter()
+  cfg = study_config(network, shared, data_dir)
+  if jax.default_backend() == "cpu":
+    hj.limit_lapack_threads()
+  data.prepare(cfg.data)
+  dense = import_torch.import_torch_state(network, import_torch.load_npz(cfg.dense.path))
+  pairs = calibrate.decision_groups(dense)
+  cost = pipeline.decision_cost(cfg, pairs, list(dense.widths), int(dense.num_classes))
+  target = (1 - STUDY_REMOVED) * cost([g.size for _, g in pairs])["macs"]
+  ns = [n for n in ns if n <= data.num_examples(cfg.data, cfg.data.calib_split)]
+  methods = [v for v in study_variants() if v.label in labels]
+  prog = Progress(progress_path, {"mode": "calibration", "model": network, "removed": STUDY_REMOVED,
+                                  "calib_batch_size": int(cfg.calib.batch_size)})
+  parts = {}
+  for n in ns:
+    print(f"{network}: {n} calibration images", flush=True)
+    parts[n] = prog.get(f"n {n}", lambda n=n: calibration_part(n, seeded_config(cfg, 0), dense, pairs, target,
+                                                               methods))
+  return {"network": network, "removed": STUDY_REMOVED, "ns": ns, "calib_batch_size": int(cfg.calib.batch_size),
+          "parts": {str(n): p for n, p in parts.items()}, "summary": calibration_summary(parts),
+          "seconds": prog.total_seconds(time.perf_counter() - t_start)}
+
+
+def calibration_table(payload: dict[str, Any]) -> str:
+  summary = payload["summary"]
+  ns = [c["n"] for c in summary[0]["curve"]] if summary else []
+  return _common.markdown_table(
+      ["method", *[f"n={n}" for n in ns], f"stable from (>= {STABLE_AT})"],
+      [[s["label"], *[f"{c['widths']:.2f} / {c['channels']:.2f}" for c in s["curve"]],
+        "not within the n tried" if s["stable_from"] is None else s["stable_from"]] for s in summary])
+
+
+def calibration_plot(payload: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return []
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  for i, s in enumerate(payload["summary"]):
+    ns = [c["n"] for c in s["curve"]]
+    ax.plot(ns, [c["channels"] for c in s["curve"]], marker="o", color=f"C{i}", label=f"{s['label']}: channels")
+    ax.plot(ns, [c["widths"] for c in s["curve"]], marker="x", ls="--", color=f"C{i}", label=f"{s['label']}: widths")
+  ax.axhline(STABLE_AT, color="k", lw=0.8, ls=":")
+  ax.set_xscale("log", base=2)
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("calibration images")
+  ax.set_ylabel(f"agreement with n={payload['ns'][-1]}")
+  ax.set_title(f"{payload['network']} at {100 * payload['removed']:.0f}% of the MACs removed", fontsize=9)
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  p = out_dir / f"{CALIB_NAME}.png"
+  fig.savefig(p, dpi=110)
+  plt.close(fig)
+  return [p]
+
+
+CALIB_PARAGRAPH = (
+    "How many calibration images does a selection need before it stops moving? Each method selects the pretrained "
+    "ResNet-20's widths and channels at 50% of the MACs removed from n training images (seed 0; taken 128 per "
+    "forward pass, as the program does), and each is compared with its own selection at the largest n: widths by "
+    "sum(min)/sum(max) of the two width vectors, channels by the Jaccard index of the kept channels averaged over "
+    "layers. A method is stable from the smallest n from which both stay at or above 0.9.")
+
+
+def render_calibration_readme(payload: dict[str, Any]) -> None:
+  text = _common.README.read_text() if _common.README.exists() else "# Benchmarks\n"
+  if f"<!-- BEGIN {CALIB_NAME} -->" not in text:
+    paragraph = textwrap.fill(CALIB_PARAGRAPH, width=116, break_long_words=False, break_on_hyphens=False)
+    section = f"{CALIB_SECTION}\n\n{paragraph}\n\n<!-- BEGIN {CALIB_NAME} -->\n<!-- END {CALIB_NAME} -->\n\n"
+    at = text.find(GOALS_SECTION)
+    text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
+    _common.README.write_text(text)
+  m = payload["machine"]
+  _common.update_readme(CALIB_NAME, "\n".join([
+      f"Run {m['date']} on {m['cpu_count']} CPU cores, jax {m['jax']}; {payload['seconds'] / 60:.0f} min.", "",
+      "**Agreement with the largest n** (widths / channels):", "", calibration_table(payload), "",
+      f"![calibration stability](results/{CALIB_NAME}.png)"]))
+
+
 def _seed_list(text: str) -> list[int]:
   try:
     seeds = [int(t) for t in text.split(",") if t.strip()]
@@ -884,6 +1049,31 @@ def _study_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     print(f"updated {_common.README}")
 
 
+def _calibration_main(args: argparse.Namespace) -> None:
+  quick = args.quick
+  out = args.out if args.out is not None else (pathlib.Path(tempfile.mkdtemp(prefix=f"{CALIB_NAME}_")) if quick
+                                               else None)
+  progress = args.progress or ((out / "progress.jsonl") if quick else
+                                pathlib.Path("runs") / CALIB_NAME / "progress.jsonl")
+  if not args.shared.is_dir():
+    raise SystemExit(f"the shared folder {args.shared} (pretrained weights and CIFAR-10 images) is needed; "
+                     "pass --shared DIR")
+  payload = {"machine": _common.machine(), **run_calibration(
+      args.shared, args.network, args.data_dir or "~/tensorflow_datasets", progress,
+      ns=(16, 32, 64) if quick else CALIB_N, labels=("APIB", "ITPruner") if quick else CALIB_METHODS)}
+  print(calibration_table(payload))
+  out_dir = _common.RESULTS if out is None else out
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / f"{CALIB_NAME}.json"
+  path.write_text(json.dumps({"benchmark": CALIB_NAME, **payload}, indent=2))
+  print(f"wrote {path}")
+  for p in calibration_plot(payload, out_dir):
+    print(f"wrote {p}")
+  if not args.no_readme and not quick and out is None:
+    render_calibration_readme(payload)
+    print(f"updated {_common.README}")
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="ResNet-20, one ratio, a few methods (CI-sized)")
@@ -910,7 +1100,12 @@ def main(argv: list[str] | None = None) -> None:
   study.add_argument("--lr", type=float, default=STUDY_LR, help="the fine-tune's peak learning rate")
   study.add_argument("--methods", default=None,
                      help="comma-separated method labels to run (default: every row of study_variants)")
+  study.add_argument("--stability", action="store_true",
+                     help="how the selections move with the number of calibration images (32 ... 2048)")
   args = parser.parse_args(argv)
+  if args.stability:
+    _calibration_main(args)
+    return
   if args.study or args.epochs is not None or args.seeds is not None:
     _study_main(args, parser)
     return

@@ -140,3 +140,28 @@ def test_twin_lookup_matches_exact_channels_of_the_same_seed_only():
   assert twin([[0, 1], [2]])["label"] == "A"
   assert twin([[0, 1], [3]]) is None
   assert twin([[0, 2], [2]]) is None  # B is another seed; C is a reuse, not a measurement
+
+
+def test_width_agreement_is_the_weighted_jaccard():
+  assert pq.width_agreement([4, 8], [4, 8]) == 1.0
+  assert pq.width_agreement([2, 8], [4, 6]) == pytest.approx((2 + 6) / (4 + 8))
+  # For channel sets nested by width it is the Jaccard index of the union over layers.
+  a, b = [[0, 1], list(range(8))], [[0, 1, 2, 3], list(range(6))]
+  union_a = {(l, c) for l, k in enumerate(a) for c in k}
+  union_b = {(l, c) for l, k in enumerate(b) for c in k}
+  assert pq.width_agreement([2, 8], [4, 6]) == pytest.approx(len(union_a & union_b) / len(union_a | union_b))
+
+
+def test_calibration_summary_stable_from_needs_every_larger_n_above_the_bar():
+  ref = {"widths": [4, 8], "keep": [[0, 1, 2, 3], list(range(8))]}
+  near = {"widths": [4, 8], "keep": [[0, 1, 2, 4], list(range(8))]}   # channels (3/5 + 1) / 2 = 0.8
+  same = {"widths": [4, 8], "keep": ref["keep"]}
+  parts = {32: {"A": same, "B": near}, 64: {"A": near, "B": same}, 128: {"A": same, "B": same},
+           256: {"A": ref, "B": ref}}
+  out = {s["label"]: s for s in pq.calibration_summary(parts)}
+  assert [c["channels"] for c in out["A"]["curve"]] == pytest.approx([1.0, 0.8, 1.0, 1.0])
+  assert out["A"]["stable_from"] == 128  # n=32 agrees, but n=64 does not: stable only from 128
+  assert out["B"]["stable_from"] == 64
+  assert out["A"]["largest_n"] == 256
+  parts[128]["A"] = near
+  assert pq.calibration_summary(parts)[0]["stable_from"] is None
