@@ -372,6 +372,29 @@ def resnet50_times(shared: pathlib.Path, criteria_names: Sequence[str]) -> list[
 # Tables, plots, README.
 
 
+def _ensure_section(name: str, heading: str, paragraph: str) -> None:
+  """Adds the README section ``heading`` (with ``paragraph`` and an empty block ``name``) before the goals, once."""
+  text = _common.README.read_text() if _common.README.exists() else "# Benchmarks\n"
+  if f"<!-- BEGIN {name} -->" in text:
+    return
+  paragraph = textwrap.fill(paragraph, width=116, break_long_words=False, break_on_hyphens=False)
+  section = f"{heading}\n\n{paragraph}\n\n<!-- BEGIN {name} -->\n<!-- END {name} -->\n\n"
+  at = text.find(GOALS_SECTION)
+  text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
+  _common.README.write_text(text)
+
+
+def _pyplot() -> Any:
+  """matplotlib's pyplot on the Agg backend, or None without matplotlib (the plots are then skipped)."""
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return plt
+
+
 def accuracy_table(payload: dict[str, Any]) -> str:
   rows = []
   for r in payload["rows"]:
@@ -411,11 +434,8 @@ def resnet50_table(payload: dict[str, Any]) -> str:
 
 
 def plot(payload: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError:
+  plt = _pyplot()
+  if plt is None:
     return []
   made = []
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -488,13 +508,7 @@ README_PARAGRAPH = (
 
 
 def render_readme(payload: dict[str, Any]) -> None:
-  text = _common.README.read_text() if _common.README.exists() else "# Benchmarks\n"
-  if f"<!-- BEGIN {NAME} -->" not in text:
-    paragraph = textwrap.fill(README_PARAGRAPH, width=116, break_long_words=False, break_on_hyphens=False)
-    section = f"{SECTION}\n\n{paragraph}\n\n<!-- BEGIN {NAME} -->\n<!-- END {NAME} -->\n\n"
-    at = text.find(GOALS_SECTION)
-    text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
-    _common.README.write_text(text)
+  _ensure_section(NAME, SECTION, README_PARAGRAPH)
   m = payload["machine"]
   parts = [
       f"Run {m['date']} on {m['cpu_count']} CPU cores ({m['device']}), jax {m['jax']}; the whole study took "
@@ -751,11 +765,8 @@ def separated_lines(payload: dict[str, Any]) -> list[str]:
 
 
 def study_plot(payload: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError:
+  plt = _pyplot()
+  if plt is None:
     return []
   summary = payload["summary"]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
@@ -793,13 +804,7 @@ STUDY_PARAGRAPH = (
 
 
 def render_study_readme(payload: dict[str, Any]) -> None:
-  text = _common.README.read_text() if _common.README.exists() else "# Benchmarks\n"
-  if f"<!-- BEGIN {STUDY_NAME} -->" not in text:
-    paragraph = textwrap.fill(STUDY_PARAGRAPH, width=116, break_long_words=False, break_on_hyphens=False)
-    section = f"{STUDY_SECTION}\n\n{paragraph}\n\n<!-- BEGIN {STUDY_NAME} -->\n<!-- END {STUDY_NAME} -->\n\n"
-    at = text.find(GOALS_SECTION)
-    text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
-    _common.README.write_text(text)
+  _ensure_section(STUDY_NAME, STUDY_SECTION, STUDY_PARAGRAPH)
   m = payload["machine"]
   parts = [
       f"Run {m['date']} on {m['cpu_count']} CPU cores ({m['device']}), jax {m['jax']}: {payload['network']}, "
@@ -941,11 +946,8 @@ def calibration_table(payload: dict[str, Any]) -> str:
 
 
 def calibration_plot(payload: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError:
+  plt = _pyplot()
+  if plt is None:
     return []
   fig, ax = plt.subplots(figsize=(6, 3.8))
   for i, s in enumerate(payload["summary"]):
@@ -975,13 +977,7 @@ CALIB_PARAGRAPH = (
 
 
 def render_calibration_readme(payload: dict[str, Any]) -> None:
-  text = _common.README.read_text() if _common.README.exists() else "# Benchmarks\n"
-  if f"<!-- BEGIN {CALIB_NAME} -->" not in text:
-    paragraph = textwrap.fill(CALIB_PARAGRAPH, width=116, break_long_words=False, break_on_hyphens=False)
-    section = f"{CALIB_SECTION}\n\n{paragraph}\n\n<!-- BEGIN {CALIB_NAME} -->\n<!-- END {CALIB_NAME} -->\n\n"
-    at = text.find(GOALS_SECTION)
-    text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
-    _common.README.write_text(text)
+  _ensure_section(CALIB_NAME, CALIB_SECTION, CALIB_PARAGRAPH)
   m = payload["machine"]
   _common.update_readme(CALIB_NAME, "\n".join([
       f"Run {m['date']} on {m['cpu_count']} CPU cores, jax {m['jax']}; {payload['seconds'] / 60:.0f} min.", "",
