@@ -60,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({report['ratios']['macs']:.1%}), {d['params'] / 1e6:.3f}M -> {p['params'] / 1e6:.3f}M params; "
           f"top-1 dense {d['top1']:.4f}, pruned {p['top1_before_finetune']:.4f} after surgery, "
           f"{p['top1']:.4f} fine-tuned")
+    for warning in report.get("warnings") or []:
+      print(f"warning: {warning}")
     print(f"report: {os.path.join(os.path.abspath(workdir), 'report.md')}")
   return 0
 

@@ -7,7 +7,11 @@ top1_before_finetune_raw,top1,top5}``, ``widths`` (per decision: group, dense an
 (the pruned model's whole width list), ``search`` (APIB: a list of ``{lambda, macs, params, widths, phase}``;
 empty for other methods), ``selection`` (method, criterion, target, lambda for APIB, importances and the
 allocation for ITPruner, whether the target was hit), ``calibration`` (image ids, BN mode), ``data``, ``seconds``
-(per stage) and ``config``.
+(per stage), ``warnings`` (sentences for people: e.g. fine-tuning that ended below the after-surgery accuracy)
+and ``config``.
+
+The fine-tuned model reported is the last step's: no checkpoint is picked by its accuracy on the evaluation split
+(the evaluation split is only measured, never used to choose).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def build(workdir: Path, config: ml_collections.ConfigDict, data_info: dict[str,
   dense, costs = sel["dense"], sel["costs"]
   widths = [{"decision": d["decision"], "group": d["group"], "dense": d["size"], "pruned": d["kept"]}
             for d in sel["decisions"]]
-  return {
+  return _with_warnings({
       "model": config.model.name,
       "dense": {"macs": dense["macs"], "params": dense["params"], "top1": ev["dense"]["top1"],
                 "top5": ev["dense"]["top5"]},
@@ -72,7 +76,34 @@ def build(workdir: Path, config: ml_collections.ConfigDict, data_info: dict[str,
       "seconds": {**seconds, **{f"calibrate_{k}": v for k, v in _calib_seconds(calib).items()},
                   "select_search": sel["seconds"]},
       "config": json.loads(config.to_json_best_effort()),
-  }
+  })
+
+
+def _with_warnings(rep: dict[str, Any]) -> dict[str, Any]:
+  rep["warnings"] = [w for w in (finetune_warning(rep),) if w]
+  return rep
+
+
+SHORT_RUN_RECIPE = ("--config.finetune.lr=0.01 --config.finetune.distill_weight=0.5 (a few epochs at a tenth of the "
+                    "reference's rate, distilled from the dense model; README, 'Short fine-tunes')")
+
+
+def finetune_warning(rep: dict[str, Any]) -> str | None:
+  """A sentence when fine-tuning ended below the accuracy right after surgery (the BN re-estimated one where the
+  run re-estimates, else the raw one), with the likely cause and the short-run recipe; None otherwise (no
+  fine-tuning, or it did not lose accuracy).
+
+  Args:
+    rep: a report with ``pruned.{top1, top1_before_finetune}`` and ``config.finetune.{epochs, lr}``.
+  """
+  p, ft = rep["pruned"], rep["config"].get("finetune", {})
+  epochs = ft.get("epochs", 0)
+  if not epochs or p["top1"] >= p["top1_before_finetune"]:
+    return None
+  return (f"fine-tuning ended below the after-surgery accuracy: top-1 {p['top1']:.4f} after {epochs:g} epochs at lr "
+          f"{ft.get('lr', float('nan')):g}, {p['top1_before_finetune']:.4f} right after surgery. Likely cause: the "
+          "learning rate belongs to a long schedule (the references': lr 0.1 over 135-300 epochs); a short run "
+          f"wants a lower one: {SHORT_RUN_RECIPE}. The model kept is the last step's either way.")
 
 
 def _calib_seconds(calib: dict[str, Any]) -> dict[str, float]:
@@ -121,6 +152,7 @@ def markdown(rep: dict[str, Any]) -> str:
       f"{p['top1_before_finetune']:.4f} | |",
       f"| pruned, fine-tuned | {p['macs'] / 1e6:.2f}M ({rep['ratios']['macs']:.1%}) | {p['params'] / 1e6:.3f}M "
       f"({rep['ratios']['params']:.1%}) | {p['top1']:.4f} | {p['top5']:.4f} |", "",
+      *[f"**Warning:** {w}\n" for w in rep.get("warnings") or []],
       f"Right after surgery: top-1 {p['top1_before_finetune_raw']:.4f} with the dense running BatchNorm statistics"
       + (f", {p['top1_before_finetune']:.4f} with them re-estimated on training batches."
          if rep["evaluation"]["bn_recalibrate"] else "."), "",

@@ -4,6 +4,10 @@ Command (Cloud TPU or GPU, ImageNet prepared as TFDS ``imagenet2012`` in array_r
 
   python -m train.main --config=resnet50_apib --config.data.data_dir=gs://my-bucket/tfds \
       --config.dense.path=gs://my-bucket/resnet50_dense   # an orbax checkpoint (models.import_torch)
+  # a short run (a few epochs): a tenth of the recipe's lr, distilled from the dense model; the long
+  # schedule's lr, cut short, ends below the after-surgery accuracy (README, 'Short fine-tunes')
+  python -m train.main --config=resnet50_apib ... --config.finetune.epochs=2 --config.finetune.lr=0.0025 \
+      --config.finetune.distill_weight=0.5
 
 Paper setting it reproduces (APIB, ResNet-50 / ImageNet): 64 calibration images at 224x224 (one batch, as the
 reference), BatchNorm in batch-statistics mode, omega 1, tolerance 1%, the target 1,550,000,000 of the reference

@@ -4,6 +4,10 @@ Command (Cloud TPU or GPU, ImageNet prepared as TFDS ``imagenet2012`` in array_r
 
   python -m train.main --config=resnet50_itpruner --config.data.data_dir=gs://my-bucket/tfds \
       --config.dense.path=gs://my-bucket/resnet50_dense   # an orbax checkpoint (models.import_torch)
+  # a short run (a few epochs): a tenth of the recipe's lr, distilled from the dense model; the long
+  # schedule's lr, cut short, ends below the after-surgery accuracy (README, 'Short fine-tunes')
+  python -m train.main --config=resnet50_itpruner ... --config.finetune.epochs=2 --config.finetune.lr=0.01 \
+      --config.finetune.distill_weight=0.5
 
 Paper setting it reproduces (ITPruner, ResNet-50 / ImageNet, -45.3% FLOPs at 75.75% top-1): 100 calibration
 images at 224x224, BatchNorm in batch-statistics mode, linear CKA, beta 2000, the reference's 2.3G budget of its
