@@ -11,6 +11,7 @@ import pathlib
 import platform
 import re
 import statistics
+import textwrap
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,6 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 README = ROOT / "README.md"
 
+
+GOALS_SECTION = "## Where the goals stand"  # new benchmark sections go before it
 
 FLAGS: dict[str, dict[str, Any]] = {
     "quick": {"action": "store_true", "help": "a small, CI-sized run"},
@@ -98,6 +101,19 @@ def update_readme(name: str, text: str) -> None:
     current = current.rstrip() + "\n\n" + block + "\n"
   README.write_text(current)
 
+
+
+def ensure_section(name: str, heading: str, paragraph: str) -> None:
+  """Adds the README section ``heading`` (with ``paragraph`` wrapped and an empty block ``name`` that
+  :func:`update_readme` fills) before the goals section, once."""
+  text = README.read_text() if README.exists() else "# Benchmarks\n"
+  if f"<!-- BEGIN {name} -->" in text:
+    return
+  paragraph = textwrap.fill(paragraph, width=116, break_long_words=False, break_on_hyphens=False)
+  section = f"{heading}\n\n{paragraph}\n\n<!-- BEGIN {name} -->\n<!-- END {name} -->\n\n"
+  at = text.find(GOALS_SECTION)
+  text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
+  README.write_text(text)
 
 def fmt(x: float, digits: int = 3) -> str:
   if x == 0 or x != x:

@@ -26,7 +26,6 @@ budget), where kernels are computed tile by tile from the features.
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import jax

@@ -69,7 +69,6 @@ import dataclasses
 import json
 import pathlib
 import tempfile
-import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -89,7 +88,6 @@ STABILITY_N = (32, 64, 128, 256, 512)
 # The APIB paper's pruning-time table (ResNet-50, 76% sparsity, on a GPU), seconds.
 PAPER_SECONDS = {"l1": 7.0, "fpgm": 8.0, "hsic_lasso": 63.0, "hrank": 9112.0, "chip": 545618.0}
 SECTION = "## Pruning quality (`python -m benchmarks.pruning_quality`)"
-GOALS_SECTION = "## Goals"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +147,7 @@ def study_variants() -> list[Variant]:
 
 def study_config(model: str, shared: pathlib.Path, data_dir: str) -> ml_collections.ConfigDict:
   from train import config_lib  # pylint: disable=import-outside-toplevel
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("cfg", config_lib.resolve(f"{model}_apib"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
+  cfg = config_lib.load(f"{model}_apib")
   cfg.data.source_dir = str(shared / "data" / "cifar10-subset" / "cifar-10-batches-bin")
   cfg.data.data_dir = data_dir
   cfg.dense.path = str(shared / "weights" / f"{model}_cifar10.npz")
@@ -201,23 +195,20 @@ def gather_evidence(model: Any, cfg: ml_collections.ConfigDict, images: np.ndarr
 
 
 def _eval(cfg: ml_collections.ConfigDict, model: Any, mesh: Any) -> float:
-  from train import data, train as train_lib  # pylint: disable=import-outside-toplevel
-  bs = int(cfg.eval.batch_size)
-  return train_lib.evaluate(model, data.eval_batches(cfg.data, cfg.data.eval_split, batch_size=bs), mesh,
-                            desc="eval")["top1"]
+  from train import loops  # pylint: disable=import-outside-toplevel
+  return loops.evaluate_model(cfg, model, mesh)["top1"]
 
 
 def _recalibrated(cfg: ml_collections.ConfigDict, model: Any, mesh: Any) -> Any:
-  from train import data, train as train_lib  # pylint: disable=import-outside-toplevel
-  batches = data.train_batches(cfg.data, batch_size=64, seed=int(cfg.seed) + 1)
-  return train_lib.recalibrate_batch_norm(model, batches, int(cfg.eval.bn_recalibrate_steps), mesh)
+  from train import loops  # pylint: disable=import-outside-toplevel
+  return loops.recalibrated(cfg, model, mesh, batch_size=64)
 
 
 def _finetune(cfg: ml_collections.ConfigDict, model: Any, teacher: Any, steps: int, mesh: Any, *, epochs: int = 1,
               lr: float = 0.01) -> Any:
   """``epochs`` epochs of ``steps`` steps each: SGD at batch 64, cosine from ``lr`` to 0, distilled from ``teacher``
   (weight 0.5); the final model is the last step's (no checkpoint is chosen on the evaluation images)."""
-  from train import data, train as train_lib  # pylint: disable=import-outside-toplevel
+  from train import loops, train as train_lib  # pylint: disable=import-outside-toplevel
   from train.configs.base import apib_recipe  # pylint: disable=import-outside-toplevel
   recipe = apib_recipe(epochs=epochs, lr=lr)
   recipe.batch_size = 64
@@ -225,10 +216,7 @@ def _finetune(cfg: ml_collections.ConfigDict, model: Any, teacher: Any, steps: i
   recipe.checkpoint_every_steps = 10 ** 9
   recipe.log_every_steps = 10 ** 9
   with tempfile.TemporaryDirectory(prefix="pq_ft_") as tmp:
-    loop = train_lib.Loop(
-        train_batches=lambda start: data.train_batches(cfg.data, batch_size=64, seed=int(cfg.seed), start_step=start),
-        eval_batches=None, steps_per_epoch=steps, eval_steps=None, workdir=pathlib.Path(tmp), log=lambda r: None,
-        desc="finetune")
+    loop = loops.make_loop(cfg, recipe, tmp, desc="finetune", evaluate=False, steps_per_epoch=steps)
     tuned, _ = train_lib.train_and_evaluate(model, recipe, loop, mesh, seed=int(cfg.seed), teacher=teacher)
   return tuned
 
@@ -372,18 +360,6 @@ def resnet50_times(shared: pathlib.Path, criteria_names: Sequence[str]) -> list[
 # Tables, plots, README.
 
 
-def _ensure_section(name: str, heading: str, paragraph: str) -> None:
-  """Adds the README section ``heading`` (with ``paragraph`` and an empty block ``name``) before the goals, once."""
-  text = _common.README.read_text() if _common.README.exists() else "# Benchmarks\n"
-  if f"<!-- BEGIN {name} -->" in text:
-    return
-  paragraph = textwrap.fill(paragraph, width=116, break_long_words=False, break_on_hyphens=False)
-  section = f"{heading}\n\n{paragraph}\n\n<!-- BEGIN {name} -->\n<!-- END {name} -->\n\n"
-  at = text.find(GOALS_SECTION)
-  text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
-  _common.README.write_text(text)
-
-
 def _pyplot() -> Any:
   """matplotlib's pyplot on the Agg backend, or None without matplotlib (the plots are then skipped)."""
   try:
@@ -508,7 +484,7 @@ README_PARAGRAPH = (
 
 
 def render_readme(payload: dict[str, Any]) -> None:
-  _ensure_section(NAME, SECTION, README_PARAGRAPH)
+  _common.ensure_section(NAME, SECTION, README_PARAGRAPH)
   m = payload["machine"]
   parts = [
       f"Run {m['date']} on {m['cpu_count']} CPU cores ({m['device']}), jax {m['jax']}; the whole study took "
@@ -804,7 +780,7 @@ STUDY_PARAGRAPH = (
 
 
 def render_study_readme(payload: dict[str, Any]) -> None:
-  _ensure_section(STUDY_NAME, STUDY_SECTION, STUDY_PARAGRAPH)
+  _common.ensure_section(STUDY_NAME, STUDY_SECTION, STUDY_PARAGRAPH)
   m = payload["machine"]
   parts = [
       f"Run {m['date']} on {m['cpu_count']} CPU cores ({m['device']}), jax {m['jax']}: {payload['network']}, "
@@ -977,7 +953,7 @@ CALIB_PARAGRAPH = (
 
 
 def render_calibration_readme(payload: dict[str, Any]) -> None:
-  _ensure_section(CALIB_NAME, CALIB_SECTION, CALIB_PARAGRAPH)
+  _common.ensure_section(CALIB_NAME, CALIB_SECTION, CALIB_PARAGRAPH)
   m = payload["machine"]
   _common.update_readme(CALIB_NAME, "\n".join([
       f"Run {m['date']} on {m['cpu_count']} CPU cores, jax {m['jax']}; {payload['seconds'] / 60:.0f} min.", "",
@@ -1071,21 +1047,18 @@ def _calibration_main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="ResNet-20, one ratio, a few methods (CI-sized)")
+  parser = _common.parser(__doc__, ("quick", "out", "no-readme", "render"), help={
+      "quick": "ResNet-20, one ratio, a few methods (CI-sized)",
+      "out": "results folder (default benchmarks/results; a temporary one with --quick)",
+      "render": "rewrite the README block and the plots from the saved results, running nothing (with --study: "
+                "from --progress, finished parts only)"})
   parser.add_argument("--shared", type=pathlib.Path, default=SHARED, help="shared data and weights folder")
-  parser.add_argument("--out", type=pathlib.Path, default=None,
-                      help="results folder (default benchmarks/results; a temporary one with --quick)")
   parser.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per pruned model")
   parser.add_argument("--data-dir", default=None, help="where the CIFAR-10 folder is prepared as a TFDS data set")
   parser.add_argument("--no-resnet50", action="store_true", help="skip the ResNet-50 selection times")
-  parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
   parser.add_argument("--progress", type=pathlib.Path, default=None,
                       help="finished parts, for resuming (default runs/pruning_quality/progress.jsonl; none with "
                            "--quick)")
-  parser.add_argument("--render", action="store_true",
-                      help="rewrite the README block and the plots from the saved results, running nothing (with "
-                           "--study: from --progress, finished parts only)")
   study = parser.add_argument_group("the study at a real fine-tuning budget (one ratio, seeds, epochs)")
   study.add_argument("--study", action="store_true", help="run the study (implied by --epochs or --seeds)")
   study.add_argument("--epochs", type=int, default=None,

@@ -56,7 +56,6 @@ import os
 import pathlib
 import subprocess
 import tempfile
-import textwrap
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -91,7 +90,6 @@ REF_BUDGET = 240.0
 # for one ResNet-50 evaluation), and XLA's threads slow down too, unevenly.
 CONTENDED = 0.10
 SECTION = "## Whole APIB selection (`selection_e2e`)"
-GOALS_SECTION = "## Where the goals stand"
 
 
 @dataclasses.dataclass
@@ -643,18 +641,6 @@ def _git_state() -> dict[str, Any]:
   return {"commit": head.strip(), "modified": sorted(l[3:] for l in dirty if l.strip())}
 
 
-def _ensure_section() -> None:
-  """Puts this benchmark's README section (heading, paragraph, empty block) before the goals section, once."""
-  text = _common.README.read_text() if _common.README.exists() else "# Benchmarks\n"
-  if f"<!-- BEGIN {NAME} -->" in text:
-    return
-  paragraph = textwrap.fill(README_PARAGRAPH, width=116, break_long_words=False, break_on_hyphens=False)
-  section = f"{SECTION}\n\n{paragraph}\n\n<!-- BEGIN {NAME} -->\n<!-- END {NAME} -->\n\n"
-  at = text.find(GOALS_SECTION)
-  text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
-  _common.README.write_text(text)
-
-
 README_PARAGRAPH = (
     "The whole APIB selection as the program runs it, stage by stage: the forward pass that captures every decision's "
     "input and output (`train.calibrate.make_capture`, BatchNorm with batch statistics), the HSIC Lasso problem "
@@ -733,7 +719,7 @@ def main(argv: list[str] | None = None) -> None:
 def render_readme(payload: dict[str, Any]) -> None:
   """Writes this benchmark's README section (once) and its block from a results payload."""
   m, rows = payload["machine"], payload["rows"]
-  _ensure_section()
+  _common.ensure_section(NAME, SECTION, README_PARAGRAPH)
   _common.update_readme(NAME, (
       f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPU cores), jax {m['jax']}; warm = median of "
       f"{payload['repeats']} runs after the cold one. {contention(rows)} The reference's time is against the problem "

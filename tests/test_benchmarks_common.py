@@ -34,3 +34,17 @@ def test_parser_refuses_names_that_are_not_shared_flags():
     _common.parser("A benchmark.", ("--quick",))
   with pytest.raises(ValueError, match=r"\['fast'\]"):
     _common.parser("A benchmark.", help={"fast": "x"})
+
+
+def test_readme_section_goes_before_the_goals_once(tmp_path, monkeypatch):
+  readme = tmp_path / "README.md"
+  readme.write_text("# Benchmarks\n\n## Other\n\ntext\n\n## Where the goals stand\n\ngoals\n")
+  monkeypatch.setattr(_common, "README", readme)
+  heading = "## A benchmark (`a_bench`)"
+  _common.ensure_section("a_bench", heading, "What it measures. " * 20)
+  _common.ensure_section("a_bench", heading, "What it measures.")  # once only
+  _common.update_readme("a_bench", "table")
+  text = readme.read_text()
+  assert text.count(heading) == 1 and text.count("<!-- BEGIN a_bench -->") == 1
+  assert text.index("## Other") < text.index(heading) < text.index("table") < text.index("## Where the goals")
+  assert max(len(line) for line in text.splitlines()) <= 116  # the paragraph is wrapped

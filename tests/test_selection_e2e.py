@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import hsic_jax as hj
-from benchmarks import _common
 from benchmarks import selection_e2e as se
 
 
@@ -93,18 +92,6 @@ def test_reference_lasso_scale_against_an_independent_computation():
   # hsic_jax's signed lambda_max is the same threshold on its scale: lam = alpha * n^2.
   problem = hj.problem_from_features(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
   assert float(hj.lambda_max(problem, positive=False)) / n**2 == pytest.approx(alpha_max, rel=1e-3)
-
-
-def test_readme_section_goes_before_the_goals(tmp_path, monkeypatch):
-  readme = tmp_path / "README.md"
-  readme.write_text("# Benchmarks\n\n## Other\n\ntext\n\n## Where the goals stand\n\ngoals\n")
-  monkeypatch.setattr(_common, "README", readme)
-  se._ensure_section()  # pylint: disable=protected-access
-  se._ensure_section()  # once only
-  _common.update_readme(se.NAME, "table")
-  text = readme.read_text()
-  assert text.count(se.SECTION) == 1 and text.count("<!-- BEGIN selection_e2e -->") == 1
-  assert text.index("## Other") < text.index(se.SECTION) < text.index("table") < text.index("## Where the goals")
 
 
 def test_reference_bisection_doubles_then_bisects_and_stops_on_a_jump():
