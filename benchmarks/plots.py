@@ -23,7 +23,8 @@ SOLVERS = (("ours", "hsic_jax"), ("sklearn_lasso", "scikit-learn Lasso"), ("skle
            ("pyhsiclasso_nlars", "pyHSICLasso nlars"))
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+  """matplotlib.pyplot on the Agg backend, or None without matplotlib (the plots are then skipped)."""
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -34,7 +35,7 @@ def _pyplot() -> Any:
   return plt
 
 
-def _save(fig: Any, plt: Any, path: pathlib.Path) -> pathlib.Path:
+def save(fig: Any, plt: Any, path: pathlib.Path) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -42,7 +43,7 @@ def _save(fig: Any, plt: Any, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _plain_log_ticks(axis: Any, suffix: str = "") -> None:
+def plain_log_ticks(axis: Any, suffix: str = "") -> None:
   """Major ticks of a log axis as plain numbers (``10``, ``100x``), no labels on the minor ones."""
   from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   axis.set_major_locator(ticker.LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
@@ -57,7 +58,7 @@ def _finite(x: Any) -> bool:
 def solver_throughput(payload: dict[str, Any], path: pathlib.Path) -> pathlib.Path | None:
   """Problems per second of every solver on every workload (log scale), one row of bars per workload; a solver
   that failed or has no time on a workload has no bar there."""
-  plt = _pyplot()
+  plt = pyplot()
   if plt is None:
     return None
   rows = payload["rows"]
@@ -81,7 +82,7 @@ def solver_throughput(payload: dict[str, Any], path: pathlib.Path) -> pathlib.Pa
     ax.text(0.99, 0.01, "hatched: did not reach the objective tolerance", transform=ax.transAxes, ha="right",
             va="bottom", fontsize=7)
   ax.set_xscale("log")
-  _plain_log_ticks(ax.xaxis)
+  plain_log_ticks(ax.xaxis)
   ax.set_yticks(range(len(rows)))
   ax.set_yticklabels([r["workload"] for r in rows], fontsize=8)
   ax.invert_yaxis()
@@ -89,13 +90,13 @@ def solver_throughput(payload: dict[str, Any], path: pathlib.Path) -> pathlib.Pa
   ax.set_title("HSIC Lasso solvers at equal objective tolerance")
   ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 0.04))
   ax.grid(axis="x", which="both", alpha=0.3)
-  return _save(fig, plt, path)
+  return save(fig, plt, path)
 
 
 def gram_throughput(payload: dict[str, Any], path: pathlib.Path, goal: float = 0.5) -> pathlib.Path | None:
   """Share of the same-run matmul peak per layer shape, with the goal as a line, and the speedup over the NumPy
   float64 reference (log scale) where it was measured."""
-  plt = _pyplot()
+  plt = pyplot()
   if plt is None:
     return None
   rows = payload["rows"]
@@ -113,19 +114,19 @@ def gram_throughput(payload: dict[str, Any], path: pathlib.Path, goal: float = 0
   speed = [r.get("speedup_vs_numpy64") for r in rows]
   right.barh([y for y, s in zip(ys, speed) if _finite(s)], [s for s in speed if _finite(s)], 0.6, color="tab:green")
   right.set_xscale("log")
-  _plain_log_ticks(right.xaxis, "x")
+  plain_log_ticks(right.xaxis, "x")
   right.set_xlabel("speedup over NumPy float64 H K H (log scale)")
   right.set_title("against the reference construction")
   for ax in (left, right):
     ax.grid(axis="x", which="both", alpha=0.3)
-  return _save(fig, plt, path)
+  return save(fig, plt, path)
 
 
 def pruned_speed(payload: dict[str, Any], path: pathlib.Path, goal: float = 0.7) -> pathlib.Path | None:
   """Efficiency (realised speedup / MACs-ratio speedup) of every pruned variant, per model and batch, with the goal
   as a line; each bar is labelled with its MACs ratio (variants far from the target ratio do not count towards the
   goal)."""
-  plt = _pyplot()
+  plt = pyplot()
   if plt is None:
     return None
   labels, effs, notes = [], [], []
@@ -149,7 +150,7 @@ def pruned_speed(payload: dict[str, Any], path: pathlib.Path, goal: float = 0.7)
   ax.set_title("Physically pruned models, eval throughput vs dense")
   ax.legend(fontsize=8, loc="lower right")
   ax.grid(axis="x", alpha=0.3)
-  return _save(fig, plt, path)
+  return save(fig, plt, path)
 
 
 PLOTS: dict[str, Callable[[dict[str, Any], pathlib.Path], pathlib.Path | None]] = {

@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from benchmarks import _common
+from benchmarks import _common, plots
 
 NAME = "pruning_quality"
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -360,17 +360,6 @@ def resnet50_times(shared: pathlib.Path, criteria_names: Sequence[str]) -> list[
 # Tables, plots, README.
 
 
-def _pyplot() -> Any:
-  """matplotlib's pyplot on the Agg backend, or None without matplotlib (the plots are then skipped)."""
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  return plt
-
-
 def accuracy_table(payload: dict[str, Any]) -> str:
   rows = []
   for r in payload["rows"]:
@@ -410,7 +399,7 @@ def resnet50_table(payload: dict[str, Any]) -> str:
 
 
 def plot(payload: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
-  plt = _pyplot()
+  plt = plots.pyplot()
   if plt is None:
     return []
   made = []
@@ -741,7 +730,7 @@ def separated_lines(payload: dict[str, Any]) -> list[str]:
 
 
 def study_plot(payload: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
-  plt = _pyplot()
+  plt = plots.pyplot()
   if plt is None:
     return []
   summary = payload["summary"]
@@ -922,7 +911,7 @@ def calibration_table(payload: dict[str, Any]) -> str:
 
 
 def calibration_plot(payload: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
-  plt = _pyplot()
+  plt = plots.pyplot()
   if plt is None:
     return []
   fig, ax = plt.subplots(figsize=(6, 3.8))

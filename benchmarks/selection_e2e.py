@@ -571,7 +571,7 @@ def plot(payload: dict[str, Any], path: pathlib.Path) -> pathlib.Path | None:
   """Seconds per stage (log scale), one panel per workload: hsic_jax warm with its compilation stacked on top (the
   bar's end is the cold time), and the reference against the selection from the features (hatched when
   extrapolated)."""
-  plt = plots._pyplot()  # pylint: disable=protected-access
+  plt = plots.pyplot()
   if plt is None:
     return None
   rows = payload["rows"]
@@ -594,7 +594,7 @@ def plot(payload: dict[str, Any], path: pathlib.Path) -> pathlib.Path | None:
     ax.set_xscale("log")
     # Log bars start at the axis' left edge: put it below the smallest time so that every bar shows.
     ax.set_xlim(left=min(warm) / 2, right=max(ref["seconds"], max(w + c for w, c in zip(warm, comp))) * 2)
-    plots._plain_log_ticks(ax.xaxis)  # pylint: disable=protected-access
+    plots.plain_log_ticks(ax.xaxis)
     ax.set_yticks(ys)
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()
@@ -603,7 +603,7 @@ def plot(payload: dict[str, Any], path: pathlib.Path) -> pathlib.Path | None:
     ax.grid(axis="x", which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   axes[-1, 0].set_xlabel("seconds (log scale; less is better)")
-  return plots._save(fig, plt, path)  # pylint: disable=protected-access
+  return plots.save(fig, plt, path)
 
 
 def cpu_snapshot() -> tuple[float, float, float] | None:
