@@ -21,6 +21,7 @@ Other selection methods need other evidence from the same images, collected here
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,6 @@ def load_problems(path: Path) -> tuple[list[str], list[hj.LassoProblem]]:
       decisions = [str(d) for d in data["decisions"]]
       problems = [hj.LassoProblem(*(jnp.asarray(data[f"{i}/{f}"]) for f in hj.LassoProblem._fields))
                   for i in range(len(decisions))]
-  except (OSError, KeyError, ValueError) as err:
+  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:  # truncated: BadZipFile
     raise ValueError(f"calibration problems {path} cannot be read ({err}); delete it to calibrate again") from err
   return decisions, problems

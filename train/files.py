@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def load_npz(path: Path, decisions: list[str]) -> dict[str, np.ndarray]:
   try:
     with np.load(path, allow_pickle=False) as f:
       out = {k: np.asarray(f[k]) for k in f.files}
-  except (OSError, ValueError) as err:
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # a truncated archive is a BadZipFile
     raise ValueError(f"{path} cannot be read ({err}); delete {path.parent} to calibrate again") from err
   if [str(d) for d in out.get("decisions", [])] != decisions:
     raise ValueError(f"{path} was written for other decisions than this model's; delete {path.parent} to "
