@@ -67,7 +67,7 @@ def test_tiles_of_every_side_equal_the_explicit_design(n, expected_sides):
 
 
 def test_tiles_fit_the_cpu_cache_only_on_cpus():
-  # On a CPU a tile of every channel stays within STREAM_TILE_BYTES (cache); on an accelerator it takes what
+  # On a CPU a tile of every channel stays within _STREAM_TILE_BYTES (cache); on an accelerator it takes what
   # max_block_bytes allows (fewer loop steps), three live copies within it either way.
   from hsic_jax import problem  # pylint: disable=import-outside-toplevel
   c, n, budget = 512, 1024, problem.DEFAULT_BLOCK_BYTES
