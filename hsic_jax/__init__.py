@@ -14,10 +14,12 @@ The top level holds what users call; each module does one thing and is a namespa
 - :mod:`hsic_jax.surgery`: pure-functional channel removal from parameter, BatchNorm and optimizer state.
 - :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr.
 - :mod:`hsic_jax.runtime`: host-side settings for the CPU backend (LAPACK threads).
+- :mod:`hsic_jax.weighting`: per-channel penalty weights (weighted HSIC Lasso), e.g. by the cost a channel saves.
 """
 
 from hsic_jax import allocation, criteria, groups, jaxpr_groups, kernels, problem, runtime, search, selection, solver
-from hsic_jax import surgery
+from hsic_jax import surgery, weighting
+from hsic_jax._floor import min_widths
 from hsic_jax.allocation import Allocation, allocate_widths, layer_importance
 from hsic_jax.criteria import channel_scores, criterion_names, register_criterion
 from hsic_jax.groups import ChannelGroup, ChannelSlice
@@ -54,6 +56,7 @@ from hsic_jax.selection import (
 )
 from hsic_jax.solver import LassoResult, lambda_max, solve
 from hsic_jax.surgery import PrunePlan, PruneResult, apply_plan, prune
+from hsic_jax.weighting import cost_weighted_problems, cost_weights, unweight_beta, weighted_problem
 
 __version__ = "0.1.0"
 
@@ -78,6 +81,8 @@ __all__ = [
     "check_groups",
     "cka",
     "combine_problems",
+    "cost_weighted_problems",
+    "cost_weights",
     "criteria",
     "criterion_names",
     "delta_gram",
@@ -100,6 +105,7 @@ __all__ = [
     "limit_lapack_threads",
     "linear_cka",
     "linear_gram",
+    "min_widths",
     "output_gram",
     "problem",
     "problem_from_features",
@@ -114,4 +120,7 @@ __all__ = [
     "solver",
     "stack_problems",
     "surgery",
+    "unweight_beta",
+    "weighted_problem",
+    "weighting",
 ]

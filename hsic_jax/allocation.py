@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 
+from hsic_jax import _floor
+
 CostFn = Callable[[Sequence[int]], Mapping[str, float]]
 
 # The fitted form is exact up to float64 rounding of sums of products of integers below 2**53.
@@ -546,7 +548,7 @@ def _relax(lat: _Lattice, lo: np.ndarray, x0: np.ndarray, maxiter: int) -> tuple
 
 
 def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn, budgets: Mapping[str, float], *,
-                    min_width: int = 1, multiple: int = 1, starts: int = 8, seed: int = 0, check_points: int = 16,
+                    min_width: int | float | Sequence[int] = 1, multiple: int = 1, starts: int = 8, seed: int = 0, check_points: int = 16,
                     fitted: Mapping[str, QuadraticCost] | None = None, maxiter: int = 200,
                     max_moves: int | None = None, solver: str = "search") -> Allocation:
   """Integer widths maximising ``sum_i a_i w_i / c_i`` with every ``cost_fn(w)[k] <= budgets[k]``.
@@ -581,7 +583,8 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
     base_widths: (l,) dense widths ``c``.
     cost_fn: ``widths -> {key: value}``: the exact cost of a width vector.
     budgets: ``{key: budget}``, one or more (e.g. ``{"macs": 57e6, "params": 0.4e6}``).
-    min_width: smallest width of any layer (>= 1; capped at ``c_i``).
+    min_width: smallest width of any layer: a count ``>= 1``, a fraction in ``(0, 1)`` of each dense width, or
+      one count per layer (:func:`hsic_jax.min_widths`; capped at ``c_i``).
     multiple: widths are multiples of this (or ``c_i``).
     starts: continuous starts (>= 1).
     seed: seed of the random starts and of the fit's check points.
@@ -606,7 +609,8 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
   for k, b in budgets.items():
     if not isinstance(k, str) or not (isinstance(b, (int, float, np.floating, np.integer)) and math.isfinite(b)):
       raise ValueError(f"budgets must map cost keys to finite numbers, got {k!r}: {b!r}")
-  for name, v in (("min_width", min_width), ("multiple", multiple), ("starts", starts)):
+  floor = _floor.min_widths(min_width, base, name="min_width")
+  for name, v in (("multiple", multiple), ("starts", starts)):
     if int(v) != v or int(v) < 1:
       raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
   if solver not in SOLVERS:
@@ -622,7 +626,7 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
     _costs_of(lambda _: out, w, keys)  # the budgeted keys are present and finite
     return {k: float(v) for k, v in out.items()}
 
-  lo = np.minimum(base, int(multiple) * np.ceil(max(int(min_width), 1) / int(multiple))).astype(np.int64)
+  lo = np.minimum(base, int(multiple) * np.ceil(floor / int(multiple))).astype(np.int64)
   dense_obj = float(np.sum(a))
   dense_cost = exact(base)
   low_cost = exact(lo)

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hsic_jax import _floor
 from hsic_jax.groups import ChannelGroup, ChannelSlice, Path, flatten_state, path_str
 from hsic_jax.surgery import keep_top_k, round_width
 
@@ -589,10 +590,9 @@ def _check_sizes(sizes: Any) -> list[int]:
   return [int(s) for s in out]
 
 
-def _check_common(target: Any, tolerance: Any, min_width: Any, multiple: Any, key: Any) -> float:
-  for name, value in (("min_width", min_width), ("multiple", multiple)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+def _check_common(target: Any, tolerance: Any, multiple: Any, key: Any) -> float:
+  if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
+    raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}")
   if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
     raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
   if isinstance(target, bool) or not (isinstance(target, (int, float, np.number)) and math.isfinite(target)
@@ -662,7 +662,8 @@ class _Search:
 
 
 def allocate_uniform(sizes: Sequence[int], cost_fn: CostFn, target: float, *, key: str = "macs",
-                     tolerance: float = 0.01, min_width: int = 1, multiple: int = 1) -> ScoreAllocation:
+                     tolerance: float = 0.01, min_width: int | float | Sequence[int] = 1,
+                     multiple: int = 1) -> ScoreAllocation:
   """One kept fraction ``f`` for every decision, the largest whose cost is at most the target.
 
   ``width_d(f) = round_width(max(ceil(f * size_d), min_width), size_d, multiple=multiple)`` (rounded up to a
@@ -680,7 +681,8 @@ def allocate_uniform(sizes: Sequence[int], cost_fn: CostFn, target: float, *, ke
     target: the value of ``cost_fn(widths)[key]`` to reach.
     key: which cost to target.
     tolerance: relative band around the target.
-    min_width: the fewest channels a decision keeps (capped at its size).
+    min_width: the fewest channels a decision keeps (capped at its size): a count ``>= 1``, a fraction in
+      ``(0, 1)`` of each size, or one count per decision (:func:`hsic_jax.min_widths`).
     multiple: round every width up to a multiple of this (capped at the size).
 
   Raises:
@@ -688,13 +690,14 @@ def allocate_uniform(sizes: Sequence[int], cost_fn: CostFn, target: float, *, ke
       the message gives the range).
   """
   sizes = _check_sizes(sizes)
-  target = _check_common(target, tolerance, min_width, multiple, key)
+  target = _check_common(target, tolerance, multiple, key)
+  floor = _floor.min_widths(min_width, sizes, name="min_width")
   fractions = np.unique(np.concatenate([[0.0]] + [np.arange(1, s + 1) / s for s in sizes]))
 
   def widths_at(i: int) -> list[int]:
     f = float(fractions[i])
     # The small slack keeps k / size_d from rounding up to k + 1 (float division then multiplication).
-    return [round_width(max(math.ceil(f * s - 1e-9), min_width), s, multiple=multiple) for s in sizes]
+    return [round_width(max(math.ceil(f * s - 1e-9), int(m)), s, multiple=multiple) for s, m in zip(sizes, floor)]
 
   search = _Search(cost_fn, key, target, float(tolerance))
   best, reachable = search.run(len(fractions), lambda i: float(fractions[i]), widths_at)
@@ -739,7 +742,7 @@ def normalize_scores(scores: Any, *, normalize: str = "l2") -> np.ndarray:
 
 
 def allocate_global(scores: Sequence[Any], cost_fn: CostFn, target: float, *, key: str = "macs",
-                    normalize: str = "l2", tolerance: float = 0.01, min_width: int = 1,
+                    normalize: str = "l2", tolerance: float = 0.01, min_width: int | float | Sequence[int] = 1,
                     multiple: int = 1) -> ScoreAllocation:
   """One threshold ``t`` on every decision's normalised scores (:func:`normalize_scores`), the lowest whose cost is
   at most the target: decision ``d`` keeps its channels with ``s_hat >= t``, at least ``min_width`` of them, their
@@ -760,12 +763,13 @@ def allocate_global(scores: Sequence[Any], cost_fn: CostFn, target: float, *, ke
   Raises:
     ValueError: bad arguments, or a target outside the reachable range (the message gives it).
   """
-  target = _check_common(target, tolerance, min_width, multiple, key)
+  target = _check_common(target, tolerance, multiple, key)
   if normalize not in NORMALIZATIONS:
     raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
   raw = _check_scores(scores)
   norm = [normalize_scores(s, normalize=normalize) for s in raw]
   sizes = [s.size for s in raw]
+  floor = _floor.min_widths(min_width, sizes, name="min_width")
   ascending = [np.sort(s) for s in norm]
   thresholds = np.unique(np.concatenate(norm))[::-1]  # high to low: index 0 keeps the least
 
@@ -776,7 +780,7 @@ def allocate_global(scores: Sequence[Any], cost_fn: CostFn, target: float, *, ke
     return [int(s.size - np.searchsorted(s, t, side="left")) for s in ascending]
 
   def widths_at(i: int) -> list[int]:
-    return [round_width(max(k, min_width), n, multiple=multiple) for k, n in zip(counts_at(i), sizes)]
+    return [round_width(max(k, int(m)), n, multiple=multiple) for k, n, m in zip(counts_at(i), sizes, floor)]
 
   search = _Search(cost_fn, key, target, float(tolerance))
   best, reachable = search.run(len(thresholds) + 1, lambda i: None if i == 0 else float(thresholds[i - 1]),

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsic_jax import _checks
+from hsic_jax import _checks, _floor
 from hsic_jax import problem as problem_lib
 from hsic_jax import selection, solver
 from hsic_jax.problem import LassoProblem
@@ -109,7 +109,7 @@ class _Decisions:
   per layer.
   """
 
-  def __init__(self, problems: Sequence[LassoProblem], omega: int, multiple: int, positive: bool,
+  def __init__(self, problems: Sequence[LassoProblem], omega: np.ndarray, multiple: int, positive: bool,
                tol: float | None, max_iter: int, bucket: bool | None):
     self.sizes = np.asarray([p.num_channels for p in problems], np.int64)
     self.lin = [np.asarray(p.lin) for p in problems]
@@ -224,7 +224,7 @@ def global_lambda_search(
     *,
     key: str = "macs",
     tolerance: float = 0.01,
-    omega: int = 1,
+    omega: int | float | Sequence[int] = 1,
     multiple: int = 1,
     positive: bool = True,
     grid: int = 24,
@@ -245,7 +245,9 @@ def global_lambda_search(
     target: the value of ``cost(...)[key]`` to reach.
     key: which cost to target.
     tolerance: relative band around the target.
-    omega: minimum channels per decision (the first ``omega`` to enter each path).
+    omega: minimum channels per decision (the first ``omega`` to enter each path): a count ``>= 1``, a fraction
+      in ``(0, 1)`` of each decision's width (``ceil(omega * c_d)``), or one count per decision
+      (:func:`hsic_jax.min_widths`).
     multiple: round every width up to a multiple of this (capped at the decision's size).
     positive: nonnegative HSIC Lasso (default) or the signed Lasso of APIB's reference code.
     grid: number of log-spaced penalties in the first, batched pass (plus ``lam = 0``).
@@ -265,7 +267,8 @@ def global_lambda_search(
     ValueError: no problems, a bad argument, or a target outside the reachable range (the message gives it).
   """
   problems = _as_list(problems)
-  for name, value, low in (("omega", omega, 1), ("multiple", multiple, 1), ("grid", grid, 2),
+  omega = _floor.min_widths(omega, [p.num_channels for p in problems])
+  for name, value, low in (("multiple", multiple, 1), ("grid", grid, 2),
                            ("max_steps", max_steps, 0)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
       raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -274,7 +277,7 @@ def global_lambda_search(
   if not (isinstance(target, (int, float, np.number)) and math.isfinite(target) and target > 0):
     raise ValueError(f"target must be a finite number > 0, got {target!r}")
   target = float(target)
-  dec = _Decisions(problems, int(omega), int(multiple), positive, tol, max_iter, bucket)
+  dec = _Decisions(problems, omega, int(multiple), positive, tol, max_iter, bucket)
   trace: list[SearchPoint] = []
   solved: dict[float, Solution] = {}
 

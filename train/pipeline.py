@@ -172,6 +172,7 @@ def stage_dense(run: Run) -> dict[str, Any]:
 
 
 METHODS = ("apib", "itpruner", "uniform", "global")
+COST_AWARE = ("none", "macs", "params")  # select.cost_aware: "none", or the cost whose savings weigh the penalty
 
 
 def evidence(cfg_select: ml_collections.ConfigDict) -> set[str]:
@@ -309,9 +310,20 @@ def select_channels(cfg_select: ml_collections.ConfigDict, sizes: Sequence[int],
   threshold on the criterion's per-layer-normalised ``scores``). ``cfg_select.criterion`` picks the channels:
   ``hsic_lasso`` (APIB's own support, or exactly ``k`` channels by :func:`hsic_jax.select_k` for widths set
   otherwise) or a baseline criterion of :mod:`hsic_jax.criteria` (its top scores).
+
+  The APIB variants: ``cfg_select.cost_aware`` (``"macs"`` or ``"params"``) weighs every channel's penalty by what
+  its removal saves (:func:`hsic_jax.cost_weighted_problems`); ``cfg_select.omega`` is a count or a fraction of each
+  dense width (:func:`hsic_jax.min_widths`); ``cfg_select.fill`` is how :func:`hsic_jax.select_k` fills widths
+  beyond the Lasso support (``"relevance"`` or ``"residual"``).
   """
   method, crit = cfg_select.method, cfg_select.criterion
-  omega = int(cfg_select.omega)
+  if cfg_select.fill not in hj.selection.FILLS:
+    raise ValueError(f"select.fill must be one of {list(hj.selection.FILLS)}, got {cfg_select.fill!r}")
+  if problems is not None and cfg_select.cost_aware != "none":
+    if cfg_select.cost_aware not in COST_AWARE:
+      raise ValueError(f"select.cost_aware must be one of {list(COST_AWARE)}, got {cfg_select.cost_aware!r}")
+    problems = hj.cost_weighted_problems(problems, cost, list(sizes), key=cfg_select.cost_aware)
+  omega = cfg_select.omega
   tol = float(cfg_select.tolerance)
   record: dict[str, Any] = {}
   keep = None
@@ -335,7 +347,7 @@ def select_channels(cfg_select: ml_collections.ConfigDict, sizes: Sequence[int],
     if params_budget and key != "params":
       budgets["params"] = float(params_budget)
     alloc = allocation.allocate_widths(np.asarray(importance), list(sizes), cost, budgets,
-                                       min_width=max(omega, 1), multiple=multiple, seed=seed,
+                                       min_width=omega, multiple=multiple, seed=seed,
                                        solver=str(cfg_select.itpruner.solver))
     widths = [int(w) for w in alloc.widths]
     record.update({"similarity": np.asarray(similarity).tolist(), "importance": np.asarray(importance).tolist(),
@@ -355,7 +367,8 @@ def select_channels(cfg_select: ml_collections.ConfigDict, sizes: Sequence[int],
   else:
     raise ValueError(f"select.method must be one of {list(METHODS)}, got {method!r}")
   if keep is None:
-    keep = lasso_keep(problems, widths, positive=bool(cfg_select.positive)) if crit == "hsic_lasso" else \
+    keep = lasso_keep(problems, widths, positive=bool(cfg_select.positive), fill=cfg_select.fill) \
+        if crit == "hsic_lasso" else \
         criteria.keep_for_widths(scores, widths)
   keep = [np.sort(np.asarray(k, np.int64)) for k in keep]
   if [len(k) for k in keep] != widths:
@@ -411,7 +424,9 @@ def stage_select(run: Run) -> dict[str, Any]:
         "decisions": [{"decision": d, "group": g.name, "size": g.size, "kept": len(k)}
                       for (d, g), k in zip(pairs, sel.keep)],
         "keep": {g.name: [int(i) for i in k] for (_, g), k in zip(pairs, sel.keep)},
-        "positive": bool(cfg.select.positive), "round_to": multiple, "omega": int(cfg.select.omega),
+        "positive": bool(cfg.select.positive), "round_to": multiple, "omega": cfg.select.omega,
+        "min_widths": hj.min_widths(cfg.select.omega, [int(g.size) for _, g in pairs]).tolist(),
+        "cost_aware": cfg.select.cost_aware, "fill": cfg.select.fill,
         **sel.record, "seconds": sel.seconds})
   return {"seconds": sel.seconds}
 
@@ -445,15 +460,16 @@ def _allocation_summary(alloc: Any) -> dict[str, Any]:
   return json.loads(json.dumps(out, default=_json_default))
 
 
-def lasso_keep(problems: list[hj.LassoProblem], widths: list[int], *, positive: bool) -> list[np.ndarray]:
-  """Exactly ``widths[d]`` channels of each decision by HSIC Lasso (:func:`hsic_jax.select_k`), problems of one
-  channel count solved in one batched call."""
+def lasso_keep(problems: list[hj.LassoProblem], widths: list[int], *, positive: bool,
+               fill: str = "relevance") -> list[np.ndarray]:
+  """Exactly ``widths[d]`` channels of each decision by HSIC Lasso (:func:`hsic_jax.select_k`, beyond the Lasso
+  support filled by ``fill``), problems of one channel count solved in one batched call."""
   keep: list[np.ndarray] = [np.empty(0, np.int64)] * len(problems)
   sizes = [int(p.num_channels) for p in problems]
   for c in sorted(set(sizes)):
     idx = [i for i, s in enumerate(sizes) if s == c]
     stacked, _ = hj.stack_problems([problems[i] for i in idx])
-    sel = hj.select_k(stacked, np.asarray([widths[i] for i in idx], np.int32), positive=positive)
+    sel = hj.select_k(stacked, np.asarray([widths[i] for i in idx], np.int32), positive=positive, fill=fill)
     mask = np.asarray(sel.selected)
     for j, i in enumerate(idx):
       keep[i] = np.flatnonzero(mask[j])
