@@ -199,7 +199,8 @@ def run_hsic_jax(workload: Workload, repeats: int) -> dict[str, Any]:
   sel, stages["search"] = _cold_warm(lambda: pipeline.select_channels(
       cfg.select, budget.sizes, budget.cost, key, target, multiple=budget.multiple, problems=problems), repeats)
   result = sel.result
-  settings = {"tolerance": float(cfg.select.tolerance), "omega": int(cfg.select.omega), "multiple": budget.multiple,
+  settings = {"tolerance": float(cfg.select.tolerance), **pipeline.floor_record(cfg.select, budget.sizes),
+              "multiple": budget.multiple,
               "positive": bool(cfg.select.positive), "grid": int(cfg.select.grid),
               "max_steps": int(cfg.select.max_steps)}
   for kind in ("cold", "warm", "compile"):
@@ -283,17 +284,18 @@ def reference_keep(design: np.ndarray, target: np.ndarray, alpha: float, omega: 
   return keep, fits
 
 
-def reference_evaluate(layers: Sequence[tuple[np.ndarray, np.ndarray]], alpha: float, omega: int,
+def reference_evaluate(layers: Sequence[tuple[np.ndarray, np.ndarray]], alpha: float, omega: Sequence[int],
                        cost: Callable[[Sequence[int]], dict[str, float]], key: str) -> dict[str, Any]:
-  """One alpha evaluation of the reference: every layer's Grams rebuilt and its Lasso fitted, then the MACs."""
+  """One alpha evaluation of the reference: every layer's Grams rebuilt and its Lasso fitted (``omega``: the floor
+  of each layer), then the MACs."""
   t0 = time.perf_counter()
   grams = lasso = 0.0
   widths, fits = [], 0
-  for x, y in layers:
+  for (x, y), floor in zip(layers, omega, strict=True):
     t = time.perf_counter()
     design, target = reference_design(x, y)
     t1 = time.perf_counter()
-    keep, f = reference_keep(design, target, alpha, omega)
+    keep, f = reference_keep(design, target, alpha, int(floor))
     lasso += time.perf_counter() - t1
     grams += t1 - t
     widths.append(int(keep.size))
@@ -305,8 +307,8 @@ def reference_evaluate(layers: Sequence[tuple[np.ndarray, np.ndarray]], alpha: f
           "grams_seconds": grams, "lasso_seconds": lasso, "measured": True}
 
 
-def emulator(problems: Sequence[hj.LassoProblem], omega: int, cost: Callable[[Sequence[int]], dict[str, float]],
-             key: str) -> Callable[[float], dict[str, Any]]:
+def emulator(problems: Sequence[hj.LassoProblem], omega: Sequence[int],
+             cost: Callable[[Sequence[int]], dict[str, float]], key: str) -> Callable[[float], dict[str, Any]]:
   """alpha -> the reference's widths approximated by hsic_jax's signed solutions at ``lam = alpha n^2`` (used only
   to count the evaluations the reference's bisection would still take; it is not timed)."""
   stacked, _ = hj.stack_problems(list(problems))
@@ -315,7 +317,7 @@ def emulator(problems: Sequence[hj.LassoProblem], omega: int, cost: Callable[[Se
   def evaluate(alpha: float) -> dict[str, Any]:
     lam = jnp.full(stacked.lin.shape[:-1], alpha * rows, stacked.lin.dtype)
     res = hj.solve(stacked, lam, positive=False)
-    widths = [max(int(k), omega, 1) for k in np.asarray(res.selected).sum(-1)]
+    widths = [max(int(k), int(o), 1) for k, o in zip(np.asarray(res.selected).sum(-1), omega, strict=True)]
     return {"alpha": alpha, key: cost(widths)[key], "widths": widths, "measured": False}
 
   return evaluate
@@ -345,7 +347,7 @@ def apib_bisection(value: Callable[[float, str], float], target: float, alpha0: 
 
 
 def reference_search(layers: Sequence[tuple[np.ndarray, np.ndarray]], cost: Callable[[Sequence[int]], dict[str, float]],
-                     key: str, target: float, *, alpha0: float, tolerance: float, omega: int, budget: float,
+                     key: str, target: float, *, alpha0: float, tolerance: float, omega: Sequence[int], budget: float,
                      emulate: Callable[[], Callable[[float], dict[str, Any]]]) -> dict[str, Any]:
   """The reference's outer bisection on alpha (``auto_prune``), measured until ``budget`` seconds, then counted.
 
@@ -356,7 +358,7 @@ def reference_search(layers: Sequence[tuple[np.ndarray, np.ndarray]], cost: Call
     target: the target value.
     alpha0: the initial ``hi``.
     tolerance: relative band.
-    omega: minimum channels per layer.
+    omega: minimum channels of each layer (:func:`hsic_jax.min_widths` of the config's ``select.omega``).
     budget: seconds of measured evaluations after which the rest are counted, not run.
     emulate: builds the counting evaluator (called at most once, when the budget runs out).
 
@@ -404,8 +406,8 @@ def run_reference(workload: Workload, ours: dict[str, Any], budget: float, count
   """
   cost, key, target, dense = cost_function(workload)
   cfg = workload.config
-  omega = int(cfg.select.omega)
   layers = [tuple(np.asarray(a, np.float32) for a in ours["_features"][d]) for d in ours["_decisions"]]
+  omega = [int(o) for o in hj.min_widths(cfg.select.omega, [p.num_channels for p in ours["_problems"]])]
   res = reference_search(layers, cost, key, target, alpha0=workload.alpha0, tolerance=float(cfg.select.tolerance),
                          omega=omega, budget=budget,
                          emulate=lambda: emulator(ours["_problems"], omega, cost, key))

@@ -19,18 +19,19 @@ The top level holds what users call most; each public module is a namespace of t
 - :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr, and the registry of
   channel rules (``register_channel_rule``) that tells derivation how a primitive moves channels.
 - :mod:`hsic_jax.runtime`: host-side settings for the CPU backend (LAPACK threads).
+- :mod:`hsic_jax.weighting`: per-channel penalty weights (weighted HSIC Lasso), e.g. by the cost a channel saves.
 
 What these modules share lives in ``_``-prefixed modules (no module reaches into a neighbour's ``_``-names):
 ``_gram`` (Gram building blocks), ``_lasso`` (the problem type, its assembly, float64 reference and checks),
 ``_fista`` (the traced solver core, its result type and tolerances), ``_jaxpr_context`` and ``_jaxpr_rules`` (the
 state of a derivation and the built-in rules), ``_jaxpr_walk`` (jaxpr traversal), ``_checks`` (argument checks) and
-``_sharding`` (how inputs split over a mesh).
+``_sharding`` (how inputs split over a mesh); ``_fill`` is :func:`select_k`'s residual fill.
 """
 
 from hsic_jax import allocation, budget, criteria, groups, jaxpr_groups, kernels, methods, problem, runtime, search
-from hsic_jax import selection, solver, surgery
+from hsic_jax import selection, solver, surgery, weighting
 from hsic_jax.allocation import allocate_widths, layer_importance
-from hsic_jax.budget import BudgetPoint, BudgetResult, allocate_global, allocate_uniform
+from hsic_jax.budget import BudgetPoint, BudgetResult, allocate_global, allocate_uniform, min_widths
 from hsic_jax.criteria import channel_scores, criterion_names, register_criterion
 from hsic_jax.groups import ChannelGroup, ChannelSlice
 from hsic_jax.jaxpr_groups import GroupDerivationWarning, check_groups, derive_groups, derive_model_groups
@@ -67,6 +68,7 @@ from hsic_jax.selection import (
 )
 from hsic_jax.solver import LassoResult, lambda_max, solve
 from hsic_jax.surgery import PrunePlan, PruneResult, apply_plan, prune
+from hsic_jax.weighting import cost_weighted_problems, cost_weights, unweight_beta, weighted_problem
 
 __version__ = "0.1.0"
 
@@ -94,6 +96,8 @@ __all__ = [
     "check_groups",
     "cka",
     "combine_problems",
+    "cost_weighted_problems",
+    "cost_weights",
     "criteria",
     "criterion_names",
     "delta_gram",
@@ -119,6 +123,7 @@ __all__ = [
     "method_names",
     "method_needs",
     "methods",
+    "min_widths",
     "output_gram",
     "problem",
     "problem_from_features",
@@ -136,4 +141,7 @@ __all__ = [
     "stack_problems",
     "surgery",
     "unregister_method",
+    "unweight_beta",
+    "weighted_problem",
+    "weighting",
 ]

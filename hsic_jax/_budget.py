@@ -19,7 +19,7 @@ CostFn = Callable[[Sequence[int]], Mapping[str, float]]
 P = TypeVar("P")
 
 __all__ = ["BudgetPoint", "BudgetResult", "CostFn", "bisect", "check_count", "check_reachable", "check_target",
-           "check_tolerance", "costs_at", "round_width", "within"]
+           "check_tolerance", "costs_at", "min_widths", "round_width", "within"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,6 +90,50 @@ def round_width(k: int, size: int, *, multiple: int = 1) -> int:
   if multiple < 1:
     raise ValueError(f"multiple must be >= 1, got {multiple}")
   return min(size, multiple * math.ceil(max(int(k), 1) / multiple))
+
+
+def min_widths(omega: Any, sizes: Sequence[int], *, name: str = "omega") -> np.ndarray:
+  """The fewest channels each decision keeps: ``min(omega, c_d)`` for a count, ``ceil(omega * c_d)`` for a fraction.
+
+  A count (one for all decisions, or one per decision) follows :func:`check_count`, the library's one integer
+  contract; only a float strictly between 0 and 1 is a fraction.
+
+  Args:
+    omega: an integer ``>= 1`` (a count; an integral float such as ``2.0`` is one too), a float in ``(0, 1)`` (a
+      fraction of each dense width, e.g. ``0.1``), or one count ``>= 1`` per decision.
+    sizes: the dense width ``c_d`` of every decision.
+    name: the argument's name in error messages.
+
+  Returns:
+    Per-decision counts (int64), each in ``[1, c_d]``.
+
+  Raises:
+    ValueError: zero, a negative, NaN or infinity, a float ``>= 1`` that is not an integer, a boolean, or a sequence
+      of the wrong length or with a value that is not an integer ``>= 1``.
+
+  >>> min_widths(0.1, [16, 64]).tolist(), min_widths(3, [16, 2]).tolist()
+  ([2, 7], [3, 2])
+  """
+  sizes_arr = np.asarray([int(s) for s in sizes], np.int64)
+  if isinstance(omega, (float, np.floating)) and 0 < omega < 1:
+    # The slack keeps a product such as 0.1 * 30 = 3.0000000000000004 from rounding up to 4.
+    per = np.ceil(float(omega) * sizes_arr - 1e-9).astype(np.int64)
+  elif isinstance(omega, (int, float, np.number, np.bool_)):
+    try:
+      per = np.full(sizes_arr.shape, check_count(name, omega, 1), np.int64)
+    except ValueError as err:
+      raise ValueError(f"{name} must be an integer >= 1 (a count of channels) or a fraction in (0, 1) of each "
+                       f"decision's dense width, got {omega!r}") from err
+  else:
+    if isinstance(omega, (str, bytes)) or not isinstance(omega, Iterable):
+      raise ValueError(f"{name} must be an integer >= 1, a fraction in (0, 1) or one count per decision, got "
+                       f"{omega!r}")
+    seq = list(omega)
+    if len(seq) != sizes_arr.size:
+      raise ValueError(f"{name} as a sequence must hold one integer >= 1 per decision ({sizes_arr.size}), got "
+                       f"{seq!r}")
+    per = np.asarray([check_count(f"{name}[{d}]", v, 1) for d, v in enumerate(seq)], np.int64)
+  return np.clip(per, 1, sizes_arr)
 
 
 def costs_at(cost_fn: CostFn, widths: Sequence[int], keys: Iterable[str]) -> dict[str, float]:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 
-from hsic_jax._budget import BudgetResult, CostFn, check_count, check_reachable, costs_at, round_width
+from hsic_jax._budget import BudgetResult, CostFn, check_count, check_reachable, costs_at, min_widths, round_width
 from hsic_jax._lattice import Lattice
 
 # The fitted form is exact up to float64 rounding of sums of products of integers below 2**53.
@@ -338,7 +338,8 @@ def _relax(lat: Lattice, lo: np.ndarray, x0: np.ndarray, maxiter: int) -> tuple[
 
 
 def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn, budgets: Mapping[str, float], *,
-                    min_width: int = 1, multiple: int = 1, starts: int = 8, seed: int = 0, check_points: int = 16,
+                    min_width: int | float | Sequence[int] = 1, multiple: int = 1, starts: int = 8, seed: int = 0,
+                    check_points: int = 16,
                     fitted: Mapping[str, QuadraticCost] | None = None, maxiter: int = 200,
                     max_moves: int | None = None, solver: str = "search") -> BudgetResult:
   """Integer widths maximising ``sum_i a_i w_i / c_i`` with every ``cost_fn(w)[k] <= budgets[k]``.
@@ -373,7 +374,8 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
     base_widths: (l,) dense widths ``c``.
     cost_fn: ``widths -> {key: value}``: the exact cost of a width vector.
     budgets: ``{key: budget}``, one or more (e.g. ``{"macs": 57e6, "params": 0.4e6}``).
-    min_width: smallest width of any layer (>= 1; capped at ``c_i``).
+    min_width: smallest width of any layer: a count ``>= 1``, a fraction in ``(0, 1)`` of each dense width, or
+      one count per layer (:func:`hsic_jax.min_widths`; capped at ``c_i``).
     multiple: widths are multiples of this (or ``c_i``).
     starts: continuous starts (>= 1).
     seed: seed of the random starts and of the fit's check points.
@@ -398,12 +400,13 @@ def allocate_widths(importance: Any, base_widths: Sequence[int], cost_fn: CostFn
   """
   t0 = time.perf_counter()
   a, base, budgets = _check_allocation(importance, base_widths, budgets, solver)
-  min_width, multiple = check_count("min_width", min_width, 1), check_count("multiple", multiple, 1)
+  floor = min_widths(min_width, base, name="min_width")
+  multiple = check_count("multiple", multiple, 1)
   starts = check_count("starts", starts, 1)
   keys = list(budgets)
   bud = np.array([budgets[k] for k in keys])
   exact = _Exact(cost_fn, keys)
-  lo = np.array([round_width(min_width, int(c), multiple=multiple) for c in base], np.int64)
+  lo = np.array([round_width(int(m), int(c), multiple=multiple) for m, c in zip(floor, base)], np.int64)
   dense_cost, low_cost = exact(base), exact(lo)
   reachable = {k: (low_cost[k], dense_cost[k]) for k in keys}
   for k in keys:

@@ -12,6 +12,8 @@ A *cost function* maps the kept channels of every decision to the costs of the m
 - :func:`round_width`: a width rounded up to a multiple, within ``[1, size]``;
 - the contract of "an integer >= low" (:func:`check_count`): an ``int``, a NumPy integer or an integral float such
   as ``1e4``; booleans, ``2.5``, NaN and infinities are refused;
+- :func:`min_widths`: the width floor every allocator respects, a count of channels (that integer contract), one
+  count per decision, or a fraction in ``(0, 1)`` of each dense width;
 - :func:`bisect`: bisection on a monotone family of widths between a point under the target and one above it;
 - :class:`BudgetResult`, the one result type every allocator returns, and :class:`BudgetPoint`, one evaluated point
   of its trace.
@@ -44,6 +46,7 @@ from hsic_jax._budget import (
     check_target,
     check_tolerance,
     costs_at,
+    min_widths,
     round_width,
     within,
 )
@@ -62,6 +65,7 @@ __all__ = [
     "check_target",
     "check_tolerance",
     "costs_at",
+    "min_widths",
     "round_width",
     "within",
 ]
@@ -80,13 +84,13 @@ def _check_sizes(sizes: Any) -> list[int]:
   return [int(s) for s in out]
 
 
-def _check_common(target: Any, tolerance: Any, min_width: Any, multiple: Any, key: Any) -> tuple[float, int, int]:
-  min_width, multiple = check_count("min_width", min_width, 1), check_count("multiple", multiple, 1)
+def _check_common(target: Any, tolerance: Any, multiple: Any, key: Any) -> tuple[float, int]:
+  multiple = check_count("multiple", multiple, 1)
   check_tolerance(tolerance)
   target = check_target(target)
   if not isinstance(key, str):
     raise ValueError(f"key must be a string naming a cost, got {key!r}")
-  return target, min_width, multiple
+  return target, multiple
 
 
 def _family_search(cost_fn: CostFn, key: str, target: float, tolerance: float, n: int,
@@ -120,7 +124,8 @@ def _family_search(cost_fn: CostFn, key: str, target: float, tolerance: float, n
 
 
 def allocate_uniform(sizes: Sequence[int], cost_fn: CostFn, target: float, *, key: str = "macs",
-                     tolerance: float = 0.01, min_width: int = 1, multiple: int = 1) -> BudgetResult:
+                     tolerance: float = 0.01, min_width: int | float | Sequence[int] = 1,
+                     multiple: int = 1) -> BudgetResult:
   """One kept fraction ``f`` for every decision, the largest whose cost is at most the target.
 
   ``width_d(f) = round_width(max(ceil(f * size_d), min_width), size_d, multiple=multiple)`` (rounded up to a
@@ -138,7 +143,8 @@ def allocate_uniform(sizes: Sequence[int], cost_fn: CostFn, target: float, *, ke
     target: the value of ``cost_fn(widths)[key]`` to reach.
     key: which cost to target.
     tolerance: relative band around the target.
-    min_width: the fewest channels a decision keeps (capped at its size).
+    min_width: the fewest channels a decision keeps (capped at its size): a count ``>= 1``, a fraction in
+      ``(0, 1)`` of each size, or one count per decision (:func:`min_widths`).
     multiple: round every width up to a multiple of this (capped at the size).
 
   Returns:
@@ -149,13 +155,14 @@ def allocate_uniform(sizes: Sequence[int], cost_fn: CostFn, target: float, *, ke
       the message gives the range).
   """
   sizes = _check_sizes(sizes)
-  target, min_width, multiple = _check_common(target, tolerance, min_width, multiple, key)
+  target, multiple = _check_common(target, tolerance, multiple, key)
+  floor = min_widths(min_width, sizes, name="min_width")
   fractions = np.unique(np.concatenate([[0.0]] + [np.arange(1, s + 1) / s for s in sizes]))
 
   def widths_at(i: int) -> list[int]:
     f = float(fractions[i])
     # The small slack keeps k / size_d from rounding up to k + 1 (float division then multiplication).
-    return [round_width(max(math.ceil(f * s - 1e-9), min_width), s, multiple=multiple) for s in sizes]
+    return [round_width(max(math.ceil(f * s - 1e-9), int(m)), s, multiple=multiple) for s, m in zip(sizes, floor)]
 
   best, reachable, trace = _family_search(cost_fn, key, target, float(tolerance), len(fractions),
                                           lambda i: float(fractions[i]), widths_at)
@@ -164,7 +171,7 @@ def allocate_uniform(sizes: Sequence[int], cost_fn: CostFn, target: float, *, ke
 
 
 def allocate_global(scores: Sequence[Any], cost_fn: CostFn, target: float, *, key: str = "macs",
-                    normalize: str = "l2", tolerance: float = 0.01, min_width: int = 1,
+                    normalize: str = "l2", tolerance: float = 0.01, min_width: int | float | Sequence[int] = 1,
                     multiple: int = 1) -> BudgetResult:
   """One threshold ``t`` on every decision's normalised scores (:func:`~hsic_jax.criteria.normalize_scores`), the
   lowest whose cost is at most the target: decision ``d`` keeps its channels with ``s_hat >= t``, at least
@@ -190,12 +197,13 @@ def allocate_global(scores: Sequence[Any], cost_fn: CostFn, target: float, *, ke
   Raises:
     ValueError: bad arguments, or a target outside the reachable range (the message gives it).
   """
-  target, min_width, multiple = _check_common(target, tolerance, min_width, multiple, key)
+  target, multiple = _check_common(target, tolerance, multiple, key)
   if normalize not in NORMALIZATIONS:
     raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
   raw = check_scores(scores)
   norm = [normalize_scores(s, normalize=normalize) for s in raw]
   sizes = [s.size for s in raw]
+  floor = min_widths(min_width, sizes, name="min_width")
   ascending = [np.sort(s) for s in norm]
   thresholds = np.unique(np.concatenate(norm))[::-1]  # high to low: index 0 keeps the least
 
@@ -206,7 +214,7 @@ def allocate_global(scores: Sequence[Any], cost_fn: CostFn, target: float, *, ke
     return [int(s.size - np.searchsorted(s, t, side="left")) for s in ascending]
 
   def widths_at(i: int) -> list[int]:
-    return [round_width(max(k, min_width), n, multiple=multiple) for k, n in zip(counts_at(i), sizes)]
+    return [round_width(max(k, int(m)), n, multiple=multiple) for k, n, m in zip(counts_at(i), sizes, floor)]
 
   best, reachable, trace = _family_search(cost_fn, key, target, float(tolerance), len(thresholds) + 1,
                                           lambda i: None if i == 0 else float(thresholds[i - 1]), widths_at)

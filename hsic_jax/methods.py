@@ -177,15 +177,17 @@ def method_needs(name: str, criterion: str) -> frozenset[str]:
   return method.needs | {"problems" if criterion == HSIC_LASSO else "scores"}
 
 
-def lasso_keep(problems: Sequence[LassoProblem], widths: Sequence[int], *, positive: bool) -> list[np.ndarray]:
-  """Exactly ``widths[d]`` channels of each decision by HSIC Lasso (:func:`hsic_jax.select_k`), problems of one
-  channel count solved in one batched call."""
+def lasso_keep(problems: Sequence[LassoProblem], widths: Sequence[int], *, positive: bool,
+               fill: str = "relevance") -> list[np.ndarray]:
+  """Exactly ``widths[d]`` channels of each decision by HSIC Lasso (:func:`hsic_jax.select_k`, a width beyond the
+  Lasso support filled by ``fill``: ``"relevance"`` or ``"residual"``), problems of one channel count solved in
+  one batched call."""
   keep: list[np.ndarray] = [np.empty(0, np.int64)] * len(problems)
   sizes = [int(p.num_channels) for p in problems]
   for c in sorted(set(sizes)):
     idx = [i for i, s in enumerate(sizes) if s == c]
     stacked, _ = stack_problems([problems[i] for i in idx])
-    sel = select_k(stacked, np.asarray([widths[i] for i in idx], np.int32), positive=positive)
+    sel = select_k(stacked, np.asarray([widths[i] for i in idx], np.int32), positive=positive, fill=fill)
     mask = np.asarray(sel.selected)
     for j, i in enumerate(idx):
       keep[i] = np.flatnonzero(mask[j])
@@ -199,8 +201,11 @@ def select(name: str, criterion: str, evidence: Evidence, cost: CostFn, target: 
 
   The result's ``keep`` is the method's own where it comes from the criterion's evidence (APIB's support for
   ``"hsic_lasso"``, the global threshold's top scores), else the criterion's: :func:`lasso_keep` for
-  ``"hsic_lasso"`` (``settings["positive"]``, default ``True``), :func:`hsic_jax.criteria.keep_for_widths`
-  otherwise.
+  ``"hsic_lasso"`` (``settings["positive"]``, default ``True``; ``settings["fill"]``, default ``"relevance"``),
+  :func:`hsic_jax.criteria.keep_for_widths` otherwise.
+
+  The built-in methods read ``settings["omega"]``, the width floor, as :func:`hsic_jax.min_widths` does: a count,
+  a fraction in ``(0, 1)`` of each dense width, or one count per decision.
 
   Raises:
     ValueError: as :func:`method_needs`, evidence it needs missing, and the method's own errors (an unreachable
@@ -218,7 +223,8 @@ def select(name: str, criterion: str, evidence: Evidence, cost: CostFn, target: 
   if result.keep is not None and method.keeps == own:
     keep = list(result.keep)
   elif criterion == HSIC_LASSO:
-    keep = lasso_keep(evidence.problems, widths, positive=bool(settings.get("positive", True)))
+    keep = lasso_keep(evidence.problems, widths, positive=bool(settings.get("positive", True)),
+                      fill=str(settings.get("fill", "relevance")))
   else:
     keep = criteria.keep_for_widths(evidence.scores, widths)
   keep = [np.sort(np.asarray(k, np.int64)) for k in keep]
@@ -235,7 +241,7 @@ def _apib(evidence: Evidence, cost: CostFn, target: float, *, key: str, sizes: S
           settings: Mapping[str, Any], progress: Callable[[Any], None] | None = None) -> BudgetResult:
   del sizes
   return search.global_lambda_search(
-      evidence.problems, cost, target, key=key, tolerance=float(settings["tolerance"]), omega=int(settings["omega"]),
+      evidence.problems, cost, target, key=key, tolerance=float(settings["tolerance"]), omega=settings["omega"],
       multiple=multiple, positive=bool(settings["positive"]), grid=int(settings["grid"]),
       max_steps=int(settings["max_steps"]), progress=progress)
 
@@ -258,7 +264,7 @@ def _itpruner(evidence: Evidence, cost: CostFn, target: float, *, key: str, size
   if settings.get("params_budget") and key != "params":
     budgets["params"] = float(settings["params_budget"])
   alloc = allocation.allocate_widths(np.asarray(importance), list(sizes), cost, budgets,
-                                     min_width=max(int(settings["omega"]), 1), multiple=multiple,
+                                     min_width=settings["omega"], multiple=multiple,
                                      seed=int(settings.get("seed", 0)), solver=str(it["solver"]))
   # ITPruner's target is a budget: it is reached when every budget holds, however much of it the widths use.
   reached = all(alloc.costs[k] <= v * (1 + 1e-9) for k, v in budgets.items())
@@ -284,14 +290,14 @@ def _uniform(evidence: Evidence, cost: CostFn, target: float, *, key: str, sizes
              settings: Mapping[str, Any], progress: Callable[[Any], None] | None = None) -> BudgetResult:
   del evidence, progress
   return budget.allocate_uniform(list(sizes), cost, target, key=key, tolerance=float(settings["tolerance"]),
-                                 min_width=int(settings["omega"]), multiple=multiple)
+                                 min_width=settings["omega"], multiple=multiple)
 
 
 def _global(evidence: Evidence, cost: CostFn, target: float, *, key: str, sizes: Sequence[int], multiple: int,
             settings: Mapping[str, Any], progress: Callable[[Any], None] | None = None) -> BudgetResult:
   del sizes, progress
   return budget.allocate_global(evidence.scores, cost, target, key=key, normalize=settings["global_normalize"],
-                                tolerance=float(settings["tolerance"]), min_width=int(settings["omega"]),
+                                tolerance=float(settings["tolerance"]), min_width=settings["omega"],
                                 multiple=multiple)
 
 

@@ -46,7 +46,7 @@ from hsic_jax import _checks, _lasso
 from hsic_jax import problem as problem_lib
 from hsic_jax import selection, solver
 from hsic_jax._budget import BudgetPoint, BudgetResult, CostFn, bisect, check_count, check_reachable, check_target
-from hsic_jax._budget import check_tolerance, costs_at, round_width, within
+from hsic_jax._budget import check_tolerance, costs_at, min_widths, round_width, within
 from hsic_jax.problem import LassoProblem
 
 def _order(beta: np.ndarray, lin: np.ndarray) -> np.ndarray:
@@ -66,7 +66,7 @@ class _Decisions:
   per layer.
   """
 
-  def __init__(self, problems: Sequence[LassoProblem], omega: int, multiple: int, positive: bool,
+  def __init__(self, problems: Sequence[LassoProblem], omega: np.ndarray, multiple: int, positive: bool,
                tol: float | None, max_iter: int, bucket: bool | None):
     self.sizes = np.asarray([p.num_channels for p in problems], np.int64)
     self.lin = [np.asarray(p.lin) for p in problems]
@@ -211,7 +211,7 @@ def global_lambda_search(
     *,
     key: str = "macs",
     tolerance: float = 0.01,
-    omega: int = 1,
+    omega: int | float | Sequence[int] = 1,
     multiple: int = 1,
     positive: bool = True,
     grid: int = 24,
@@ -232,7 +232,9 @@ def global_lambda_search(
     target: the value of ``cost(...)[key]`` to reach.
     key: which cost to target.
     tolerance: relative band around the target.
-    omega: minimum channels per decision (the first ``omega`` to enter each path).
+    omega: minimum channels per decision (the first ``omega`` to enter each path): a count ``>= 1``, a fraction
+      in ``(0, 1)`` of each decision's width (``ceil(omega * c_d)``), or one count per decision
+      (:func:`hsic_jax.min_widths`).
     multiple: round every width up to a multiple of this (capped at the decision's size).
     positive: nonnegative HSIC Lasso (default) or the signed Lasso of APIB's reference code.
     grid: number of log-spaced penalties in the first, batched pass (plus ``lam = 0``).
@@ -254,7 +256,8 @@ def global_lambda_search(
     ValueError: no problems, a bad argument, or a target outside the reachable range (the message gives it).
   """
   problems = _as_list(problems)
-  omega, multiple = check_count("omega", omega, 1), check_count("multiple", multiple, 1)
+  omega = min_widths(omega, [p.num_channels for p in problems])
+  multiple = check_count("multiple", multiple, 1)
   grid, max_steps = check_count("grid", grid, 2), check_count("max_steps", max_steps, 0)
   tolerance, target = check_tolerance(tolerance), check_target(target)
   dec = _Decisions(problems, omega, multiple, positive, tol, max_iter, bucket)

@@ -12,7 +12,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jax.sharding import PartitionSpec as P
 
-from hsic_jax import _checks, _fista, _lasso, _sharding
+from hsic_jax import _checks, _fill, _fista, _lasso, _sharding
 from hsic_jax import problem as problem_lib
 from hsic_jax import solver
 from hsic_jax._fista import LassoResult
@@ -20,6 +20,7 @@ from hsic_jax._gram import Bandwidth
 from hsic_jax._lasso import LassoProblem
 
 __all__ = [
+    "FILLS",
     "KSelection",
     "lambda_grid",
     "lasso_path",
@@ -172,6 +173,9 @@ def lasso_path(
   return solver.solve(problem, jnp.asarray(lams, problem.lin.dtype), positive=positive, tol=tol, max_iter=max_iter)
 
 
+FILLS = ("relevance", "residual")
+
+
 class KSelection(NamedTuple):
   """Result of :func:`select_k`.
 
@@ -200,7 +204,8 @@ def _top_k_mask(beta, lin, k, width):
   return ranks < k
 
 
-def _select_k_one(quad, lin, const, lip, k, width, tol, max_iter, max_steps, positive, compact=False):
+def _select_k_one(quad, lin, const, lip, k, width, tol, max_iter, max_steps, positive, compact=False,
+                  support_only=False):
   solve_at = functools.partial(_fista.solve_one, quad, lin, const, lip,
                                tol=tol, max_iter=max_iter, check_every=_fista.CHECK_EVERY, positive=positive,
                                compact=compact)
@@ -236,24 +241,29 @@ def _select_k_one(quad, lin, const, lip, k, width, tol, max_iter, max_steps, pos
                                                           jnp.zeros((), jnp.int32)))
   exact = count(res) == k
   fallback = jax.tree.map(lambda r, b: jnp.where(better(res, best), r, b), res, best)
-  mask = jnp.where(exact, res.selected, _top_k_mask(fallback.beta, lin, k, width))
+  fallback_mask = _top_k_mask(fallback.beta, lin, k, width)
+  if support_only:  # the fill beyond the support is left to the caller (fill="residual")
+    fallback_mask = fallback_mask & (fallback.beta != 0)
+  mask = jnp.where(exact, res.selected, fallback_mask)
   return KSelection(mask, res.lam, exact, res)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "max_steps", "positive", "strategy"))
-def _select_k(problem, k, widths, tol, max_iter, max_steps, positive, strategy):
+@functools.partial(jax.jit, static_argnames=("max_iter", "max_steps", "positive", "strategy", "support_only"))
+def _select_k(problem, k, widths, tol, max_iter, max_steps, positive, strategy, support_only=False):
   fn = functools.partial(_select_k_one, tol=tol, max_iter=max_iter, max_steps=max_steps, positive=positive,
-                         compact=strategy == "loop")
+                         compact=strategy == "loop", support_only=support_only)
   args = (problem.quad, problem.lin, problem.const, problem.lipschitz, k, widths)
   return fn(*args) if problem.lin.ndim == 1 else _checks.map_batch(fn, args, strategy)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "max_steps", "positive", "strategy", "mesh", "axes"))
-def _select_k_split(problem, k, widths, tol, max_iter, max_steps, positive, strategy, mesh, axes):
+@functools.partial(jax.jit, static_argnames=("max_iter", "max_steps", "positive", "strategy", "mesh", "axes",
+                                             "support_only"))
+def _select_k_split(problem, k, widths, tol, max_iter, max_steps, positive, strategy, mesh, axes, support_only=False):
   """:func:`_select_k` on each device's shard of a stack split over ``axes``."""
   p_spec, r_spec = _fista.batch_specs(axes)
   row = P(axes)
-  local = lambda p, kk, w, t: _select_k(p, kk, w, t, max_iter, max_steps, positive, strategy)  # noqa: E731
+  local = lambda p, kk, w, t: _select_k(p, kk, w, t, max_iter, max_steps, positive, strategy,  # noqa: E731
+                                        support_only)
   return jax.shard_map(local, mesh=mesh, in_specs=(p_spec, row, row, P()),
                        out_specs=KSelection(P(axes, None), row, row, r_spec), check_vma=False)(problem, k, widths, tol)
 
@@ -269,6 +279,7 @@ def select_k(
     max_steps: int = 60,
     strategy: str | None = None,
     check: bool = True,
+    fill: str = "relevance",
 ) -> KSelection:
   """Keeps exactly ``k`` channels: bisection on ``lam`` in ``[0, lambda_max]`` until the support has ``k`` entries.
 
@@ -286,6 +297,10 @@ def select_k(
     strategy: ``"loop"`` or ``"vmap"`` over a batch, as in :func:`hsic_jax.solve` (default: where the problem
       lives).
     check: check that the problem is finite first, as in :func:`hsic_jax.solve`.
+    fill: how a ``k`` beyond every Lasso support tried is filled: ``"relevance"`` (default; by ``q``, as
+      :class:`KSelection` says) or ``"residual"`` (greedy: the channel most correlated with the residual
+      ``q - Q beta``, ``beta`` refitted by least squares on the kept set after each addition; see
+      :mod:`hsic_jax._fill`). The residual fill runs on the host, in float64; its mask is not sharded.
 
   Returns:
     A :class:`KSelection`. A float16 or bfloat16 problem is solved (and its result returned) in float32.
@@ -312,6 +327,9 @@ def select_k(
       raise ValueError(f"k must be an integer in [1, {int(widths_arr)}] (never an empty layer), got {k!r}.")
     raise ValueError(f"k must hold an integer in [1, width] per problem (never an empty layer, never more channels "
                      f"than it has), got k={k_arr.tolist()} for widths {widths_arr.tolist()}.")
+  if fill not in FILLS:
+    raise ValueError(f"fill must be one of {list(FILLS)}, got {fill!r}.")
+  support_only = fill == "residual"
   strategy = _checks.strategy_for(problem.quad, strategy=strategy)
   k_j, widths_j, tol_j = (jnp.asarray(k_arr, jnp.int32), jnp.asarray(widths_arr, jnp.int32),
                           jnp.asarray(tol, problem.lin.dtype))
@@ -320,6 +338,11 @@ def select_k(
     # A stack split over a mesh: every device selects in its own problems; the result stays split.
     mesh, axes = split
     place = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, P(axes)))  # noqa: E731
-    return _select_k_split(problem, place(k_j), place(widths_j), tol_j, max_iter, max_steps, bool(positive),
-                           strategy, mesh, axes)
-  return _select_k(problem, k_j, widths_j, tol_j, max_iter, max_steps, bool(positive), strategy)
+    out = _select_k_split(problem, place(k_j), place(widths_j), tol_j, max_iter, max_steps, bool(positive),
+                          strategy, mesh, axes, support_only)
+  else:
+    out = _select_k(problem, k_j, widths_j, tol_j, max_iter, max_steps, bool(positive), strategy, support_only)
+  if support_only:
+    out = out._replace(selected=jnp.asarray(_fill.residual_masks(problem.quad, problem.lin, out.selected, k_arr,
+                                                                 widths_arr)))
+  return out

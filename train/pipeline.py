@@ -236,6 +236,17 @@ def selection_budget(cfg: ml_collections.ConfigDict, dense_model: nnx.Module) ->
                 float(cfg.select.itpruner.params_ratio) * float(dense.params) or None)
 
 
+COST_AWARE = ("none", "macs", "params")  # select.cost_aware: "none", or the cost whose savings weigh the penalty
+
+
+def floor_record(cfg_select: ml_collections.ConfigDict, sizes: Sequence[int]) -> dict[str, Any]:
+  """``{"omega", "min_widths"}``: the width floor as configured (an int when integral, as the count it is) and as
+  resolved per decision by :func:`hsic_jax.min_widths`."""
+  omega = cfg_select.omega
+  raw = int(omega) if isinstance(omega, (int, float)) and float(omega).is_integer() else omega
+  return {"omega": raw, "min_widths": hj.min_widths(omega, list(sizes)).tolist()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
   """What :func:`select_channels` chose: kept channels and widths per decision, and how they were found."""
@@ -257,8 +268,20 @@ def select_channels(cfg_select: ml_collections.ConfigDict, sizes: Sequence[int],
   itpruner, uniform, global, or one registered with :func:`hsic_jax.register_method`), which sets the widths so that
   ``cost[key]`` reaches ``target``; ``cfg_select.criterion`` picks the channels (:func:`hsic_jax.select`). The
   method's settings are ``cfg_select`` itself, with ``params_budget`` and ``seed``; its progress shows as a bar.
+
+  The APIB variants: ``cfg_select.cost_aware`` (``"macs"`` or ``"params"``) weighs every channel's penalty by what
+  its removal saves (:func:`hsic_jax.cost_weighted_problems`): the problems are weighted here, before any method
+  sees them, so a user-registered method gets the same problems as the built-in ones. ``cfg_select.omega`` is a
+  count or a fraction of each dense width (:func:`hsic_jax.min_widths`); ``cfg_select.fill`` is how
+  :func:`hsic_jax.select_k` fills widths beyond the Lasso support (``"relevance"`` or ``"residual"``).
   """
   method = cfg_select.method
+  if cfg_select.fill not in hj.selection.FILLS:
+    raise ValueError(f"select.fill must be one of {list(hj.selection.FILLS)}, got {cfg_select.fill!r}")
+  if cfg_select.cost_aware not in COST_AWARE:
+    raise ValueError(f"select.cost_aware must be one of {list(COST_AWARE)}, got {cfg_select.cost_aware!r}")
+  if problems is not None and cfg_select.cost_aware != "none":
+    problems = hj.cost_weighted_problems(problems, cost, list(sizes), key=cfg_select.cost_aware)
   settings = {**cfg_select.to_dict(), "params_budget": params_budget, "seed": seed}
   t0 = time.perf_counter()
   bar = tqdm(desc=f"select ({method})", unit="point", leave=False)
@@ -312,7 +335,8 @@ def stage_select(run: Run) -> dict[str, Any]:
         "decisions": [{"decision": d, "group": g.name, "size": g.size, "kept": len(k)}
                       for (d, g), k in zip(pairs, sel.keep)],
         "keep": {g.name: [int(i) for i in k] for (_, g), k in zip(pairs, sel.keep)},
-        "positive": bool(cfg.select.positive), "round_to": budget.multiple, "omega": int(cfg.select.omega),
+        "positive": bool(cfg.select.positive), "round_to": budget.multiple,
+        **floor_record(cfg.select, budget.sizes), "cost_aware": cfg.select.cost_aware, "fill": cfg.select.fill,
         **sel.record, "seconds": sel.seconds})
   return {"seconds": sel.seconds}
 

@@ -122,11 +122,21 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.select.ratio = 0.454       # kept fraction of the dense model's count ...
   config.select.absolute = 0.0      # ... or an absolute count (used when > 0)
   config.select.tolerance = 0.01
-  config.select.omega = 1           # minimum channels per decision
+  # Minimum channels per decision: a count (>= 1), or a float in (0, 1), a fraction of each dense width
+  # (ceil(omega * width), e.g. 0.1). A float field, so that either parses from the command line.
+  config.select.omega = 1.0
   config.select.round_to = 0        # widths rounded up to a multiple; 0: 8 on GPU/TPU, 1 on CPU
   config.select.positive = True     # False: the reference code's signed Lasso (faithful mode)
   config.select.bandwidth = "apib"  # gamma = 1 / (values per sample), for every channel and the output
   config.select.normalized = False  # Frobenius-normalised Grams (pyHSICLasso); APIB does not normalise
+  # APIB variants (defaults: the paper's method). cost_aware: "macs" or "params" weighs each channel's Lasso
+  # penalty by what its removal saves at the dense widths (mean weight 1), so that the one global lambda trades
+  # kept dependence per unit of cost; "none": every channel's penalty is lambda.
+  config.select.cost_aware = "none"
+  # How HSIC Lasso fills a width set by another method beyond its support (uniform, ITPruner's widths):
+  # "relevance" (by q, the default) or "residual" (greedy by the correlation with the residual q - Q beta, with
+  # least-squares refits: see hsic_jax/_fill.py).
+  config.select.fill = "relevance"
   config.select.grid = 24
   config.select.max_steps = 40
   config.select.itpruner = ml_collections.ConfigDict()
