@@ -47,8 +47,9 @@ schedule and, cut short, leaves the network below where surgery left it), plus w
 time. A variant whose kept channels equal an earlier row's under the same seed reuses that row's accuracies (same
 model, same seed: same training) and says so. Per method: mean, standard deviation, min and max over seeds; a pair
 of methods "differs beyond the spread" when their ranges do not overlap. Its own results
-(``results/pruning_quality_study.json``), plot, README block and progress file (``runs/pruning_quality_study/``,
-one part per (seed, method), so that a killed run resumes and a new variant or seed is just computed);
+(``results/pruning_quality_study.json``), plot, README block and progress file
+(``results/pruning_quality_study_progress.jsonl``, committed: hours of fine-tuning; one part per (seed, method), so
+that a killed run resumes and a new variant or seed is just computed);
 ``--study --render`` renders whatever parts the progress file holds.
 
 **How many calibration images** (``--stability``): APIB, APIB on normalised problems, ITPruner and ITPruner + HSIC
@@ -134,8 +135,11 @@ def study_variants() -> list[Variant]:
   return [Variant("APIB", "apib", "hsic_lasso"),
           Variant("APIB (normalised problems)", "apib", "hsic_lasso", select={"normalized": True}),
           Variant("APIB (signed Lasso)", "apib", "hsic_lasso", select={"positive": False}),
+          Variant("APIB (cost-aware MACs penalty)", "apib", "hsic_lasso", select={"cost_aware": "macs"}),
+          Variant("APIB (floor 10% of each width)", "apib", "hsic_lasso", select={"omega": 0.1}),
           Variant("ITPruner", "itpruner", "l1"),
           Variant("ITPruner + HSIC Lasso", "itpruner", "hsic_lasso"),
+          Variant("ITPruner + HSIC Lasso (residual fill)", "itpruner", "hsic_lasso", select={"fill": "residual"}),
           Variant("uniform + l1", "uniform", "l1"),
           Variant("uniform + fpgm", "uniform", "fpgm"),
           Variant("uniform + random", "uniform", "random")]
@@ -985,7 +989,7 @@ def _study_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
   out = args.out if args.out is not None else (pathlib.Path(tempfile.mkdtemp(prefix=f"{STUDY_NAME}_")) if quick
                                                else None)
   progress = args.progress or ((out / "progress.jsonl") if quick else
-                                pathlib.Path("runs") / STUDY_NAME / "progress.jsonl")
+                                _common.RESULTS / f"{STUDY_NAME}_progress.jsonl")
   if args.render:
     payload = {"machine": _common.machine(), **study_from_progress(progress)}
   else:

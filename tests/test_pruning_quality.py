@@ -111,6 +111,9 @@ def test_variant_select_overrides_reach_the_config_and_unknown_keys_are_refused(
   assert len(set(labels)) == len(labels)
   assert {"APIB", "ITPruner", "ITPruner + HSIC Lasso", "uniform + l1", "uniform + fpgm", "uniform + random",
           "APIB (normalised problems)"} <= set(labels)
+  program = pq.study_config("resnet20", pq.SHARED, "/tmp/unused").select
+  for v in pq.study_variants():
+    v.select_config(program)  # every variant's override is a key of the program's config
 
 
 def test_study_flags_and_rendering_from_progress(tmp_path, capsys):
