@@ -130,7 +130,7 @@ def variants(quick: bool) -> list[Variant]:
 
 
 def study_variants() -> list[Variant]:
-  """The methods of the study at a real fine-tuning budget (issue 25): the paper's methods, the uniform baselines,
+  """The methods of the study at a real fine-tuning budget: the paper's methods, the uniform baselines,
   and APIB's variants, each a ``select`` override (a new one is a new row that a resumed run computes)."""
   return [Variant("APIB", "apib", "hsic_lasso"),
           Variant("APIB (normalised problems)", "apib", "hsic_lasso", select={"normalized": True}),
@@ -585,7 +585,7 @@ def run(quick: bool, shared: pathlib.Path, finetune_steps: int, data_dir: str, w
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The study at a real fine-tuning budget (issue 25): one ratio, several seeds, epochs of fine-tuning.
+# The study at a real fine-tuning budget: one ratio, several seeds, epochs of fine-tuning.
 
 
 STUDY_NAME = f"{NAME}_study"
@@ -806,7 +806,7 @@ def study_from_progress(progress_path: pathlib.Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Stability of the widths and channels with the number of calibration images (issue 25, section 4).
+# Stability of the widths and channels with the number of calibration images.
 
 
 CALIB_NAME = f"{NAME}_calibration"

@@ -1,7 +1,7 @@
 """The program selects what it selected before the redesign: widths and kept channels equal to the recorded ones.
 
 ``tests/data/behaviour_baseline.json`` was written by ``python tests/data/record_behaviour.py`` from the code at
-commit 45e9d86 (before the redesign of issue 24). Each case runs again here through the program's stages
+commit 45e9d86 (before the modules were redesigned). Each case runs again here through the program's stages
 (``dense``, ``calibrate``, ``select``) in a fresh workdir on one device; its per-decision widths and kept channel
 indices must be exactly the recorded ones, the penalty (APIB) or allocation objective equal to rtol 1e-6, the MACs
 and params equal. A change that moves any of them changes behaviour; if that is intended, record again and say why

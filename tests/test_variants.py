@@ -1,4 +1,4 @@
-"""APIB's variants (issue 25, section 2): the weighted (cost-aware) Lasso, the fractional width floor and the
+"""APIB's variants: the weighted (cost-aware) Lasso, the fractional width floor and the
 residual fill beyond the nonnegative support, each against an independent oracle."""
 
 import itertools
