@@ -294,7 +294,8 @@ def overlap_matrix(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
 def stability(model: Any, cfg: ml_collections.ConfigDict, pairs: Sequence[Any], widths: Sequence[int],
               ns: Sequence[int]) -> list[dict[str, Any]]:
   """HSIC Lasso's kept channels at fixed ``widths`` from ``n`` calibration images, against the largest ``n``."""
-  from train import calibrate, data, pipeline  # pylint: disable=import-outside-toplevel
+  import hsic_jax as hj  # pylint: disable=import-outside-toplevel
+  from train import calibrate, data  # pylint: disable=import-outside-toplevel
   keeps = {}
   for n in ns:
     images, _, _ = data.calibration_batch(cfg.data, n, seed=int(cfg.calib.seed))
@@ -302,7 +303,7 @@ def stability(model: Any, cfg: ml_collections.ConfigDict, pairs: Sequence[Any], 
     c.batch_size = min(n, 128)
     t0 = time.perf_counter()
     _, problems = calibrate.build_problems(model, images, c, cfg.select)
-    keeps[n] = pipeline.lasso_keep(problems, list(widths), positive=bool(cfg.select.positive))
+    keeps[n] = hj.methods.lasso_keep(problems, list(widths), positive=bool(cfg.select.positive))
     print(f"  stability n={n}: {time.perf_counter() - t0:.1f} s", flush=True)
   ref = keeps[max(ns)]
   return [{"n": n, "jaccard_vs_largest": float(np.mean([jaccard(a, b) for a, b in zip(keeps[n], ref)])),

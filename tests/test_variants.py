@@ -4,7 +4,6 @@ residual fill beyond the nonnegative support, each against an independent oracle
 import itertools
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

@@ -38,7 +38,6 @@ from tqdm import tqdm
 
 import hsic_jax as hj
 import models
-from hsic_jax.methods import lasso_keep  # noqa: F401  # the program's name for it, as benchmarks call it
 from models import checkpoint, flops, import_torch
 from train import calibrate, data, files, loops, report, train as train_lib
 
