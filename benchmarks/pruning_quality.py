@@ -591,6 +591,17 @@ def run(quick: bool, shared: pathlib.Path, finetune_steps: int, data_dir: str, w
 
 STUDY_NAME = f"{NAME}_study"
 STUDY_SECTION = "## Pruning quality at a real fine-tuning budget (`python -m benchmarks.pruning_quality --study`)"
+STUDY_NETWORK = "resnet20"
+
+
+def study_name(network: str) -> str:
+  """The file stem of a study's results: ``pruning_quality_study`` for the default network, else suffixed."""
+  return STUDY_NAME if network == STUDY_NETWORK else f"{STUDY_NAME}_{network}"
+
+
+def study_section(network: str) -> str:
+  return STUDY_SECTION if network == STUDY_NETWORK else STUDY_SECTION.replace(
+      "--study`)", f"--study --network {network}`)")
 STUDY_REMOVED = 0.50
 STUDY_LR = 0.01
 QUALITY_KEYS = ("top1_after_surgery", "top1_finetuned")
@@ -756,10 +767,47 @@ def study_plot(payload: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.P
   fig.suptitle(f"{payload['network']} at {100 * payload['removed']:.0f}% of the MACs removed: mean and min-max over "
                f"seeds {payload['seeds']} (x: each seed)", fontsize=10)
   fig.tight_layout()
-  p = out_dir / f"{STUDY_NAME}_accuracy.png"
+  p = out_dir / f"{study_name(payload['network'])}_accuracy.png"
   fig.savefig(p, dpi=110)
   plt.close(fig)
-  return [p]
+  return [p, widths_plot(payload, out_dir)]
+
+
+def decision_sizes(network: str) -> list[int]:
+  """The dense width of every decision of the zoo's ``network`` (read off an abstract build: nothing trained)."""
+  import models  # pylint: disable=import-outside-toplevel
+  from train import calibrate  # pylint: disable=import-outside-toplevel
+  return [g.size for _, g in calibrate.decision_groups(models.random_model(network))]
+
+
+def widths_plot(payload: dict[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
+  """Each method's kept fraction of every decision's width (mean over seeds, min-max as a band), in forward order:
+  how even or uneven the widths a method gives are."""
+  plt = plots.pyplot()
+  dense = np.asarray(decision_sizes(payload["network"]), np.float64)
+  summary = payload["summary"]
+  fig, ax = plt.subplots(figsize=(11, 4.2))
+  x = np.arange(len(dense))
+  lines: dict[str, list[str]] = {}  # methods whose widths are equal on every seed share one line
+  for s in summary:
+    lines.setdefault(json.dumps(s["widths"]), []).append(s["label"])
+  for i, (widths, labels) in enumerate(lines.items()):
+    w = np.asarray(json.loads(widths), np.float64) / dense
+    ax.plot(x, w.mean(0), marker=".", lw=1.2, color=f"C{i % 10}", ls="-" if i < 10 else "--",
+            label=" = ".join(labels))
+    if len(w) > 1:
+      ax.fill_between(x, w.min(0), w.max(0), color=f"C{i % 10}", alpha=0.12)
+  ax.set_xlabel("decision (forward order)")
+  ax.set_ylabel("kept fraction of the dense width")
+  ax.set_ylim(0, 1.05)
+  ax.legend(fontsize=7, ncol=2)
+  ax.set_title(f"{payload['network']} at {100 * payload['removed']:.0f}% of the MACs removed: the widths each method "
+               "gives (mean over seeds, band: min-max)", fontsize=9)
+  fig.tight_layout()
+  p = out_dir / f"{study_name(payload['network'])}_widths.png"
+  fig.savefig(p, dpi=110)
+  plt.close(fig)
+  return p
 
 
 STUDY_PARAGRAPH = (
@@ -774,7 +822,9 @@ STUDY_PARAGRAPH = (
 
 
 def render_study_readme(payload: dict[str, Any]) -> None:
-  _common.ensure_section(STUDY_NAME, STUDY_SECTION, STUDY_PARAGRAPH)
+  name = study_name(payload["network"])
+  _common.ensure_section(name, study_section(payload["network"]), STUDY_PARAGRAPH.replace(
+      "The pretrained CIFAR-10 ResNet-20", f"The pretrained CIFAR-10 {payload['network'].replace('resnet', 'ResNet-')}"))
   m = payload["machine"]
   parts = [
       f"Run {m['date']} on {m['cpu_count']} CPU cores ({m['device']}), jax {m['jax']}: {payload['network']}, "
@@ -784,8 +834,9 @@ def render_study_readme(payload: dict[str, Any]) -> None:
       f"{100 * payload['dense_top1']:.2f}% on {payload['eval_examples']} validation images.",
       "", "**Accuracy** (top-1 %, validation: mean ± std (min-max) over seeds):", "", study_table(payload),
       "", "**Differences that exceed the spread** (disjoint ranges over seeds):", "", *separated_lines(payload),
-      "", f"![accuracy per method](results/{STUDY_NAME}_accuracy.png)"]
-  _common.update_readme(STUDY_NAME, "\n".join(parts))
+      "", f"![accuracy per method](results/{name}_accuracy.png)",
+      "", f"![widths per method](results/{name}_widths.png)"]
+  _common.update_readme(name, "\n".join(parts))
 
 
 def study_from_progress(progress_path: pathlib.Path) -> dict[str, Any]:
@@ -815,7 +866,8 @@ CALIB_SECTION = ("## Pruning quality: how many calibration images? "
                  "(`python -m benchmarks.pruning_quality --stability`)")
 CALIB_N = (32, 64, 128, 256, 512, 1024, 2048)
 STABLE_AT = 0.9
-CALIB_METHODS = ("APIB", "APIB (normalised problems)", "ITPruner", "ITPruner + HSIC Lasso")
+CALIB_METHODS = ("APIB", "APIB (normalised problems)", "APIB (cost-aware MACs penalty)", "ITPruner",
+                 "ITPruner + HSIC Lasso")
 
 
 def width_agreement(a: Sequence[int], b: Sequence[int]) -> float:
@@ -955,7 +1007,7 @@ def render_calibration_readme(payload: dict[str, Any]) -> None:
       f"![calibration stability](results/{CALIB_NAME}.png)"]))
 
 
-def _seed_list(text: str) -> list[int]:
+def seed_list(text: str) -> list[int]:
   try:
     seeds = [int(t) for t in text.split(",") if t.strip()]
   except ValueError as e:
@@ -987,10 +1039,11 @@ def _study_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
   if epochs < 1:
     parser.error(f"--epochs={epochs} must be >= 1")
   seeds = args.seeds if args.seeds is not None else ([0, 1] if quick else [0, 1, 2])
-  out = args.out if args.out is not None else (pathlib.Path(tempfile.mkdtemp(prefix=f"{STUDY_NAME}_")) if quick
+  name = study_name(args.network)
+  out = args.out if args.out is not None else (pathlib.Path(tempfile.mkdtemp(prefix=f"{name}_")) if quick
                                                else None)
   progress = args.progress or ((out / "progress.jsonl") if quick else
-                                _common.RESULTS / f"{STUDY_NAME}_progress.jsonl")
+                                _common.RESULTS / f"{name}_progress.jsonl")
   if args.render:
     payload = {"machine": _common.machine(), **study_from_progress(progress)}
   else:
@@ -1005,8 +1058,8 @@ def _study_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
   print("\n".join(separated_lines(payload)))
   out_dir = _common.RESULTS if out is None else out
   out_dir.mkdir(parents=True, exist_ok=True)
-  path = out_dir / f"{STUDY_NAME}.json"
-  path.write_text(json.dumps({"benchmark": STUDY_NAME, **payload}, indent=2))
+  path = out_dir / f"{name}.json"
+  path.write_text(json.dumps({"benchmark": name, **payload}, indent=2))
   print(f"wrote {path}")
   for p in study_plot(payload, out_dir):
     print(f"wrote {p}")
@@ -1057,7 +1110,7 @@ def main(argv: list[str] | None = None) -> None:
   study.add_argument("--study", action="store_true", help="run the study (implied by --epochs or --seeds)")
   study.add_argument("--epochs", type=int, default=None,
                      help="fine-tuning epochs per model over the training images (default 10; 1 with --quick)")
-  study.add_argument("--seeds", type=_seed_list, default=None,
+  study.add_argument("--seeds", type=seed_list, default=None,
                      help="comma-separated seeds, e.g. 0,1,2 (default; 0,1 with --quick)")
   study.add_argument("--network", choices=("resnet20", "resnet56"), default="resnet20", help="the pretrained network")
   study.add_argument("--lr", type=float, default=STUDY_LR, help="the fine-tune's peak learning rate")

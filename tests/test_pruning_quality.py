@@ -121,7 +121,7 @@ def test_study_flags_and_rendering_from_progress(tmp_path, capsys):
     pq.main(["--seeds", "0,0"])
   with pytest.raises(SystemExit):
     pq.main(["--epochs", "2", "--finetune-steps", "3"])
-  assert pq._seed_list("0,1,2") == [0, 1, 2]  # pylint: disable=protected-access
+  assert pq.seed_list("0,1,2") == [0, 1, 2]
   key = {"mode": "study", "model": "resnet20", "epochs": 3, "steps_per_epoch": 5, "removed": 0.5, "lr": 0.01,
          "calibration_images": 128}
   path = tmp_path / "progress.jsonl"

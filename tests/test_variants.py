@@ -282,6 +282,8 @@ def test_select_k_residual_fill_keeps_the_support_and_fills_like_the_greedy():
   # The Lasso part of both fills is the same; the greedy adds what the oracle's greedy adds from it.
   start = np.asarray(hj.select_k(p, most).selected)
   np.testing.assert_array_equal(np.asarray(res.selected) & start, start)
+  np.testing.assert_array_equal(np.asarray(rel.selected) & start, start)
+  assert int(np.asarray(rel.selected).sum()) == k
   np.testing.assert_array_equal(np.asarray(res.selected),
                                 _fill.residual_fill(np.asarray(p.quad), np.asarray(p.lin), start, k))
   # Where the support has k channels, the fills agree; batches, padding and the signed Lasso go through too.
