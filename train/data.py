@@ -43,7 +43,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from train.augment import Preprocess
-from train.datasets import Cifar10Folder, Cifar100Folder, Digits
+from train.datasets import Cifar10Folder, Cifar100Folder, Digits, convert_tfrecord
 
 PROJECT_DATASETS = {"digits": Digits, "cifar10_folder": Cifar10Folder, "cifar100_folder": Cifar100Folder}
 TFDS_DATASETS = ("cifar10", "cifar100", "imagenet2012")
@@ -106,15 +106,24 @@ def _num_workers(cfg: Any) -> int:
 
 def _check_tfds_prepared(builder: tfds.core.DatasetBuilder, name: str, data_dir: str) -> None:
   if not builder.is_prepared():
+    hint = ""
+    if convert_tfrecord.has_tfrecord_shards(data_dir, name):
+      hint = (f" {data_dir} itself holds TFRecord shards of {name}: data.data_dir must be the folder above "
+              f"{name}/<version>/ (the TFDS data dir), whose shards are then converted with\n  "
+              f"{convert_tfrecord.command('DATA_DIR', name)}\n")
     raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} (no "
-                            f"{builder.data_dir}/dataset_info.json). "
+                            f"{builder.data_dir}/dataset_info.json).{hint} "
                             + _PREPARE_HELP[name].format(data_dir=data_dir))
   formats = {f.value for f in builder.info.available_file_formats()}
-  if "array_record" not in formats:
-    raise FileNotFoundError(f"TFDS dataset {name!r} in {builder.data_dir} is stored as {sorted(formats)}, not "
-                            "array_record, which random access (and so this program) needs. Convert it once "
-                            "(needs TensorFlow):\n  tfds convert_format "
-                            f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record")
+  if "array_record" in formats:
+    return
+  if not formats or "tfrecord" in formats or convert_tfrecord.has_tfrecord_shards(builder.data_dir, name):
+    raise FileNotFoundError(f"TFDS dataset {name!r} in {builder.data_dir} is stored as TFRecord files, which cannot "
+                            "be read by random access (and so by this program). Convert it once (no TensorFlow "
+                            f"needed; the TFRecord files are kept):\n  {convert_tfrecord.command(data_dir, name)}")
+  raise FileNotFoundError(f"TFDS dataset {name!r} in {builder.data_dir} is stored as {sorted(formats)}, not "
+                          "array_record, which random access (and so this program) needs. Prepare it again with "
+                          f"--file_format=array_record: {_PREPARE_HELP[name].format(data_dir=data_dir)}")
 
 
 # (name, data_dir) -> a builder reading the prepared dataset; filled by prepare() and by _reading_builder().
