@@ -35,7 +35,10 @@ def make_cfg(**overrides: object) -> ml_collections.ConfigDict:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-  """Undoes the normalisation (exact up to float rounding, so rounding gives the uint8 pixels back)."""
+  """Training and evaluation batches are uint8 as they are; calibration batches are normalised: undone here (exact
+  up to float rounding, so rounding gives the uint8 pixels back)."""
+  if images.dtype == np.uint8:
+    return images
   return np.round((images * np.asarray(STD, np.float32) + np.asarray(MEAN, np.float32)) * 255).astype(np.uint8)
 
 
@@ -130,7 +133,7 @@ def test_digits_eval_pass_sees_every_example_once_with_padding(digits_cfg):
   for b0, b1 in zip(*shards):
     for key in ("image", "label", "mask"):
       assert b0[key].shape[0] == b1[key].shape[0] == batch // 2
-    assert b0["image"].dtype == np.float32 and b0["label"].dtype == np.int32 and b0["mask"].dtype == bool
+    assert b0["image"].dtype == np.uint8 and b0["label"].dtype == np.int32 and b0["mask"].dtype == bool
     images.append(np.concatenate([b0["image"], b1["image"]]))
     labels.append(np.concatenate([b0["label"], b1["label"]]))
     masks.append(np.concatenate([b0["mask"], b1["mask"]]))
@@ -334,7 +337,7 @@ def test_fake_imagenet_reads_like_the_real_dataset(imagenet_cfg):
 def test_imagenet_train_and_eval_shapes(imagenet_cfg, size):
   cfg = make_cfg(**{**imagenet_cfg.to_dict(), "image_size": size})
   b = next(data.train_batches(cfg, batch_size=4, seed=0))
-  assert b["image"].shape == (4, size, size, 3) and b["image"].dtype == np.float32
+  assert b["image"].shape == (4, size, size, 3) and b["image"].dtype == np.uint8
   batches = list(data.eval_batches(cfg, "validation", batch_size=4))
   assert [x["image"].shape for x in batches] == [(4, size, size, 3)] * 2
   assert sum(int(x["mask"].sum()) for x in batches) == 6
