@@ -19,7 +19,8 @@ def test_quick_run_reports_rates_for_the_pipeline_and_each_step(tmp_path):
   assert math.isclose(row["images_per_cpu_s"], row["images"] / row["cpu_seconds"])
   # The workers' CPU time is counted: a pipeline cannot cost less CPU than one decode per image.
   steps = {s["step"]: s["ms_per_image"] for s in payload["steps"]}
-  assert set(steps) == {"read", "decode", "crop_resize", "program", "no_draft", "old", "reduced_quality", "eval"}
+  assert set(steps) == {"read", "decode", "crop_resize", "program", "no_draft", "old", "reduced_quality", "eval",
+                        "host_normalize", "program_128", "no_draft_128"}
   assert all(v > 0 for v in steps.values())
   assert row["cpu_ms_per_image"] > 0.5 * steps["decode"]
   summary = payload["summary"]
