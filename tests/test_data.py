@@ -351,6 +351,23 @@ def test_imagenet_train_and_eval_shapes(imagenet_cfg, size):
   np.testing.assert_array_equal(to_uint8(batches[0]["image"][1]), big[top:top + size, left:left + size])
 
 
+def test_imagenet_batches_are_uint8_crops_resumable_at_a_step(imagenet_cfg):
+  ref = take(data.train_batches(imagenet_cfg, batch_size=4, seed=2), 5)  # 12 images: 3 steps per epoch
+  resumed = take(data.train_batches(imagenet_cfg, batch_size=4, seed=2, start_step=2), 3)
+  for a, b in zip(ref[2:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  assert all(b["image"].dtype == np.uint8 and b["image"].shape == (4, 32, 32, 3) for b in ref)
+  # Each row is the documented crop of its example: the same draws applied to the decoded source image.
+  source = tfds.data_source("imagenet2012", split="train", data_dir=imagenet_cfg.data_dir)
+  order = np.random.default_rng([2, 0, 0]).permutation(12)
+  for row in range(4):
+    rng = np.random.default_rng([2, 1, row])
+    crop = augment.random_resized_crop(source[int(order[row])]["image"], rng, 32)
+    crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+    assert np.abs(ref[0]["image"][row, 3:-3, 3:-3].astype(int) - crop[3:-3, 3:-3]).max() <= 1
+
+
 def test_imagenet_calibration_ids_are_split_indices(imagenet_cfg):
   images, labels, ids = data.calibration_batch(imagenet_cfg, 5, seed=0, augment=True)
   assert images.shape == (5, 32, 32, 3) and labels.dtype == np.int32 and ids.dtype == np.int64

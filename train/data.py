@@ -492,8 +492,8 @@ def train_batches(cfg: Any, *, batch_size: int, seed: int, start_step: int = 0, 
 
   Returns:
     An iterator of ``{"image": uint8 (b, s, s, 3) NHWC, "label": int32 (b,)}``, ``s = cfg.image_size``
-    (:func:`train.train.device_batches` normalises them on the accelerator). With ``cfg.num_workers > 0`` it is a grain iterator backed by worker processes: call its
-    ``close()`` when done to stop them early.
+    (:func:`train.train.device_batches` normalises them on the accelerator). With ``cfg.num_workers > 0`` it is a
+    grain iterator backed by worker processes: call its ``close()`` when done to stop them early.
 
   Raises:
     ValueError: ``batch_size`` is not a multiple of ``process_count``, is larger than the split, or an argument is

@@ -28,8 +28,8 @@ def _on_device(cfg: ml_collections.ConfigDict, batches: Iterator[train_lib.Batch
 
 
 def make_loop(cfg: ml_collections.ConfigDict, section: ml_collections.ConfigDict, workdir: str | Path, *,
-              mesh: jax.sharding.Mesh, desc: str, log: Callable[[dict[str, Any]], None] | None = None, evaluate: bool = True,
-              steps_per_epoch: int | None = None) -> train_lib.Loop:
+              mesh: jax.sharding.Mesh, desc: str, log: Callable[[dict[str, Any]], None] | None = None,
+              evaluate: bool = True, steps_per_epoch: int | None = None) -> train_lib.Loop:
   """The :class:`train.train.Loop` of a training run with recipe ``section`` (``cfg.pretrain``, ``cfg.finetune``)
   on ``cfg.data``: seeded training batches of ``section.batch_size`` from any step, evaluation on
   ``cfg.data.eval_split`` at ``cfg.eval.batch_size``, both placed on ``mesh`` and normalised there
