@@ -155,5 +155,7 @@ def test_device_batches_normalise_on_the_mesh_in_order_and_close_the_source():
   next(stream)
   stream.close()
   assert closed == [True, True]
+  with pytest.raises(ValueError, match="is float32; expected the data layer's uint8"):
+    next(train_lib.device_batches(iter([{"image": np.zeros((8, 2, 2, 3), np.float32)}]), mesh, mean=mean, std=std))
   with pytest.raises(ValueError, match="prefetch=-1"):
     next(train_lib.device_batches(iter(host), mesh, mean=mean, std=std, prefetch=-1))

@@ -138,6 +138,9 @@ def device_batches(batches: Iterator[Batch], mesh: jax.sharding.Mesh, *, mean: S
   queue: collections.deque[dict[str, jax.Array]] = collections.deque()
   try:
     for batch in batches:
+      if np.dtype(batch["image"].dtype) != np.uint8:
+        raise ValueError(f"device_batches: batch['image'] is {batch['image'].dtype}; expected the data layer's uint8 "
+                         "pixels (it normalises them)")
       placed = shard_batch(batch, mesh)
       placed["image"] = normalize(placed["image"])
       queue.append(placed)
