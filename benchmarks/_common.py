@@ -77,9 +77,12 @@ def machine() -> dict[str, Any]:
   }
 
 
-def write_results(name: str, payload: dict[str, Any]) -> pathlib.Path:
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  path = RESULTS / f"{name}.json"
+def write_results(name: str, payload: dict[str, Any], out: pathlib.Path | None = None) -> pathlib.Path:
+  """Writes ``{"benchmark": name, "machine": ..., **payload}`` to ``<out>/<name>.json`` (default
+  benchmarks/results) and returns the path."""
+  folder = RESULTS if out is None else pathlib.Path(out)
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / f"{name}.json"
   path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2))
   return path
 

@@ -220,7 +220,8 @@ def _finetune(cfg: ml_collections.ConfigDict, model: Any, teacher: Any, steps: i
   recipe.checkpoint_every_steps = 10 ** 9
   recipe.log_every_steps = 10 ** 9
   with tempfile.TemporaryDirectory(prefix="pq_ft_") as tmp:
-    loop = loops.make_loop(cfg, recipe, tmp, desc="finetune", evaluate=False, steps_per_epoch=steps)
+    loop = loops.make_loop(cfg, recipe, tmp, mesh=mesh, desc="finetune", evaluate=False,
+                           steps_per_epoch=steps)
     tuned, _ = train_lib.train_and_evaluate(model, recipe, loop, mesh, seed=int(cfg.seed), teacher=teacher)
   return tuned
 

@@ -1,6 +1,10 @@
-"""train.augment: the CIFAR pad-crop-flip, resizing and Inception crops against hand-built and PIL oracles."""
+"""train.augment: the CIFAR pad-crop-flip, resizing and Inception crops (from arrays and from encoded bytes) against
+hand-built and PIL oracles."""
+
+import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from train import augment
@@ -57,3 +61,50 @@ def test_resize_and_crops_shapes_and_identities():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _encoded(image: np.ndarray, fmt: str, **kwargs) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format=fmt, **kwargs)
+  return buf.getvalue()
+
+
+def _smooth(h: int, w: int, seed: int = 0) -> np.ndarray:
+  yy, xx = np.mgrid[0:h, 0:w]
+  rng = np.random.default_rng(seed)
+  phase = rng.uniform(0, 6, 3)
+  return (127 + 100 * np.sin(yy[..., None] / 17.0 + xx[..., None] / 23.0 + phase)).astype(np.uint8)
+
+
+def test_crops_from_encoded_bytes_match_the_array_path():
+  image = _smooth(90, 140)
+  png = _encoded(image, "PNG")
+  np.testing.assert_array_equal(augment.decode(png), image)
+  for s in range(20):
+    window = augment.crop_window(90, 140, np.random.default_rng(s))
+    top, left, ch, cw = window
+    assert 0 <= top <= 90 - ch and 0 <= left <= 140 - cw
+    ours = augment.random_resized_crop_encoded(png, np.random.default_rng(s), 24)
+    ref = augment.random_resized_crop(image, np.random.default_rng(s), 24)  # same draws
+    assert ours.shape == ref.shape == (24, 24, 3) and ours.dtype == np.uint8
+    # Resizing the window in place reads the pixels just outside it near its edge; inside, the two agree.
+    assert np.abs(ours[3:-3, 3:-3].astype(int) - ref[3:-3, 3:-3]).max() <= 1
+  # Evaluation from the bytes is the array path exactly where no DCT scaling applies (a PNG).
+  np.testing.assert_array_equal(augment.resize_center_crop_encoded(png, 32, 36),
+                                augment.resize_center_crop(image, 32, 36))
+  grey = _encoded(image[..., 0], "JPEG", quality=95)
+  assert augment.decode(grey).shape == (90, 140, 3)
+  with pytest.raises(ValueError, match="resize_to=30 must be >= size=32"):
+    augment.resize_center_crop_encoded(png, 32, 30)
+
+
+def test_dct_scaled_decode_is_close_to_the_full_decode():
+  image = _smooth(800, 1040, seed=1)
+  jpeg = _encoded(image, "JPEG", quality=95)
+  for s in range(4):
+    fast = augment.random_resized_crop_encoded(jpeg, np.random.default_rng(s), 64)
+    full = augment.random_resized_crop_encoded(jpeg, np.random.default_rng(s), 64, draft=False)
+    assert np.abs(fast.astype(int) - full).mean() < 3.0
+  fast = augment.resize_center_crop_encoded(jpeg, 64, 73)
+  full = augment.resize_center_crop_encoded(jpeg, 64, 73, draft=False)
+  assert fast.shape == full.shape == (64, 64, 3) and np.abs(fast.astype(int) - full).mean() < 3.0

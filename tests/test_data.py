@@ -35,7 +35,10 @@ def make_cfg(**overrides: object) -> ml_collections.ConfigDict:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-  """Undoes the normalisation (exact up to float rounding, so rounding gives the uint8 pixels back)."""
+  """Training and evaluation batches are uint8 as they are; calibration batches are normalised: undone here (exact
+  up to float rounding, so rounding gives the uint8 pixels back)."""
+  if images.dtype == np.uint8:
+    return images
   return np.round((images * np.asarray(STD, np.float32) + np.asarray(MEAN, np.float32)) * 255).astype(np.uint8)
 
 
@@ -130,7 +133,7 @@ def test_digits_eval_pass_sees_every_example_once_with_padding(digits_cfg):
   for b0, b1 in zip(*shards):
     for key in ("image", "label", "mask"):
       assert b0[key].shape[0] == b1[key].shape[0] == batch // 2
-    assert b0["image"].dtype == np.float32 and b0["label"].dtype == np.int32 and b0["mask"].dtype == bool
+    assert b0["image"].dtype == np.uint8 and b0["label"].dtype == np.int32 and b0["mask"].dtype == bool
     images.append(np.concatenate([b0["image"], b1["image"]]))
     labels.append(np.concatenate([b0["label"], b1["label"]]))
     masks.append(np.concatenate([b0["mask"], b1["mask"]]))
@@ -334,7 +337,7 @@ def test_fake_imagenet_reads_like_the_real_dataset(imagenet_cfg):
 def test_imagenet_train_and_eval_shapes(imagenet_cfg, size):
   cfg = make_cfg(**{**imagenet_cfg.to_dict(), "image_size": size})
   b = next(data.train_batches(cfg, batch_size=4, seed=0))
-  assert b["image"].shape == (4, size, size, 3) and b["image"].dtype == np.float32
+  assert b["image"].shape == (4, size, size, 3) and b["image"].dtype == np.uint8
   batches = list(data.eval_batches(cfg, "validation", batch_size=4))
   assert [x["image"].shape for x in batches] == [(4, size, size, 3)] * 2
   assert sum(int(x["mask"].sum()) for x in batches) == 6
@@ -346,6 +349,23 @@ def test_imagenet_train_and_eval_shapes(imagenet_cfg, size):
   big = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
   top, left = (new_h - size) // 2, (new_w - size) // 2
   np.testing.assert_array_equal(to_uint8(batches[0]["image"][1]), big[top:top + size, left:left + size])
+
+
+def test_imagenet_batches_are_uint8_crops_resumable_at_a_step(imagenet_cfg):
+  ref = take(data.train_batches(imagenet_cfg, batch_size=4, seed=2), 5)  # 12 images: 3 steps per epoch
+  resumed = take(data.train_batches(imagenet_cfg, batch_size=4, seed=2, start_step=2), 3)
+  for a, b in zip(ref[2:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  assert all(b["image"].dtype == np.uint8 and b["image"].shape == (4, 32, 32, 3) for b in ref)
+  # Each row is the documented crop of its example: the same draws applied to the decoded source image.
+  source = tfds.data_source("imagenet2012", split="train", data_dir=imagenet_cfg.data_dir)
+  order = np.random.default_rng([2, 0, 0]).permutation(12)
+  for row in range(4):
+    rng = np.random.default_rng([2, 1, row])
+    crop = augment.random_resized_crop(source[int(order[row])]["image"], rng, 32)
+    crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+    assert np.abs(ref[0]["image"][row, 3:-3, 3:-3].astype(int) - crop[3:-3, 3:-3]).max() <= 1
 
 
 def test_imagenet_calibration_ids_are_split_indices(imagenet_cfg):

@@ -126,3 +126,36 @@ def test_evaluate_counts_every_real_example_once():
   labels = np.concatenate([b1["label"], b2["label"][:3]])
   assert got["examples"] == 11
   np.testing.assert_allclose(got["top1"], np.mean(np.argmax(logits, -1) == labels), atol=1e-6)
+
+
+def test_device_batches_normalise_on_the_mesh_in_order_and_close_the_source():
+  mesh = train_lib.make_mesh(jax.devices())
+  rng = np.random.default_rng(0)
+  host = [{"image": rng.integers(0, 256, (8, 4, 4, 3), dtype=np.uint8), "label": np.arange(8, dtype=np.int32) + k}
+          for k in range(5)]
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  closed = []
+
+  def source():
+    try:
+      yield from host
+    finally:
+      closed.append(True)
+
+  got = list(train_lib.device_batches(source(), mesh, mean=mean, std=std, prefetch=2))
+  assert len(got) == 5 and closed == [True]
+  for g, h in zip(got, host):
+    assert g["image"].dtype == jnp.float32 and len(g["image"].sharding.device_set) == len(jax.devices())
+    # Oracle: the normalisation by hand in float64.
+    want = (h["image"] / 255.0 - np.asarray(mean)) / np.asarray(std)
+    np.testing.assert_allclose(np.asarray(g["image"]), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(g["label"]), h["label"])
+    assert train_lib.shard_batch(g, mesh)["image"] is g["image"]  # already placed: kept
+  stream = train_lib.device_batches(source(), mesh, mean=mean, std=std, prefetch=0)
+  next(stream)
+  stream.close()
+  assert closed == [True, True]
+  with pytest.raises(ValueError, match="is float32; expected the data layer's uint8"):
+    next(train_lib.device_batches(iter([{"image": np.zeros((8, 2, 2, 3), np.float32)}]), mesh, mean=mean, std=std))
+  with pytest.raises(ValueError, match="prefetch=-1"):
+    next(train_lib.device_batches(iter(host), mesh, mean=mean, std=std, prefetch=-1))

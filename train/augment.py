@@ -1,4 +1,5 @@
-"""Host-side preprocessing of the program's images: uint8 in, uint8 out, normalisation last.
+"""Host-side preprocessing of the program's images: encoded bytes or uint8 in, uint8 out (normalisation runs on the
+accelerator, :func:`train.train.device_batches`; :meth:`Preprocess.normalize` is the host version).
 
 * evaluation (and ``augment="none"``): images of variable size (ImageNet) have their shorter side resized to
   ``round(image_size * 256 / 224)`` and the centre ``image_size`` square taken; the 32x32 datasets are used as
@@ -8,12 +9,16 @@
 * ``augment="imagenet"``: a random crop of 8%-100% of the area and aspect ratio 3/4-4/3 (log-uniform), resized to
   ``image_size`` (Inception-style), and a horizontal flip with probability 1/2.
 
-Every random draw comes from the ``np.random.Generator`` passed in, so :mod:`train.data` decides determinism.
+The ``*_encoded`` functions start from the JPEG/PNG bytes (what :mod:`train.data` reads): the crop window is drawn
+from the header's size, a JPEG is decoded at a reduced DCT scale where the output size allows it, and PIL resizes
+the window without copying it out first. Every random draw comes from the ``np.random.Generator`` passed in, so
+:mod:`train.data` decides determinism.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from typing import Any
 
@@ -73,32 +78,96 @@ def resize_center_crop(image: np.ndarray, size: int, resize_to: int) -> np.ndarr
   return big[top:top + size, left:left + size]
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                        area: tuple[float, float] = CROP_AREA,
-                        ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
-  """Inception-style crop: a region of ``area`` x the image area (uniform) and aspect ratio ``w / h`` in ``ratio``
-  (log-uniform), at a uniform position, resized to ``size x size``.
+def crop_window(height: int, width: int, rng: np.random.Generator, area: tuple[float, float] = CROP_AREA,
+                ratio: tuple[float, float] = CROP_RATIO) -> tuple[int, int, int, int]:
+  """``(top, left, crop_height, crop_width)`` of an Inception-style crop of a ``height x width`` image: a region of
+  ``area`` x the image area (uniform) and aspect ratio ``w / h`` in ``ratio`` (log-uniform), at a uniform position.
 
   After 10 draws that do not fit, the centre crop of the whole image clipped to the nearest allowed aspect ratio
   (torchvision's ``RandomResizedCrop`` rule).
   """
-  h, w = image.shape[:2]
+  h, w = height, width
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
   for _ in range(10):
     target = h * w * rng.uniform(*area)
     aspect = math.exp(rng.uniform(*log_ratio))
     cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
     if 0 < cw <= w and 0 < ch <= h:
-      top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-      return resize(image[top:top + ch, left:left + cw], size, size)
+      return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
   if w / h < ratio[0]:
     cw, ch = w, round(w / ratio[0])
   elif w / h > ratio[1]:
     cw, ch = round(h * ratio[1]), h
   else:
     cw, ch = w, h
-  top, left = (h - ch) // 2, (w - cw) // 2
+  return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
+                        area: tuple[float, float] = CROP_AREA,
+                        ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
+  """The :func:`crop_window` of a decoded image, resized to ``size x size``."""
+  top, left, ch, cw = crop_window(*image.shape[:2], rng, area, ratio)
   return resize(image[top:top + ch, left:left + cw], size, size)
+
+
+def decode(encoded: bytes) -> np.ndarray:
+  """The uint8 ``(h, w, 3)`` pixels of a JPEG or PNG (greyscale and CMYK converted to RGB)."""
+  return np.asarray(_rgb(Image.open(io.BytesIO(encoded))))
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+  return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _open_scaled(encoded: bytes, at_least: tuple[float, float], draft: bool) -> tuple[Image.Image, float, float]:
+  """The image decoded at the smallest JPEG DCT scale (1, 1/2, 1/4 or 1/8; full size without ``draft``) whose
+  size is at least ``at_least = (fx, fy)`` times the full size, with the factors ``(sx, sy)`` from full-size to
+  decoded coordinates."""
+  image = Image.open(io.BytesIO(encoded))
+  w, h = image.size
+  if draft:
+    # draft() returns the nearest scale whose size is >= the request; PNGs ignore it.
+    image.draft("RGB", (math.ceil(w * at_least[0]), math.ceil(h * at_least[1])))
+  image = _rgb(image)
+  return image, image.size[0] / w, image.size[1] / h
+
+
+def random_resized_crop_encoded(encoded: bytes, rng: np.random.Generator, size: int, *, draft: bool = True,
+                                area: tuple[float, float] = CROP_AREA,
+                                ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
+  """:func:`crop_window` of a JPEG/PNG's full-size pixels, resized to ``size x size`` (bilinear), straight from
+  the encoded bytes.
+
+  The window is drawn from the header's size before decoding; with ``draft`` a JPEG is decoded at the smallest DCT
+  scale whose crop still spans >= ``size`` pixels each way (libjpeg's scaled IDCT: a crop of 1,000 pixels resized to
+  224 is decoded at 1/4 of the work), and PIL resizes the window in place (``resize(box=...)``), without cutting a
+  copy first. Same draws as :func:`random_resized_crop`; pixels differ from it only by the scaled decode and
+  because the filter near the window's edge reads the pixels just outside it.
+  """
+  header = Image.open(io.BytesIO(encoded))
+  w, h = header.size
+  top, left, ch, cw = crop_window(h, w, rng, area, ratio)
+  image, sx, sy = _open_scaled(encoded, (size / cw, size / ch), draft)
+  box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+  return np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
+
+
+def resize_center_crop_encoded(encoded: bytes, size: int, resize_to: int, *, draft: bool = True) -> np.ndarray:
+  """:func:`resize_center_crop` from the encoded bytes, decoded (with ``draft``) at the smallest JPEG DCT scale
+  that keeps the shorter side >= ``resize_to``."""
+  if resize_to < size:
+    raise ValueError(f"resize_to={resize_to} must be >= size={size}")
+  header = Image.open(io.BytesIO(encoded))
+  w, h = header.size
+  scale = resize_to / min(h, w)
+  new_h, new_w = (resize_to, max(resize_to, round(w * scale))) if h <= w else (max(resize_to, round(h * scale)),
+                                                                              resize_to)
+  image, _, _ = _open_scaled(encoded, (new_w / w, new_h / h), draft)
+  if image.size != (new_w, new_h):
+    image = image.resize((new_w, new_h), Image.BILINEAR)
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return np.asarray(image)[top:top + size, left:left + size]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +192,14 @@ class Preprocess:
       raise ValueError(f"data.augment={cfg.augment!r} is not one of {list(AUGMENTS)}")
     return cls(size, mean, std, cfg.augment, cfg.name in VARIABLE_SIZE)  # type: ignore[arg-type]
 
+  @property
+  def resize_to(self) -> int:
+    """The shorter side of a variable-size image before the evaluation centre crop (256 at 224)."""
+    return round(self.size * 256 / 224)
+
   def eval_image(self, image: np.ndarray) -> np.ndarray:
     if self.variable_size:
-      return resize_center_crop(image, self.size, round(self.size * 256 / 224))
+      return resize_center_crop(image, self.size, self.resize_to)
     return resize(image, self.size, self.size)
 
   def train_image(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -135,6 +209,20 @@ class Preprocess:
       out = random_resized_crop(image, rng, self.size)
       return out[:, ::-1] if rng.random() < 0.5 else out
     return self.eval_image(image)
+
+  def eval_encoded(self, encoded: bytes) -> np.ndarray:
+    """:meth:`eval_image` of a JPEG/PNG, decoding at a reduced JPEG scale where the resize allows."""
+    if self.variable_size:
+      return resize_center_crop_encoded(encoded, self.size, self.resize_to)
+    return self.eval_image(decode(encoded))
+
+  def train_encoded(self, encoded: bytes, rng: np.random.Generator) -> np.ndarray:
+    """:meth:`train_image` of a JPEG/PNG; the Inception crop reads the window straight from the encoded bytes
+    (:func:`random_resized_crop_encoded`), then flips with probability 1/2."""
+    if self.augment == "imagenet":
+      out = random_resized_crop_encoded(encoded, rng, self.size)
+      return out[:, ::-1] if rng.random() < 0.5 else out
+    return self.train_image(decode(encoded), rng)
 
   def normalize(self, image: np.ndarray) -> np.ndarray:
     return normalize(image, self.mean, self.std)

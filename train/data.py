@@ -14,9 +14,12 @@ attributes will do): ``name``, ``data_dir``, ``source_dir``, ``train_split``, ``
 ``image_size``, ``mean``, ``std``, ``augment`` (``"cifar"``, ``"imagenet"`` or ``"none"``), ``val_fraction`` and
 ``num_workers``.
 
-Images are read as decoded uint8 ``(h, w, 3)`` arrays (TFDS decodes the PNG/JPEG bytes with PIL), preprocessed on
-the host by :mod:`train.augment` (evaluation crops, CIFAR and Inception augmentation) and returned normalised,
-``(x / 255 - mean) / std``, as float32 NHWC.
+Images are read encoded (the PNG/JPEG bytes as stored), decoded and preprocessed on the host by
+:mod:`train.augment` (evaluation crops, CIFAR and Inception augmentation; a JPEG decoded at a reduced DCT scale where
+the output size allows) in grain worker processes (``cfg.num_workers``; 0: threads of this process), and returned
+as uint8 NHWC: a quarter of float32's bytes to move, and the float conversion and normalisation ``(x / 255 - mean)
+/ std`` run on the accelerator (:func:`train.train.device_batches`). :func:`calibration_batch` alone returns
+normalised float32 (a single small batch, used on the host).
 
 Determinism: the order of epoch ``e`` is ``np.random.default_rng([seed, 0, e]).permutation(n)`` and the
 augmentation of the example at global position ``g`` (``step * batch_size + row``) draws from
@@ -43,7 +46,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from train.augment import Preprocess
-from train.datasets import Cifar10Folder, Cifar100Folder, Digits
+from train.datasets import Cifar10Folder, Cifar100Folder, Digits, convert_tfrecord
 
 PROJECT_DATASETS = {"digits": Digits, "cifar10_folder": Cifar10Folder, "cifar100_folder": Cifar100Folder}
 TFDS_DATASETS = ("cifar10", "cifar100", "imagenet2012")
@@ -106,15 +109,24 @@ def _num_workers(cfg: Any) -> int:
 
 def _check_tfds_prepared(builder: tfds.core.DatasetBuilder, name: str, data_dir: str) -> None:
   if not builder.is_prepared():
+    hint = ""
+    if convert_tfrecord.has_tfrecord_shards(data_dir, name):
+      hint = (f" {data_dir} itself holds TFRecord shards of {name}: data.data_dir must be the folder above "
+              f"{name}/<version>/ (the TFDS data dir), whose shards are then converted with\n  "
+              f"{convert_tfrecord.command('DATA_DIR', name)}\n")
     raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r} (no "
-                            f"{builder.data_dir}/dataset_info.json). "
+                            f"{builder.data_dir}/dataset_info.json).{hint} "
                             + _PREPARE_HELP[name].format(data_dir=data_dir))
   formats = {f.value for f in builder.info.available_file_formats()}
-  if "array_record" not in formats:
-    raise FileNotFoundError(f"TFDS dataset {name!r} in {builder.data_dir} is stored as {sorted(formats)}, not "
-                            "array_record, which random access (and so this program) needs. Convert it once "
-                            "(needs TensorFlow):\n  tfds convert_format "
-                            f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record")
+  if "array_record" in formats:
+    return
+  if not formats or "tfrecord" in formats or convert_tfrecord.has_tfrecord_shards(builder.data_dir, name):
+    raise FileNotFoundError(f"TFDS dataset {name!r} in {builder.data_dir} is stored as TFRecord files, which cannot "
+                            "be read by random access (and so by this program). Convert it once (no TensorFlow "
+                            f"needed; the TFRecord files are kept):\n  {convert_tfrecord.command(data_dir, name)}")
+  raise FileNotFoundError(f"TFDS dataset {name!r} in {builder.data_dir} is stored as {sorted(formats)}, not "
+                          "array_record, which random access (and so this program) needs. Prepare it again with "
+                          f"--file_format=array_record: {_PREPARE_HELP[name].format(data_dir=data_dir)}")
 
 
 # (name, data_dir) -> a builder reading the prepared dataset; filled by prepare() and by _reading_builder().
@@ -248,19 +260,16 @@ class _Split:
       with _LOCK:
         source = _SOURCES.get(key)
         if source is None:
-          source = _reading_builder(self.name, self.data_dir).as_data_source(split=self.split)
+          # The images stay encoded: train.augment decodes them, at a reduced JPEG scale where it can.
+          source = _reading_builder(self.name, self.data_dir).as_data_source(
+              split=self.split, decoders={"image": tfds.decode.SkipDecoding()})
           _SOURCES[key] = source
     return source
 
-  def read(self, index: int) -> tuple[np.ndarray, int, int]:
-    """``(uint8 (h, w, 3) image, label, id)`` of the example at ``index`` in file order."""
+  def read(self, index: int) -> tuple[bytes, int, int]:
+    """``(encoded image, label, id)`` of the example at ``index`` in file order (the JPEG/PNG bytes as stored)."""
     example = self.source()[index]
-    image = np.asarray(example["image"])
-    if image.ndim == 2:
-      image = image[:, :, None]
-    if image.shape[-1] == 1:
-      image = np.repeat(image, 3, axis=-1)
-    return image, int(example["label"]), _example_id(example, index)
+    return bytes(example["image"]), int(example["label"]), _example_id(example, index)
 
 
 def _example_id(example: dict[str, Any], index: int) -> int:
@@ -402,7 +411,7 @@ class _TrainExample:
     epoch, within = divmod(position, (self.n // self.global_batch) * self.global_batch)
     image, label, _ = self.split.read(int(_permutation(self.seed, epoch, self.n)[within]))
     rng = np.random.default_rng([self.seed, _AUGMENT, position])
-    return {"image": self.preprocess.normalize(self.preprocess.train_image(image, rng)), "label": np.int32(label)}
+    return {"image": self.preprocess.train_encoded(image, rng), "label": np.int32(label)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,10 +430,9 @@ class _EvalExample:
     position = step * self.global_batch + self.offset + row
     if position >= self.n:
       s = self.preprocess.size
-      return {"image": np.zeros((s, s, 3), np.float32), "label": np.int32(0), "mask": np.bool_(False)}
+      return {"image": np.zeros((s, s, 3), np.uint8), "label": np.int32(0), "mask": np.bool_(False)}
     image, label, _ = self.split.read(position)
-    return {"image": self.preprocess.normalize(self.preprocess.eval_image(image)), "label": np.int32(label),
-            "mask": np.bool_(True)}
+    return {"image": self.preprocess.eval_encoded(image), "label": np.int32(label), "mask": np.bool_(True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,9 +448,9 @@ class _CalibExample:
   def __call__(self, r: int) -> dict[str, np.ndarray]:
     image, label, example_id = self.split.read(self.indices[r])
     if self.augment:
-      image = self.preprocess.train_image(image, np.random.default_rng([self.seed, _CALIB_AUGMENT, r]))
+      image = self.preprocess.train_encoded(image, np.random.default_rng([self.seed, _CALIB_AUGMENT, r]))
     else:
-      image = self.preprocess.eval_image(image)
+      image = self.preprocess.eval_encoded(image)
     return {"image": self.preprocess.normalize(image), "label": np.int32(label), "id": np.int64(example_id)}
 
 
@@ -459,7 +467,7 @@ def _iterate(dataset: grain.MapDataset, num_workers: int) -> Iterator[dict[str, 
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
   else:
     threads = max(1, min(8, os.cpu_count() or 1))
-    # The buffer counts batches, not images: keep it small (an ImageNet batch of 256 is 150 MB of float32).
+    # The buffer counts batches, not images: keep it small (an ImageNet batch of 256 is 38 MB of uint8).
     stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads + 1))
   return iter(stream)
 
@@ -483,9 +491,9 @@ def train_batches(cfg: Any, *, batch_size: int, seed: int, start_step: int = 0, 
     process_count: the number of processes sharing each global batch.
 
   Returns:
-    An iterator of ``{"image": float32 (b, s, s, 3) normalised NHWC, "label": int32 (b,)}``, ``s =
-    cfg.image_size``. With ``cfg.num_workers > 0`` it is a grain iterator backed by worker processes: call its
-    ``close()`` when done to stop them early.
+    An iterator of ``{"image": uint8 (b, s, s, 3) NHWC, "label": int32 (b,)}``, ``s = cfg.image_size``
+    (:func:`train.train.device_batches` normalises them on the accelerator). With ``cfg.num_workers > 0`` it is a
+    grain iterator backed by worker processes: call its ``close()`` when done to stop them early.
 
   Raises:
     ValueError: ``batch_size`` is not a multiple of ``process_count``, is larger than the split, or an argument is
@@ -517,7 +525,7 @@ def eval_batches(cfg: Any, split: str, *, batch_size: int, process_index: int = 
   number of steps.
 
   Returns:
-    An iterator of ``{"image": float32 (b, s, s, 3), "label": int32 (b,), "mask": bool (b,)}``.
+    An iterator of ``{"image": uint8 (b, s, s, 3), "label": int32 (b,), "mask": bool (b,)}``.
 
   Raises:
     ValueError: unknown split, or ``batch_size`` not a multiple of ``process_count``.

@@ -89,7 +89,7 @@ def counts(cfg: ml_collections.ConfigDict, widths: Any, num_classes: int) -> flo
 
 
 def _loop(run: Run, section: ml_collections.ConfigDict, workdir: Path, desc: str) -> train_lib.Loop:
-  return loops.make_loop(run.config, section, workdir, desc=desc, log=run.log)
+  return loops.make_loop(run.config, section, workdir, mesh=run.mesh, desc=desc, log=run.log)
 
 
 def _evaluate(run: Run, model: nnx.Module, desc: str) -> dict[str, float]:

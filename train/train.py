@@ -19,11 +19,12 @@ never interrupted.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -109,9 +110,48 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Places a process-local batch as the process's part of a global batch split along axis 0 over ``data``."""
+  """Places a process-local batch as the process's part of a global batch split along axis 0 over ``data``
+  (arrays already placed so, as :func:`device_batches` yields them, are kept as they are)."""
   sharding = NamedSharding(mesh, P("data"))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  return {k: v if isinstance(v, jax.Array) and v.sharding == sharding
+          else jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _normalizer(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[jax.Array], jax.Array]:
+  mean_, std_ = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  return jax.jit(lambda x: (x.astype(jnp.float32) / 255.0 - mean_) / std_)
+
+
+def device_batches(batches: Iterator[Batch], mesh: jax.sharding.Mesh, *, mean: Sequence[float],
+                   std: Sequence[float], prefetch: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Host batches of uint8 images placed on the mesh (:func:`shard_batch`) and normalised there,
+  ``image = (x / 255 - mean) / std`` in float32, ``prefetch`` batches ahead of the one yielded.
+
+  Transfers and the jitted normalisation are dispatched asynchronously, so while the step consumes batch ``k``,
+  batches ``k + 1 ... k + prefetch`` are already on their way: the step waits on the host only when the host is
+  slower than the step. Closing this iterator closes ``batches`` (stopping grain's workers).
+  """
+  if prefetch < 0:
+    raise ValueError(f"prefetch={prefetch} must be >= 0")
+  normalize = _normalizer(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+  queue: collections.deque[dict[str, jax.Array]] = collections.deque()
+  try:
+    for batch in batches:
+      if np.dtype(batch["image"].dtype) != np.uint8:
+        raise ValueError(f"device_batches: batch['image'] is {batch['image'].dtype}; expected the data layer's uint8 "
+                         "pixels (it normalises them)")
+      placed = shard_batch(batch, mesh)
+      placed["image"] = normalize(placed["image"])
+      queue.append(placed)
+      if len(queue) > prefetch:
+        yield queue.popleft()
+    while queue:
+      yield queue.popleft()
+  finally:
+    close = getattr(batches, "close", None)
+    if close is not None:
+      close()
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> None:
