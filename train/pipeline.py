@@ -420,6 +420,7 @@ def stage_evaluate(run: Run) -> dict[str, Any]:
     out["pruned_before_finetune"] = out["pruned_before_finetune_raw"]
   out["final"] = _evaluate(run, run.load_model("final"), "eval final")
   out["split"] = cfg.data.eval_split
+  out["compute_dtype"] = train_lib.precision_name(run.compute_dtype)
   out["seconds"] = time.perf_counter() - t0
   if run.writer:
     files.write_json(run.path("evaluation.json"), out)

@@ -55,8 +55,8 @@ def build(workdir: Path, config: ml_collections.ConfigDict, data_info: dict[str,
             for d in sel["decisions"]]
   return _with_warnings({
       "model": config.model.name,
-      # The precision of the run's convolutions and matmuls (calibration, fine-tuning and evaluation alike).
-      "compute_dtype": calib.get("compute_dtype", "float32"),
+      # The precision of the evaluated models' convolutions and matmuls (that of the run's every stage).
+      "compute_dtype": ev.get("compute_dtype", "float32"),
       "dense": {"macs": dense["macs"], "params": dense["params"], "top1": ev["dense"]["top1"],
                 "top5": ev["dense"]["top5"]},
       "pruned": {"macs": costs["macs"], "params": costs["params"],
