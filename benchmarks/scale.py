@@ -60,8 +60,19 @@ LAYER = (64, 64)  # (c, d) of the n sweep
 CHANNEL_N, CHANNEL_D = 512, 16
 Q = 64
 DEVICES_GB = (16, 80)
+# Channel sharding of ResNet-50's builds is judged at this n over this many devices, against an interconnect that
+# delivers one byte per this many FLOPs of the device (H100: 67 float32 TFLOP/s over 450 GB/s of NVLink ~ 150;
+# TPU v5p's float32 products over its ICI are of the same order).
+SHARD_DEVICES, SHARD_N, FLOPS_PER_BYTE = 8, 1024, 150.0
 HEADROOM = 0.9  # of a device's memory usable by the calibration (the runtime and the model take the rest)
 F32 = 4
+SECTION = "## Calibration at scale (`scale`)"
+SECTION_PARAGRAPH = (
+    "How calibration's memory and time grow with the number of calibration images n and the channels c, measured "
+    "on one layer's build (`hsic_jax.problem_from_features`) and on the program's calibration of a ResNet-20, with "
+    "exponents fitted on log-log; from them, the n that fits one device for ResNet-50, and when calibration should "
+    "be split over devices by channel rather than by images. `python -m benchmarks.scale` (`--quick`: a smoke run; "
+    "`--render`: this block from the saved results).")
 
 
 def work(n: int, c: int, d: int) -> float:
@@ -72,11 +83,23 @@ def work(n: int, c: int, d: int) -> float:
 def build_bytes(n: int, c: int, d: int, q: int, *, inputs: bool = True,
                 block_bytes: int = hj.problem.DEFAULT_BLOCK_BYTES) -> float:
   """The memory model of one build: its inputs ``x`` and ``y`` (unless ``inputs`` is false: taps the caller holds
-  anyway), the output Gram (twice while it is centered), and the Gram entries: the whole ``c n^2`` plus up to two
-  more copies within the budget (centered, packed) while they fit in it, else at most the budget's tiles."""
+  anyway), the output Gram (twice while it is centered), and the Gram entries: the whole ``c n^2`` while they fit in
+  the budget (with one centered, packed copy where the products take them whole), else tiles of at most the
+  budget (an accelerator's; a CPU's are cache-sized)."""
   grams = c * n * n * F32
-  held = grams + min(2 * grams, block_bytes) if grams <= block_bytes else block_bytes
+  if grams > block_bytes:  # streamed: tiles of at most the budget (a CPU takes cache-sized ones, far smaller)
+    held = block_bytes
+  else:  # whole Grams, and their centered, packed copy unless the products take them in tiles (3 copies > budget)
+    held = grams + (grams if 3 * grams <= block_bytes else 0)
   return ((n * c * d + n * q) * F32 if inputs else 0) + 2 * n * n * F32 + held
+
+
+def intensity(n: int, c: int, d: int, devices: int) -> float:
+  """FLOPs per byte moved of one layer's build split by channel over ``devices``: each device computes its
+  ``c / devices`` rows of ``Q`` (``2 c^2 n^2 / devices`` FLOPs with the distances) and receives the other devices'
+  features of the layer (``n c d`` floats) to form them."""
+  flops = (2.0 * c * n * n * d + 2.0 * c * c * n * n) / devices
+  return flops / (n * c * d * F32 * (devices - 1) / devices)
 
 
 def _synthetic(n: int, c: int, d: int, seed: int) -> tuple[jax.Array, jax.Array]:
@@ -104,7 +127,7 @@ def layer_row(n: int, c: int, d: int, *, run: bool, repeats: int) -> dict[str, A
   row = {"n": n, "c": c, "d": d, "q": Q, "gflop": work(n, c, d) / 1e9,
          "path": "whole Grams" if c * n * n * F32 <= hj.problem.DEFAULT_BLOCK_BYTES else "streamed tiles",
          "compiled_temp_mb": compiled_temp_bytes(n, c, d) / 2**20,
-         "model_mb": build_bytes(n, c, d, Q) / 2**20}
+         "model_mb": build_bytes(n, c, d, Q, inputs=False) / 2**20}
   if run:
     x, y = _synthetic(n, c, d, n + c)
     cold, warm = _warm_seconds(lambda: jax.block_until_ready(hj.problem_from_features(x, y)), repeats)
@@ -163,10 +186,16 @@ def largest_n(memory_bytes: float, per_image: float, layers: Sequence[tuple[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = _common.parser(__doc__, help={"quick": "tiny sizes (a smoke run; results to --out or a temporary folder)"})
+  parser = _common.parser(__doc__, ("quick", "out", "no-readme", "render"),
+                          help={"quick": "tiny sizes (a smoke run; results to --out or a temporary folder)"})
   parser.add_argument("--max-n", type=int, default=LAYER_NS[-1], help="largest n of the layer sweep that is run")
-  parser.add_argument("--repeats", type=int, default=2, help="timed calls after the compiling one")
+  parser.add_argument("--repeats", type=int, default=1, help="timed calls after the compiling one")
   args = parser.parse_args(argv)
+  if args.render:
+    payload = json.loads((_common.RESULTS / "scale.json").read_text())
+    write_readme(payload)
+    print(f"updated {_common.README}")
+    return
   quick = args.quick
   if jax.default_backend() == "cpu":
     hj.limit_lapack_threads()  # as the program does: JAX's CPU factorisations call SciPy's LAPACK
@@ -187,13 +216,20 @@ def main(argv: list[str] | None = None) -> None:
 
   ran = [r for r in layer_rows if "seconds" in r]
   tail = ran[len(ran) // 2:] if len(ran) >= 4 else ran
+
+  def by_path(path: str, key: str, rows: Sequence[dict[str, Any]]) -> float | None:
+    pts = [(r["n"], r[key]) for r in rows if r["path"] == path and key in r and (quick or r["n"] >= 256)]
+    return fit_exponent(*zip(*pts)) if len(pts) >= 2 else None
+
+  streamed = [r for r in layer_rows if r["path"] == "streamed tiles"]
   fits = {
       "build_seconds_vs_n": fit_exponent([r["n"] for r in tail], [r["seconds"] for r in tail]),
-      "build_seconds_vs_c": fit_exponent([r["c"] for r in channel_rows[len(channel_rows) // 2:]],
-                                         [r["seconds"] for r in channel_rows[len(channel_rows) // 2:]]),
-      "streamed_memory_vs_n": fit_exponent(*zip(*[(r["n"], r["compiled_temp_mb"]) for r in layer_rows
-                                                  if r["path"] == "streamed tiles"]))
-      if sum(r["path"] == "streamed tiles" for r in layer_rows) >= 2 else None,
+      "build_seconds_vs_n_whole": by_path("whole Grams", "seconds", layer_rows),
+      "build_seconds_vs_n_streamed": by_path("streamed tiles", "seconds", layer_rows),
+      # Over the two largest n, where the output Gram's n^2 has outgrown the tiles' constant budget.
+      "streamed_memory_vs_n": fit_exponent([r["n"] for r in streamed[-2:]],
+                                           [r["compiled_temp_mb"] for r in streamed[-2:]])
+      if len(streamed) >= 2 else None,
       "program_build_seconds_vs_n": fit_exponent([r["n"] for r in program_rows[len(program_rows) // 2:]],
                                                  [r["build_seconds"] for r in program_rows[len(program_rows) // 2:]]),
       "program_search_seconds_vs_n": fit_exponent([r["n"] for r in program_rows],
@@ -208,7 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         "n": n, "taps_gb": n * per_image / 1e9,
         "largest_build_gb": max(build_bytes(n, c, d, q, inputs=False) for _, c, d, q in layers) / 1e9,
         "resnet50_build_tflop": sum(work(n, c, d) for _, c, d, _ in layers) / 1e12}
-  payload = {"quick": quick, "layer": {"c": c_n, "d": d_n, "q": Q}, "layer_rows": layer_rows,
+  sharding = {"devices": SHARD_DEVICES, "n": SHARD_N, "flops_per_byte_needed": FLOPS_PER_BYTE,
+              "layers": [{"decision": d, "c": c, "d": dd, "flops_per_byte": intensity(SHARD_N, c, dd, SHARD_DEVICES)}
+                         for d, c, dd, _ in layers]}
+  payload = {"quick": quick, "sharding": sharding, "layer": {"c": c_n, "d": d_n, "q": Q}, "layer_rows": layer_rows,
              "channel_rows": channel_rows, "program_rows": program_rows, "fits": fits, "projection": projection,
              "resnet50_layers": [{"decision": d, "c": c, "d": dd, "q": q} for d, c, dd, q in layers],
              "block_bytes": hj.problem.DEFAULT_BLOCK_BYTES, "seconds": time.perf_counter() - t_start}
@@ -222,45 +261,99 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out / 'scale.json'}")
   else:
     print(f"wrote {_common.write_results('scale', payload)}")
-  if not args.no_readme and not quick:
-    m = _common.machine()
-    _common.update_readme("scale", f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPU cores shared with "
-                                   f"other jobs), jax {m['jax']}.\n\n" + text)
+  if not args.no_readme and not quick and out is None:
+    write_readme(json.loads((_common.RESULTS / "scale.json").read_text()))
+
+
+def write_readme(payload: dict[str, Any]) -> None:
+  """This benchmark's README section (added once) and its block, from a results payload."""
+  m = payload["machine"]
+  _common.ensure_section("scale", SECTION, SECTION_PARAGRAPH)
+  _common.update_readme("scale", f"Measured {m['date']} on {m['device']} ({m['cpu_count']} CPU cores shared with "
+                                 f"other jobs: the seconds are noisy, the exponents and the memory carry over), "
+                                 f"jax {m['jax']}, in {payload['seconds']:.0f} s.\n\n" + render(payload))
+
+
+def _exp(x: float | None) -> str:
+  return "n/a" if x is None else f"{x:.2f}"
 
 
 def render(payload: dict[str, Any]) -> str:
-  """The README block: the three tables, the fitted exponents and the projection."""
-  f, proj, lay = payload["fits"], payload["projection"], payload["layer"]
+  """The README block: the three tables, the fitted exponents, the projection and the sharding rule."""
+  f, proj, lay, sh = payload["fits"], payload["projection"], payload["layer"], payload["sharding"]
   fmt = _common.fmt
   t1 = _common.markdown_table(
       ["n", "path", "GFLOP", "s (warm)", "GFLOP/s", "compiled temp MB", "model MB"],
       [[r["n"], r["path"], fmt(r["gflop"]), fmt(r["seconds"]) if "seconds" in r else "(compiled only)",
-        fmt(r["gflops"]) if "gflops" in r else "", fmt(r["compiled_temp_mb"]), fmt(r["model_mb"])]
+        fmt(r["gflops"]) if "gflops" in r else "", fmt(r["compiled_temp_mb"]),
+        fmt(build_bytes(r["n"], r["c"], r["d"], r["q"], inputs=False) / 2**20)]
        for r in payload["layer_rows"]])
-  t2 = _common.markdown_table(["c", "n", "d", "path", "GFLOP", "s (warm)", "compiled temp MB"],
+  whole_c = [r for r in payload["channel_rows"] if r["path"] == "whole Grams"]
+  c_time = fit_exponent([r["c"] for r in whole_c[1:]], [r["seconds"] for r in whole_c[1:]])
+  c_work = fit_exponent([r["c"] for r in whole_c[1:]], [r["gflop"] for r in whole_c[1:]])
+  t2 = _common.markdown_table(["c", "n", "d", "path", "GFLOP", "s (warm)", "GFLOP/s", "compiled temp MB"],
                               [[r["c"], r["n"], r["d"], r["path"], fmt(r["gflop"]), fmt(r["seconds"]),
-                                fmt(r["compiled_temp_mb"])] for r in payload["channel_rows"]])
+                                fmt(r["gflops"]), fmt(r["compiled_temp_mb"])] for r in payload["channel_rows"]])
   t3 = _common.markdown_table(["n", "capture s", "builds s (9 decisions)", "search s", "taps MB", "taps MB/image"],
                               [[r["n"], fmt(r["capture_seconds"]), fmt(r["build_seconds"]), fmt(r["search_seconds"]),
                                 fmt(r["tap_mb"]), fmt(r["tap_mb_per_image"])] for r in payload["program_rows"]])
   dev = proj["devices"]
-  mem_fit = f"{f['streamed_memory_vs_n']:.2f}" if f["streamed_memory_vs_n"] is not None else "n/a"
-  lines = [
-      f"One layer, c = {lay['c']}, d = {lay['d']}, q = {lay['q']}, against n (memory budget "
-      f"{payload['block_bytes'] // 2**20} MB; the model's MB are `build_bytes`):", "", t1, "",
-      f"One layer against c:", "", t2, "",
+  wide = [x for x in sh["layers"] if x["flops_per_byte"] >= sh["flops_per_byte_needed"]]
+  lo = min(sh["layers"], key=lambda x: x["flops_per_byte"])
+  hi = max(sh["layers"], key=lambda x: x["flops_per_byte"])
+  block_mb = payload["block_bytes"] // 2**20
+  rates = {p: [r["gflops"] for r in payload["layer_rows"] if r["path"] == p and "gflops" in r and r["n"] >= 256]
+           for p in ("whole Grams", "streamed tiles")}
+  speed = (f"{np.median(rates['streamed tiles']) / np.median(rates['whole Grams']):.1f}x"
+           if all(rates.values()) else "(not measured)")
+  return "\n".join([
+      f"One layer, c = {lay['c']}, d = {lay['d']}, q = {lay['q']}, against n (memory budget {block_mb} MB; "
+      "\"compiled temp\" is XLA's count of the build's temporaries, \"model MB\" the memory model `build_bytes` "
+      "of them, both without the inputs; on the streamed path the model takes an accelerator's tiles of the whole "
+      "budget, where this CPU takes 8 MB ones):", "", t1, "",
+      "One layer against c:", "", t2, "",
       "The program's calibration of a random ResNet-20 (`resnet20_apib` settings) against n:", "", t3, "",
-      f"Fitted exponents (log-log least squares over the larger sizes): build time ~ n^{f['build_seconds_vs_n']:.2f} "
-      f"(c, d fixed), ~ c^{f['build_seconds_vs_c']:.2f} (n = 512, d = 16); streamed working memory ~ n^{mem_fit}; "
-      f"the program's builds ~ n^{f['program_build_seconds_vs_n']:.2f}, its search ~ "
-      f"n^{f['program_search_seconds_vs_n']:.2f} (the search sees only c x c problems).", "",
-      f"Projection for ResNet-50 at 224x224 (taps {proj['resnet50_tap_mb_per_image']:.1f} MB per image in float32, "
-      f"{HEADROOM:.0%} of the device for calibration, one batch of n images so that each problem is the exact "
-      f"full-n one): "
-      + "; ".join(f"{k}: n = {v['n']:,} (taps {v['taps_gb']:.1f} GB, largest build {v['largest_build_gb']:.2f} GB, "
-                  f"{v['resnet50_build_tflop']:.1f} TFLOP of builds)" for k, v in dev.items()) + ".",
-  ]
-  return "\n".join(lines)
+      f"**Fitted exponents** (log-log least squares): build time ~ n^{_exp(f['build_seconds_vs_n_whole'])} on the "
+      f"whole-Gram path and ~ n^{_exp(f['build_seconds_vs_n_streamed'])} on the streamed one (n^2 work at fixed c "
+      f"and d; over all the larger sizes ~ n^{_exp(f['build_seconds_vs_n'])}: the streamed tiles, sized for the "
+      f"cache, ran at {speed} the whole Grams' GFLOP/s here); ~ c^{c_time:.2f} at n = 512, d = 16 on the "
+      f"whole-Gram path (its work ~ c^{c_work:.2f}, between the c n^2 d distances and the c^2 n^2 products; the "
+      f"time grows slower as the wider products run nearer the peak); streamed working memory ~ n^{_exp(f['streamed_memory_vs_n'])} over the two largest n (the "
+      f"{block_mb} MB of tiles is a constant; the output Gram's n^2 takes over); the whole-Gram path holds "
+      f"c n^2 floats, which is why it hands over to streaming at c n^2 x 4 B > {block_mb} MB. The program's builds "
+      f"grow as n^{_exp(f['program_build_seconds_vs_n'])}; its search, which only sees the c x c problems, stays "
+      f"under {max(r['search_seconds'] for r in payload['program_rows']):.2g} s at every n (fitted "
+      f"n^{_exp(f['program_search_seconds_vs_n'])}, timing noise of a shared machine on a fraction of a second), so "
+      "at large n calibration is all builds and taps.", "",
+      f"**What fits one device** (ResNet-50 at 224x224, every decision's taps held at once as the program holds a "
+      f"calibration batch's, {proj['resnet50_tap_mb_per_image']:.1f} MB per image in float32, {HEADROOM:.0%} of "
+      f"the device for calibration, one batch of n images so that each problem is the exact full-n one): "
+      + "; ".join(f"{k}: n = {v['n']:,} (taps {v['taps_gb']:.1f} GB, the largest build beside them "
+                  f"{v['largest_build_gb']:.2f} GB, {v['resnet50_build_tflop']:.1f} TFLOP of builds in all)"
+                  for k, v in dev.items())
+      + ". The taps, linear in n, bound n long before the builds' n^2 Grams do (the tiled builds keep those "
+      "within the budget plus 2 n^2 floats of the output Gram: 2.1 GB at n = 16,384). More images than that are "
+      "taken in calibration batches (`calib.batch_size`), whose problems add up (block HSIC Lasso), at "
+      "`batch_size` times the taps per image; the exact full-n problem needs them on several devices.", "",
+      f"**Sharding: by images or by channel.** Split by images (each device captures and builds on its own n / D "
+      "images; only the c x c problems are summed, `hsic_jax.combine_problems`), calibration needs no "
+      "communication, takes n / D of the taps per device and D^2 times less build work per device than one "
+      "full-n build, but the problem is the block one with blocks of n / D images. Split by channel (the library's `shard_map` path: "
+      "`hsic_jax.channel_grams` on features split along the channel axis keeps each device's Grams on it, and "
+      "XLA's partitioner forms Q's cross-device blocks), the problem is the exact full-n one and each device "
+      "holds c / D of the Grams, but the layer's features must be regrouped from images to channels and exchanged "
+      f"to form Q's off-diagonal blocks. At n = {sh['n']:,} over D = {sh['devices']} devices a channel-split "
+      f"build does {fmt(lo['flops_per_byte'])} FLOPs per byte moved for {lo['decision']} (c = {lo['c']}, "
+      f"d = {lo['d']}) up to {fmt(hi['flops_per_byte'])} for {hi['decision']} (c = {hi['c']}, d = {hi['d']}): "
+      f"{len(wide)} of ResNet-50's {len(sh['layers'])} decisions reach the ~{sh['flops_per_byte_needed']:.0f} "
+      "FLOPs per byte at which an accelerator's interconnect keeps up with its float32 products. So: split by "
+      "images while the block size n / D stays at or above the n the method is run with (64 for ImageNet in the "
+      "APIB paper), since that is what the program's calibration batches already do; split by channel only when "
+      "the exact full-n problem is wanted, for the wide, low-resolution layers (the intensity n (c + d) / (2 d (D - 1)) "
+      "is high where c >> d), keeping the high-resolution layers image-split; and distribute whole decisions over devices "
+      "(each builds the exact problems of its own layers, no exchange but the taps) when there are more decisions "
+      "than devices.",
+  ])
 
 
 if __name__ == "__main__":
