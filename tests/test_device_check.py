@@ -37,7 +37,8 @@ def test_merge_keeps_every_part_and_divides_the_builds_by_both_peaks(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_run_on_the_cpu_writes_every_part(tmp_path):
-  """The whole script at tiny sizes (a ResNet-20) on the CPU; about 2 minutes on a shared 2-core machine."""
+  """The whole script at tiny sizes (a ResNet-20) on the CPU: 3.4 minutes on a shared 2-core machine (200 s of
+  parts, most of it compilation)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user's machine
   env.update({"PYTHON": sys.executable, "PYTHONPATH": str(ROOT)})
   out = tmp_path / "check.json"
