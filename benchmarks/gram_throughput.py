@@ -75,11 +75,12 @@ def peak_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-def matmul_peak(size: int) -> float:
-  """GFLOP/s of a jitted float32 ``size x size`` matmul (full float32 precision) on the default device."""
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-  f = jax.jit(peak_matmul)
+def matmul_peak(size: int, *, dtype=jnp.float32) -> float:
+  """GFLOP/s of a jitted ``size x size`` matmul on the default device: float32 at full float32 precision (the
+  library's products), or bfloat16 at the backend's default (the peak of bfloat16 convolutions, for comparison)."""
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  f = jax.jit(peak_matmul if jnp.dtype(dtype) == jnp.float32 else jnp.matmul)
   jax.block_until_ready(f(a, b))
   secs = _common.time_call(lambda: jax.block_until_ready(f(a, b)), repeats=5, min_seconds=1.0)
   return 2.0 * size**3 / secs / 1e9

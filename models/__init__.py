@@ -25,6 +25,8 @@ Parameter paths read like the architecture, e.g. ``("stage1", "block0", "conv1",
 :func:`random_model` builds one with He-normal weights drawn in NumPy (no initializer compiled); the model
 checkpoint (save, read_meta, load, and ``build_with_state``, a model from a pure dict of arrays) is
 :mod:`models.checkpoint`, and :func:`load_pruned` loads one; :mod:`models.import_torch` converts PyTorch weights.
+:func:`set_compute_dtype` runs a built model's convolutions and matmuls in bfloat16 (:mod:`models.precision`),
+its parameters and statistics staying float32.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from models import _common, googlenet, mobilenetv2, resnet50, resnet_cifar, vgg
+from models.precision import compute_dtype, set_compute_dtype
 from models._common import Tap, Taps
 from models.googlenet import GoogLeNet
 from models.mobilenetv2 import MobileNetV2
@@ -215,5 +218,5 @@ def model_name(model: nnx.Module) -> str:
 
 
 __all__ = ["MODELS", "ModelEntry", "get_model", "default_widths", "validate_widths", "input_size", "load_pruned",
-           "random_model", "model_name", "Tap",
+           "random_model", "model_name", "set_compute_dtype", "compute_dtype", "Tap",
            "Taps", "ResNetCifar", "VGG16", "ResNet50", "GoogLeNet", "MobileNetV2"]

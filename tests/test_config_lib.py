@@ -60,3 +60,11 @@ def test_parse_flags_errors_are_one_line_on_stderr(argv, said, capsys):
   assert config_lib.parse_flags(argv, fv, config, required={"checkpoint": "a run workdir"}) is None
   out = capsys.readouterr()
   assert out.out == "" and out.err.startswith("error: ") and said in out.err and out.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value, want", [("True", True), ("False", False), ("auto", "auto")])
+def test_half_precision_parses_as_a_bool_or_auto_on_any_config(value, want):
+  for name in ("digits_apib", "resnet50_apib"):  # the field defaults to False and to "auto" respectively
+    fv, config = _command()
+    cfg, _ = config_lib.parse_flags(["prog", f"--config={name}", f"--config.half_precision={value}"], fv, config)
+    assert cfg.half_precision == want and type(cfg.half_precision) is type(want)

@@ -9,7 +9,8 @@ of bandwidth ``gamma = 1 / (values per sample)`` by default. Problems of several
 
 BatchNorm runs with the batch's own statistics (``bn_mode="batch"``, as APIB's reference code, which never switches
 the model to eval mode) or with the running statistics (``"running"``). The dense model's variables are not changed
-either way: the forward pass runs on a copy inside ``jit``.
+either way: the forward pass runs on a copy inside ``jit``. The forward pass runs in the model's compute dtype
+(bfloat16 under ``half_precision``); the taps are cast to float32 before any Gram is built.
 
 Other selection methods need other evidence from the same images, collected here too:
 
@@ -79,7 +80,9 @@ def _jitted_taps(model: nnx.Module, bn_mode: str, extract):
   @jax.jit
   def capture(params, stats, images):
     _, taps = train_lib.merge(graphdef, params, stats)(images, capture=True)
-    return extract(taps)
+    # A model computing in bfloat16 records bfloat16 taps; the Grams and their products are accumulated in float32
+    # (n^2 sums of squares round away in an 8-bit mantissa), so the taps are cast before anything is built.
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), extract(taps))
 
   return lambda images: capture(split.params, split.batch_stats, images)
 

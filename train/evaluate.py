@@ -4,7 +4,8 @@
 
 The config gives the data (``--config.data.*`` overrides apply) and the evaluation batch size; the checkpoint gives
 the model and its widths (a workdir's newest model, :func:`train.workdir.model_checkpoint`, loaded by
-:func:`models.load_pruned`). Prints top-1, top-5 and the mean loss as JSON.
+:func:`models.load_pruned`), run in the config's precision (``half_precision``), as the program trained it.
+Prints top-1, top-5 and the mean loss as JSON.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   split = _SPLIT.value or config.data.eval_split
   try:
     data.prepare(config.data)
-    model = models.load_pruned(workdir.model_checkpoint(_CHECKPOINT.value))
+    model = models.set_compute_dtype(models.load_pruned(workdir.model_checkpoint(_CHECKPOINT.value)),
+                                     train_lib.compute_dtype(config.half_precision))
     result = loops.evaluate_model(config, model, train_lib.make_mesh(), split=split, desc=f"eval {split}")
   except (ValueError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)

@@ -5,6 +5,9 @@ same command resumes where a run stopped, and ``--only=STAGE`` runs one stage fr
 result. Results are written atomically (a temporary name, then a rename): an interrupted stage leaves nothing that
 looks finished. Training stages resume from their own orbax checkpoints.
 
+Every model is saved with float32 parameters and statistics, whatever the run's precision (``half_precision``,
+recorded as ``compute_dtype`` in each checkpoint's meta); a model is loaded to compute in the run's precision.
+
 Workdir layout::
 
   config.json          the resolved config (a re-run with a different one is refused)
@@ -52,6 +55,7 @@ class Run:
   workdir: Path
   mesh: jax.sharding.Mesh
   writer: bool  # process 0 writes the workdir's files
+  compute_dtype: Any = None  # of every convolution and matmul (train.train.compute_dtype); None: float32
 
   def path(self, name: str) -> Path:
     return self.workdir / name
@@ -66,14 +70,15 @@ class Run:
     tmp = self.path(name + ".tmp")
     if tmp.exists():
       shutil.rmtree(tmp)
-    checkpoint.save(model, tmp, extra=extra)
+    checkpoint.save(model, tmp, extra={**extra, "compute_dtype": train_lib.precision_name(self.compute_dtype)})
     final = self.path(name)
     if final.exists():  # a stage run again with --only replaces its result
       shutil.rmtree(final)
     os.replace(tmp, final)
 
   def load_model(self, name: str) -> nnx.Module:
-    return checkpoint.load(self.path(name))
+    """The model saved at ``workdir/name`` (float32 parameters), computing in the run's precision."""
+    return models.set_compute_dtype(checkpoint.load(self.path(name)), self.compute_dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -111,7 +116,8 @@ def stage_dense(run: Run) -> dict[str, Any]:
   elif source == "checkpoint":
     model = checkpoint.load(os.path.expanduser(cfg.dense.path))
   elif source == "pretrain":
-    model = models.get_model(cfg.model.name, widths, num_classes=num_classes, rngs=nnx.Rngs(int(cfg.seed)))
+    model = models.set_compute_dtype(models.get_model(cfg.model.name, widths, num_classes=num_classes,
+                                                      rngs=nnx.Rngs(int(cfg.seed))), run.compute_dtype)
     model, _ = train_lib.train_and_evaluate(model, cfg.pretrain, _loop(run, cfg.pretrain, run.path("pretrain"),
                                                                        "pretrain"), run.mesh, seed=int(cfg.seed))
   else:
@@ -170,7 +176,8 @@ def stage_calibrate(run: Run) -> dict[str, Any]:
         "num_images": n, "ids": [int(i) for i in ids], "labels": [int(l) for l in labels],
         "split": cfg.data.calib_split, "bn_mode": cfg.calib.bn_mode, "augment": bool(cfg.calib.augment),
         "decisions": decisions, "channels": channels, "evidence": sorted(need), "seconds": seconds,
-        "criterion": cfg.select.criterion, "method": cfg.select.method})
+        "criterion": cfg.select.criterion, "method": cfg.select.method,
+        "compute_dtype": train_lib.precision_name(run.compute_dtype)})
   return {"seconds": sum(seconds.values())}
 
 
@@ -413,6 +420,7 @@ def stage_evaluate(run: Run) -> dict[str, Any]:
     out["pruned_before_finetune"] = out["pruned_before_finetune_raw"]
   out["final"] = _evaluate(run, run.load_model("final"), "eval final")
   out["split"] = cfg.data.eval_split
+  out["compute_dtype"] = train_lib.precision_name(run.compute_dtype)
   out["seconds"] = time.perf_counter() - t0
   if run.writer:
     files.write_json(run.path("evaluation.json"), out)
@@ -474,7 +482,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, *, only
     raise ValueError(f"unknown stage {only!r}; expected one of {list(STAGES)}")
   workdir = Path(workdir).expanduser().resolve()
   workdir.mkdir(parents=True, exist_ok=True)
-  run = Run(config, workdir, mesh if mesh is not None else train_lib.make_mesh(), jax.process_index() == 0)
+  run = Run(config, workdir, mesh if mesh is not None else train_lib.make_mesh(), jax.process_index() == 0,
+            train_lib.compute_dtype(config.half_precision))
   if run.writer:
     check_config(config, workdir)
   if run.writer:

@@ -55,6 +55,8 @@ def build(workdir: Path, config: ml_collections.ConfigDict, data_info: dict[str,
             for d in sel["decisions"]]
   return _with_warnings({
       "model": config.model.name,
+      # The precision of the evaluated models' convolutions and matmuls (that of the run's every stage).
+      "compute_dtype": ev.get("compute_dtype", "float32"),
       "dense": {"macs": dense["macs"], "params": dense["params"], "top1": ev["dense"]["top1"],
                 "top5": ev["dense"]["top5"]},
       "pruned": {"macs": costs["macs"], "params": costs["params"],
@@ -145,7 +147,8 @@ def markdown(rep: dict[str, Any]) -> str:
       f"# {rep['model']}: {_METHOD_TITLE.get(s.get('method') or 'apib', s.get('method'))} pruning to "
       f"{rep['ratios'][s['target_key']]:.1%} of the dense {s['target_key']}", "",
       f"Evaluated on `{rep['data'].get('name', '')}` split `{rep['evaluation']['split']}` "
-      f"({rep['evaluation']['examples']} images).", "",
+      f"({rep['evaluation']['examples']} images), convolutions and matmuls in {rep.get('compute_dtype', 'float32')}.",
+      "",
       "| | MACs | params | top-1 | top-5 |", "|---|---:|---:|---:|---:|",
       f"| dense | {d['macs'] / 1e6:.2f}M | {d['params'] / 1e6:.3f}M | {d['top1']:.4f} | {d['top5']:.4f} |",
       f"| pruned, after surgery | {p['macs'] / 1e6:.2f}M | {p['params'] / 1e6:.3f}M | "

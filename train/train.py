@@ -11,6 +11,11 @@ cosine schedule to 0 after an optional linear warmup, weight decay added to the 
 BatchNorm scales and biases), cross-entropy with optional label smoothing, and optional knowledge distillation from
 a teacher (the dense model): ``loss = (1 - w) CE + w T^2 KL(softmax(t / T) || softmax(s / T))``.
 
+Precision (the config's ``half_precision``, :func:`compute_dtype`): the model's convolutions and matmuls may run in
+bfloat16 (:func:`models.set_compute_dtype`, part of the graph definition), while the state stays float32: the
+parameters and their gradients, the optimizer's momentum, the BatchNorm statistics, and the losses, taken on float32
+logits. Evaluation runs the model as it was trained.
+
 Checkpoints (orbax): the state, the step (which is the data position: batch ``k`` of a seeded run is a function of
 ``k`` alone) and the run's seed, every ``checkpoint_every_steps`` and at the end, keeping the last few. A run
 restarted with the same command resumes from the latest one and ends with the same parameters as a run that was
@@ -162,6 +167,36 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> Non
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Precision.
+
+
+def compute_dtype(half_precision: Any) -> Any:
+  """The convolutions' and matmuls' dtype for the config's ``half_precision``: ``jnp.bfloat16`` for True, ``None``
+  (float32) for False, and for ``"auto"`` bfloat16 on a GPU or TPU and float32 on a CPU (which emulates bfloat16
+  products at a loss). Call it after the host set-up (``jax.distributed.initialize``): "auto" asks for the backend.
+
+  Raises:
+    ValueError: any other value.
+  """
+  if isinstance(half_precision, str) and half_precision.lower() == "auto":
+    return None if jax.default_backend() == "cpu" else jnp.bfloat16
+  if isinstance(half_precision, (bool, np.bool_)):
+    return jnp.bfloat16 if half_precision else None
+  raise ValueError(f"half_precision must be True, False or 'auto', got {half_precision!r}")
+
+
+def precision_name(dtype: Any) -> str:
+  """``"bfloat16"`` or ``"float32"``: what a run records of :func:`compute_dtype`'s result."""
+  return "float32" if dtype is None else jnp.dtype(dtype).name
+
+
+def float32_logits(logits: jax.Array) -> jax.Array:
+  """Logits (in the model's compute dtype) as float32: every loss and softmax is taken in float32, whatever the
+  precision of the convolutions, as bfloat16's 8-bit mantissa would round the log-probabilities."""
+  return jnp.asarray(logits, jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Recipe.
 
 
@@ -192,6 +227,8 @@ def create_optimizer(cfg: Any, lr_fn: optax.Schedule, params: Mapping[str, Any])
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+  """Per-example cross-entropy (with label smoothing ``smoothing``), in float32."""
+  logits = float32_logits(logits)
   num_classes = logits.shape[-1]
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else \
       jax.nn.one_hot(labels, num_classes)
@@ -200,8 +237,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax
 
 def distillation(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
   """``T^2 KL(softmax(t / T) || softmax(s / T))`` per example (Hinton et al.: T^2 keeps gradient scales)."""
-  t = jax.nn.log_softmax(teacher / temperature)
-  s = jax.nn.log_softmax(student / temperature)
+  t = jax.nn.log_softmax(float32_logits(teacher) / temperature)
+  s = jax.nn.log_softmax(float32_logits(student) / temperature)
   return temperature ** 2 * jnp.sum(jnp.exp(t) * (t - s), axis=-1)
 
 
@@ -214,7 +251,7 @@ def make_train_step(split: Split, tx: optax.GradientTransformation, cfg: Any, lr
   def step(state: TrainState, batch: dict[str, jax.Array], teacher_vars: Any):
     def loss_fn(params):
       model = merge(split.train_def, params, state.batch_stats)
-      logits = model(batch["image"])
+      logits = float32_logits(model(batch["image"]))
       loss = cross_entropy(logits, batch["label"], cfg.label_smoothing)
       if weight:
         t_model = merge(teacher.eval_def, *teacher_vars)
@@ -238,7 +275,7 @@ def make_eval_step(graphdef: Any) -> Callable[..., dict[str, jax.Array]]:
   over the unmasked (real) examples of a padded batch."""
 
   def step(params, batch_stats, batch):
-    logits = merge(graphdef, params, batch_stats)(batch["image"])
+    logits = float32_logits(merge(graphdef, params, batch_stats)(batch["image"]))
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     k = min(5, logits.shape[-1])

@@ -74,6 +74,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.distributed = False  # call jax.distributed.initialize() first (multi-host TPU/GPU)
+  # Mixed precision: True runs every convolution and matmul in bfloat16 (training, evaluation and calibration's
+  # forward passes); parameters, optimizer state, BatchNorm statistics, losses and calibration Grams stay float32.
+  # "auto": bfloat16 on a GPU or TPU, float32 on a CPU, decided when the program starts (after the multi-host
+  # set-up, which must come before anything asks JAX for its backend). False, True or "auto".
+  config.half_precision = ml_collections.FieldReference(False, field_type=object)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet56"

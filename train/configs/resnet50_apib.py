@@ -17,7 +17,9 @@ are what carry over); conv3's target Y is its own output by default (``calib.res
 reference code's pooled feature); fine-tuning with the reference recipe: SGD, momentum 0.9, weight decay 1e-4 on
 every parameter, lr 0.025, per-step cosine, batch 64, random-resized-crop + flip; evaluation at 224 after resizing
 the shorter side to 256. The paper reports -56% FLOPs at -0.08% top-1 (a different operating point than its README).
-Epochs: the reference default 135; on a TPU slice raise the batch and the learning rate together.
+Epochs: the reference default 135; on a TPU slice raise the batch and the learning rate together. Precision:
+``half_precision="auto"``, bfloat16 convolutions and matmuls on a GPU or TPU (float32 parameters, BatchNorm and
+losses) and float32 on a CPU; ``--config.half_precision=False`` for float32 everywhere.
 
 Measured: not run end to end here yet, so there is no time or result to report; the test suite runs its stages
 at tiny scale.
@@ -29,6 +31,7 @@ from train.configs.base import get_base_config
 def get_config():
   config = get_base_config()
   config.model.name = "resnet50"
+  config.half_precision = "auto"  # bfloat16 convolutions and matmuls on a GPU or TPU, float32 on a CPU
   config.data.name = "imagenet2012"
   config.data.train_split = "train"
   config.data.eval_split = "validation"

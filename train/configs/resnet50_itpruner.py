@@ -15,7 +15,8 @@ images at 224x224, BatchNorm in batch-statistics mode, linear CKA, beta 2000, th
 initialisation of the thin network); ITPruner's ImageNet recipe: SGD, Nesterov momentum 0.9, lr 0.1 per 256
 images, one warmup epoch then a per-step cosine, weight decay 4e-5 sparing BN scales and biases, label smoothing
 0.1, 120 epochs. The width variables are the 32 inner widths of the bottleneck blocks; the stem and the stage widths
-(the reference's other 5 variables) stay dense, since the residual streams tie them across blocks.
+(the reference's other 5 variables) stay dense, since the residual streams tie them across blocks. Precision as
+``resnet50_apib``: bfloat16 convolutions and matmuls on a GPU or TPU (``half_precision="auto"``).
 
 Measured: not run end to end here yet, so there is no time or result to report.
 """
