@@ -149,6 +149,8 @@ def test_device_batches_normalise_on_the_mesh_in_order_and_close_the_source():
     # Oracle: the normalisation by hand in float64.
     want = (h["image"] / 255.0 - np.asarray(mean)) / np.asarray(std)
     np.testing.assert_allclose(np.asarray(g["image"]), want, rtol=1e-5, atol=1e-5)
+    # And bit for bit what the host's normalisation (calibration images) gives.
+    np.testing.assert_array_equal(np.asarray(g["image"]), models.cifar10.normalize(h["image"], mean, std))
     np.testing.assert_array_equal(np.asarray(g["label"]), h["label"])
     assert train_lib.shard_batch(g, mesh)["image"] is g["image"]  # already placed: kept
   stream = train_lib.device_batches(source(), mesh, mean=mean, std=std, prefetch=0)
