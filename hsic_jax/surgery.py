@@ -9,6 +9,7 @@ positions that no group removes. Optimizer-state subtrees that mirror the parame
 a factored moment, is refused), and a :class:`PrunePlan` records the cut so that a pruned checkpoint can be rebuilt
 from the dense one (:func:`apply_plan`).
 
+:func:`thin_model` turns the cut state into a working model of the same class.
 
 :func:`mask` is the reference that surgery is checked against: it zeroes the removed channels in the dense state
 instead of deleting them. Zeroing every consumer ("in") slice removes the channels' contribution exactly, also
@@ -707,16 +708,18 @@ def thin_model(model: nnx.Module, groups: Sequence[ChannelGroup], keep_or_plan: 
   (a) The class rebuilds itself at new widths: ``model`` has a width list ``model.widths`` and a method
       ``model.with_widths(widths) -> nnx.Module`` (concrete or ``nnx.eval_shape``-abstract) building the same
       class at a width list, and every cut group has ``width_indices`` (where a group has none, those of the
-      model's declared group with the same members, ``model.channel_groups()``, are used). The pruned arrays go
-      into ``model.with_widths(new_widths)``, every shape checked.
+      model's declared group with the same members, ``model.channel_groups()``, are used; a cut group that sets
+      no width is refused). The pruned arrays go into ``model.with_widths(new_widths)``, every shape checked.
   (b) Otherwise the model's graph is copied, the pruned arrays put in, and the sizes Flax's layers keep as Python
       attributes updated from the new shapes: ``in_features``/``out_features``/``feature_group_count`` of
-      ``nnx.Conv`` (a depthwise conv keeps one channel per group, another grouped conv its group count), ``nnx.ConvTranspose`` and
-      ``nnx.Linear``, ``num_features`` of ``nnx.BatchNorm``/``LayerNorm``/``RMSNorm``, ``group_size`` of
-      ``nnx.GroupNorm`` (which keeps ``num_groups``: it must divide the new count). A width the library cannot see (an ``int`` stored on
-      a module of your own and read in the forward pass) is caught by running the thin model on
-      ``example_args`` (required here): if it fails or its outputs' shapes differ from the dense model's, the
-      call is refused, naming the module attributes that hold a cut group's dense width.
+      ``nnx.Conv`` (a depthwise conv keeps one channel per group, another grouped conv its group count),
+      ``nnx.ConvTranspose`` and ``nnx.Linear``, ``num_features`` of ``nnx.BatchNorm``/``LayerNorm``/``RMSNorm``,
+      ``group_size`` of ``nnx.GroupNorm`` (which keeps ``num_groups``: it must divide the new count). A width the
+      library cannot see (an ``int`` stored on a module of your own and read in the forward pass) is caught by
+      running the thin model abstractly on ``example_args`` (required here): if it fails or its outputs' shapes
+      differ from the dense model's, the call is refused, naming the module attributes that hold a cut group's
+      dense width. (A stale width read in a way that keeps every shape, such as a slice ``x[..., :n]`` past the
+      end, is not caught: compare the thin model with :func:`mask` of the dense one where in doubt.)
 
   The thin model then computes what :func:`mask` of the dense state computes, for groups whose removal commutes
   with zeroing (every prunable derived group). ``model`` is not changed.
@@ -745,8 +748,17 @@ def thin_model(model: nnx.Module, groups: Sequence[ChannelGroup], keep_or_plan: 
   leaves = flatten_state(pure)
   hook, widths = getattr(model, _WIDTHS_HOOK, None), getattr(model, "widths", None)
   rebuild = callable(hook) and widths is not None
+  by_name = {g.name: g for g in groups}
   if rebuild:
     groups = _with_declared_width_indices(model, groups, leaves)
+    by_name = {g.name: g for g in groups}
+    wanted = keep_or_plan.keep if isinstance(keep_or_plan, PrunePlan) else _check_keep_arg(keep_or_plan)
+    unset = sorted(name for name, idx in wanted.items() if name in by_name and not by_name[name].width_indices
+                   and np.size(idx) < by_name[name].size)
+    if unset:
+      raise ValueError(f"groups {unset} are cut but set no entry of model.widths (no width_indices, and no declared "
+                       f"group of {type(model).__name__} has their members), so model.{_WIDTHS_HOOK} cannot rebuild "
+                       "the thin model; pass the model's declared groups (model.channel_groups())")
   if isinstance(keep_or_plan, PrunePlan):
     result = apply_plan(pure, groups, keep_or_plan)
     keep: Mapping[str, Any] = keep_or_plan.keep
@@ -755,9 +767,7 @@ def thin_model(model: nnx.Module, groups: Sequence[ChannelGroup], keep_or_plan: 
   else:
     keep = _check_keep_arg(keep_or_plan)
     result = prune(pure, groups, keep, widths=list(widths) if rebuild else None)
-  by_name = {g.name: g for g in groups}
   cut = {name for name, idx in result.plan.keep.items() if len(idx) < by_name[name].size}
-  rebuild = rebuild and all(by_name[name].width_indices for name in cut)
   if rebuild:
     new = hook(list(result.widths))
     if not isinstance(new, type(model)):

@@ -270,3 +270,44 @@ def test_zoo_model_is_rebuilt_with_its_widths_from_derived_or_declared_groups():
   again = hj.thin_model(dense, derived, {name[k]: v for k, v in keep.items()}, x)
   assert again.widths == thin.widths
   np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(thin(x)))
+
+
+class WidthNet(nnx.Module):
+  """A class of the user's own that rebuilds itself at a width list."""
+
+  def __init__(self, widths=(8, 6), *, rngs: nnx.Rngs):
+    self.widths = tuple(widths)
+    self.c1, self.bn = nnx.Conv(3, widths[0], (3, 3), rngs=rngs), nnx.BatchNorm(widths[0], rngs=rngs)
+    self.c2 = nnx.Conv(widths[0], widths[1], (3, 3), rngs=rngs)
+    self.head = nnx.Linear(widths[1], 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.c2(nnx.relu(self.bn(self.c1(x))))).mean(axis=(1, 2)))
+
+  def with_widths(self, widths):
+    return nnx.eval_shape(lambda: WidthNet(widths, rngs=nnx.Rngs(0)))
+
+
+def test_a_class_with_the_hook_is_rebuilt_at_its_new_widths():
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  model = _randomized(WidthNet)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+  derived = hj.derive_model_groups(model, x)
+  keep = {"c1": [1, 2, 6], "c2": [0, 5]}
+  with pytest.raises(ValueError, match=r"groups \['c1', 'c2'\] are cut but set no entry of model.widths"):
+    hj.thin_model(model, derived, keep, x)
+  indexed = [dataclasses.replace(g, width_indices={"c1": (0,), "c2": (1,)}.get(g.name, ())) for g in derived]
+  thin = hj.thin_model(model, indexed, keep)  # the class builds consistent shapes: no example input needed
+  assert type(thin) is WidthNet and thin.widths == (3, 2) and thin.c2.in_features == 3
+  want = _run(model, hj.surgery.mask(nnx.to_pure_dict(nnx.state(model)), indexed, keep), x)
+  np.testing.assert_allclose(np.asarray(thin(x)), np.asarray(want), rtol=1e-4, atol=1e-5)
+  # A hook that does not build what it is asked is caught.
+  stuck = _randomized(StuckWidths)
+  with pytest.raises(ValueError, match=r"model.with_widths\(\[3, 2\]\) builds 'bn/bias' with shape \(8,\), but the "
+                     r"pruned state has \(3,\)"):
+    hj.thin_model(stuck, indexed, keep)
+
+
+class StuckWidths(WidthNet):
+  def with_widths(self, widths):
+    return nnx.eval_shape(lambda: StuckWidths(rngs=nnx.Rngs(0)))
