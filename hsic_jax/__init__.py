@@ -18,6 +18,9 @@ The top level holds what users call most; each public module is a namespace of t
 - :mod:`hsic_jax.surgery`: pure-functional channel removal from parameter, BatchNorm and optimizer state.
 - :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr, and the registry of
   channel rules (``register_channel_rule``) that tells derivation how a primitive moves channels.
+- :mod:`hsic_jax.taps`: the pruning decisions of any Flax CNN and its calibration taps (each decision's consumer
+  input and target), read from the jaxpr by an interpreter, and the problems, activations and layer similarity
+  built from them.
 - :mod:`hsic_jax.runtime`: host-side settings for the CPU backend (LAPACK threads).
 - :mod:`hsic_jax.weighting`: per-channel penalty weights (weighted HSIC Lasso), e.g. by the cost a channel saves.
 
@@ -29,7 +32,7 @@ state of a derivation and the built-in rules), ``_jaxpr_walk`` (jaxpr traversal)
 """
 
 from hsic_jax import allocation, budget, criteria, groups, jaxpr_groups, kernels, methods, problem, runtime, search
-from hsic_jax import selection, solver, surgery, weighting
+from hsic_jax import selection, solver, surgery, taps, weighting
 from hsic_jax.allocation import allocate_widths, layer_importance
 from hsic_jax.budget import BudgetPoint, BudgetResult, allocate_global, allocate_uniform, min_widths
 from hsic_jax.criteria import channel_scores, criterion_names, register_criterion
@@ -140,6 +143,7 @@ __all__ = [
     "solver",
     "stack_problems",
     "surgery",
+    "taps",
     "unregister_method",
     "unweight_beta",
     "weighted_problem",
