@@ -7,6 +7,8 @@ The top level holds what users call most; each public module is a namespace of t
 - :mod:`hsic_jax.problem`: the HSIC Lasso quadratic form (Q, q) built blockwise from Grams or features.
 - :mod:`hsic_jax.solver`: FISTA with restart for the nonnegative (or signed) HSIC Lasso, with duality gaps.
 - :mod:`hsic_jax.selection`: ``lasso_select`` and friends (paths, batches, keep exactly k).
+- :mod:`hsic_jax.costs`: MACs and params of any NNX model from its jaxpr, at any channel widths (``cost_fn``:
+  trace once, count many width vectors).
 - :mod:`hsic_jax.groups`: channel groups (parameter slices that share channels).
 - :mod:`hsic_jax.budget`: widths under a cost budget: the cost-function type, the reachable-range check, rounding
   to a multiple, the one result type every allocator returns, and the uniform and global allocators.
@@ -31,10 +33,11 @@ state of a derivation and the built-in rules), ``_jaxpr_walk`` (jaxpr traversal)
 ``_sharding`` (how inputs split over a mesh); ``_fill`` is :func:`select_k`'s residual fill.
 """
 
-from hsic_jax import allocation, budget, criteria, groups, jaxpr_groups, kernels, methods, problem, runtime, search
-from hsic_jax import selection, solver, surgery, taps, weighting
+from hsic_jax import allocation, budget, costs, criteria, groups, jaxpr_groups, kernels, methods, problem, runtime
+from hsic_jax import search, selection, solver, surgery, taps, weighting
 from hsic_jax.allocation import allocate_widths, layer_importance
 from hsic_jax.budget import BudgetPoint, BudgetResult, allocate_global, allocate_uniform, min_widths
+from hsic_jax.costs import Cost, LayerCost, cost_fn, count_macs
 from hsic_jax.criteria import channel_scores, criterion_names, register_criterion
 from hsic_jax.groups import ChannelGroup, ChannelSlice
 from hsic_jax.jaxpr_groups import GroupDerivationWarning, check_groups, derive_groups, derive_model_groups
@@ -81,9 +84,11 @@ __all__ = [
     "BudgetResult",
     "ChannelGroup",
     "ChannelSlice",
+    "Cost",
     "Evidence",
     "GroupDerivationWarning",
     "KSelection",
+    "LayerCost",
     "LassoProblem",
     "LassoResult",
     "PrunePlan",
@@ -99,8 +104,11 @@ __all__ = [
     "check_groups",
     "cka",
     "combine_problems",
+    "cost_fn",
     "cost_weighted_problems",
     "cost_weights",
+    "costs",
+    "count_macs",
     "criteria",
     "criterion_names",
     "delta_gram",

@@ -11,7 +11,7 @@ equation's results to the body's results. Control flow (``cond``, ``while``, ``s
 (its bodies run zero, one or many times, and their operands do not map one-to-one); :func:`sub_jaxprs` lists its
 bodies for a rule that wants to look inside.
 
-Used by :mod:`hsic_jax.jaxpr_groups` and ``models.flops``; not part of the public API.
+Used by :mod:`hsic_jax.jaxpr_groups` and :mod:`hsic_jax.costs`; not part of the public API.
 """
 
 from __future__ import annotations
