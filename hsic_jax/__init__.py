@@ -17,7 +17,8 @@ The top level holds what users call most; each public module is a namespace of t
 - :mod:`hsic_jax.criteria`: baseline channel criteria behind one registry, and the scores' scale across layers.
 - :mod:`hsic_jax.methods`: selection methods (apib, itpruner, uniform, global, your own) behind one registry: the
   evidence each needs, and widths and channels under a cost target.
-- :mod:`hsic_jax.surgery`: pure-functional channel removal from parameter, BatchNorm and optimizer state.
+- :mod:`hsic_jax.surgery`: pure-functional channel removal from parameter, BatchNorm and optimizer state, and
+  ``thin_model``: a working model of the same class at the pruned widths.
 - :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr, and the registry of
   channel rules (``register_channel_rule``) that tells derivation how a primitive moves channels.
 - :mod:`hsic_jax.taps`: the pruning decisions of any Flax CNN and its calibration taps (each decision's consumer
@@ -73,7 +74,7 @@ from hsic_jax.selection import (
     select_k,
 )
 from hsic_jax.solver import LassoResult, lambda_max, solve
-from hsic_jax.surgery import PrunePlan, PruneResult, apply_plan, prune
+from hsic_jax.surgery import PrunePlan, PruneResult, apply_plan, prune, thin_model
 from hsic_jax.weighting import cost_weighted_problems, cost_weights, unweight_beta, weighted_problem
 
 __version__ = "0.1.0"
@@ -152,6 +153,7 @@ __all__ = [
     "stack_problems",
     "surgery",
     "taps",
+    "thin_model",
     "unregister_method",
     "unweight_beta",
     "weighted_problem",

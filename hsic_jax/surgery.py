@@ -9,6 +9,7 @@ positions that no group removes. Optimizer-state subtrees that mirror the parame
 a factored moment, is refused), and a :class:`PrunePlan` records the cut so that a pruned checkpoint can be rebuilt
 from the dense one (:func:`apply_plan`).
 
+:func:`thin_model` turns the cut state into a working model of the same class.
 
 :func:`mask` is the reference that surgery is checked against: it zeroes the removed channels in the dense state
 instead of deleting them. Zeroing every consumer ("in") slice removes the channels' contribution exactly, also
@@ -52,6 +53,7 @@ __all__ = [
     "mask",
     "prune",
     "round_width",
+    "thin_model",
 ]
 
 
@@ -566,3 +568,235 @@ def mask(state: Any, groups: Sequence[ChannelGroup], keep: Mapping[str, Any], *,
   for path, value in host.items():
     new[path] = _like(leaves[path], value)
   return _rebuild(state, new)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A working model at the pruned widths.
+
+# The hook a model class may offer to be rebuilt at new widths (see thin_model).
+_WIDTHS_HOOK = "with_widths"
+
+
+def _member_keys(g: ChannelGroup, ranks: Mapping[Path, int]) -> frozenset[tuple[Any, ...]]:
+  keys = set()
+  for m in g.members:
+    path = tuple(str(k) for k in m.path)
+    rank = ranks.get(path, 0)
+    keys.add((path, m.axis % rank if rank else m.axis, m.role, m.offset, m.spatial))
+  return frozenset(keys)
+
+
+def _with_declared_width_indices(model: nnx.Module, groups: list[ChannelGroup],
+                                 leaves: Mapping[Path, Any]) -> list[ChannelGroup]:
+  """``groups``, each without ``width_indices`` taking those of the model's declared group with the same members
+  (``model.channel_groups()``, where the model declares its groups): derived groups then set the width list too."""
+  declare = getattr(model, "channel_groups", None)
+  if not callable(declare) or all(g.width_indices for g in groups):
+    return groups
+  ranks = {tuple(str(k) for k in p): len(_leaf_shape(v)) for p, v in leaves.items()}
+  declared = {_member_keys(d, ranks): d.width_indices for d in declare() if d.width_indices}
+  return [g if g.width_indices else dataclasses.replace(g, width_indices=declared.get(_member_keys(g, ranks), ()))
+          for g in groups]
+
+
+def _vector_size(module: Any) -> int | None:
+  """The channel count of a norm layer, read off its per-channel variables."""
+  for name in ("scale", "bias", "mean", "var"):
+    var = getattr(module, name, None)
+    if isinstance(var, nnx.Variable) and getattr(var.get_value(), "shape", None):
+      return int(var.get_value().shape[-1])
+  return None
+
+
+def _update_layer_attributes(model: nnx.Module) -> None:
+  """Sets the static sizes that Flax's layers read (``in_features``, ``feature_group_count``, ``num_features``, ...)
+  from the shapes of their (pruned) parameters.
+
+  A depthwise convolution keeps one input channel per group, so its group count follows its channels; another
+  grouped convolution keeps its group count (its inputs must stay); a GroupNorm keeps its ``num_groups``.
+  """
+  for path, mod in nnx.iter_modules(model):
+    where = path_str(path) or type(mod).__name__
+    if isinstance(mod, nnx.Conv):
+      k = tuple(mod.kernel.get_value().shape)
+      groups, old_in, old_out = mod.feature_group_count, mod.in_features, mod.out_features
+      new_out, per_group = k[-1], k[-2]
+      if (new_out, per_group * groups) == (old_out, old_in):
+        continue
+      if mod.mask is not None:
+        raise ValueError(f"{where}: a masked convolution (mask of shape {tuple(mod.mask.shape)}) lost channels; "
+                         "expected its mask to be cut by hand")
+      if groups > 1 and old_in == groups:  # depthwise: one input channel per group, however many remain
+        if (new_out * groups) % old_out:
+          raise ValueError(f"{where}: depthwise convolution ({old_in} -> {old_out} channels) cut to {new_out} output "
+                           f"channels; expected a multiple of its channel multiplier {old_out // groups}")
+        groups = new_out * groups // old_out
+      elif groups > 1 and (per_group * groups != old_in or new_out % groups):
+        raise ValueError(f"{where}: grouped convolution (feature_group_count={groups}, {old_in} -> {old_out} "
+                         f"channels) cut to kernel {k}; expected its input channels kept and a multiple of {groups} "
+                         "output channels (a grouped convolution keeps its group count)")
+      mod.in_features, mod.out_features, mod.feature_group_count = per_group * groups, new_out, groups
+      if hasattr(mod, "kernel_shape"):
+        mod.kernel_shape = k
+    elif isinstance(mod, nnx.ConvTranspose):
+      k = tuple(mod.kernel.get_value().shape)
+      mod.out_features, mod.in_features = (k[-2], k[-1]) if mod.transpose_kernel else (k[-1], k[-2])
+      mod.kernel_shape = k
+    elif isinstance(mod, nnx.Linear):
+      mod.in_features, mod.out_features = (int(n) for n in mod.kernel.get_value().shape)
+    elif isinstance(mod, nnx.GroupNorm):
+      n, old = _vector_size(mod), mod.num_groups * mod.group_size
+      if n is not None and n != old:
+        if n % mod.num_groups:
+          raise ValueError(f"{where}: GroupNorm with num_groups={mod.num_groups} cut from {old} to {n} channels; "
+                           f"expected a channel count divisible by {mod.num_groups}")
+        mod.group_size = n // mod.num_groups
+    elif isinstance(mod, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm)):
+      n = _vector_size(mod)
+      if n is not None:
+        mod.num_features = n
+
+
+def _eval_copy(model: nnx.Module) -> tuple[Any, Any]:
+  graphdef, state = nnx.split(model)
+  copy = nnx.merge(graphdef, state)
+  copy.eval()
+  return nnx.split(copy)
+
+
+def _output_shapes(model: nnx.Module, args: Sequence[Any]) -> Any:
+  graphdef, state = _eval_copy(model)
+  return jax.eval_shape(lambda s, *a: nnx.merge(graphdef, s)(*a), state, *args)
+
+
+def _stale_ints(model: nnx.Module, sizes: set[int]) -> list[str]:
+  """Plain ``int`` attributes of user modules equal to a cut group's dense size: widths the library cannot see."""
+  found = []
+  for path, mod in nnx.iter_modules(model):
+    if type(mod).__module__.startswith("flax."):
+      continue
+    for name, value in vars(mod).items():
+      if type(value) is int and value in sizes and not name.startswith("_"):  # pylint: disable=unidiomatic-typecheck
+        found.append(f"{path_str(path) + '.' if path else ''}{name} = {value}")
+  return found
+
+
+def _check_thin(dense: nnx.Module, thin: nnx.Module, args: Sequence[Any], cut: set[int]) -> None:
+  """Runs the thin model abstractly on ``args``: it must run and give the dense model's output shapes."""
+  want = _output_shapes(dense, args)
+  stale = _stale_ints(thin, cut)
+  hint = (f"; attributes that may hold a dense width: {', '.join(stale[:8])}" if stale else
+          "; a Python int attribute that holds a width, read by the forward pass, is the usual cause")
+  try:
+    got = _output_shapes(thin, args)
+  except Exception as e:  # pylint: disable=broad-except  (any failure means the thin model is wrong)
+    raise ValueError(f"the thin {type(thin).__name__} fails on the example input ({type(e).__name__}: "
+                     f"{str(e)[:300]}){hint}; update them (or give the class a {_WIDTHS_HOOK}(widths) method)") from e
+  shapes = lambda t: jax.tree.map(lambda v: (tuple(v.shape), str(v.dtype)), t)  # noqa: E731
+  if jax.tree.structure(got) != jax.tree.structure(want) or shapes(got) != shapes(want):
+    raise ValueError(f"the thin {type(thin).__name__} gives outputs {shapes(got)} on the example input, the dense "
+                     f"model {shapes(want)}{hint}")
+
+
+def thin_model(model: nnx.Module, groups: Sequence[ChannelGroup], keep_or_plan: Mapping[str, Any] | PrunePlan,
+               *example_args: Any, eval_mode: bool = True) -> nnx.Module:
+  """A working model of ``model``'s class holding only the kept channels: :func:`prune` (or :func:`apply_plan`) on
+  its state, with the layers resized to match.
+
+  Two ways, tried in this order:
+
+  (a) The class rebuilds itself at new widths: ``model`` has a width list ``model.widths`` and a method
+      ``model.with_widths(widths) -> nnx.Module`` (concrete or ``nnx.eval_shape``-abstract) building the same
+      class at a width list, and every cut group has ``width_indices`` (where a group has none, those of the
+      model's declared group with the same members, ``model.channel_groups()``, are used; a cut group that sets
+      no width is refused). The pruned arrays go into ``model.with_widths(new_widths)``, every shape checked.
+  (b) Otherwise the model's graph is copied, the pruned arrays put in, and the sizes Flax's layers keep as Python
+      attributes updated from the new shapes: ``in_features``/``out_features``/``feature_group_count`` of
+      ``nnx.Conv`` (a depthwise conv keeps one channel per group, another grouped conv its group count),
+      ``nnx.ConvTranspose`` and ``nnx.Linear``, ``num_features`` of ``nnx.BatchNorm``/``LayerNorm``/``RMSNorm``,
+      ``group_size`` of ``nnx.GroupNorm`` (which keeps ``num_groups``: it must divide the new count). A width the
+      library cannot see (an ``int`` stored on a module of your own and read in the forward pass) is caught by
+      running the thin model abstractly on ``example_args`` (required here): if it fails or its outputs' shapes
+      differ from the dense model's, the call is refused, naming the module attributes that hold a cut group's
+      dense width. (A stale width read in a way that keeps every shape, such as a slice ``x[..., :n]`` past the
+      end, is not caught: compare the thin model with :func:`mask` of the dense one where in doubt.)
+
+  The thin model then computes what :func:`mask` of the dense state computes, for groups whose removal commutes
+  with zeroing (every prunable derived group). ``model`` is not changed.
+
+  Args:
+    model: the dense NNX model (concrete arrays).
+    groups: its channel groups (``model.channel_groups()`` or :func:`hsic_jax.derive_model_groups`).
+    keep_or_plan: group name -> kept channel indices (as for :func:`prune`), or a :class:`PrunePlan`.
+    *example_args: example inputs of the model, to check the thin model (only shapes matter; required for (b),
+      used for (a) when given).
+    eval_mode: return the thin model in evaluation mode (``.eval()``: BatchNorm on running statistics), else in
+      training mode.
+
+  Returns:
+    The thin model, of ``type(model)``.
+
+  Raises:
+    ValueError: bad ``groups``/``keep``/plan (as :func:`prune`); ``with_widths`` building other shapes than the
+      pruned state's; a grouped convolution cut inside its groups, a GroupNorm whose group count no longer divides
+      its channels; no ``example_args`` for (b); a thin model that fails on them or changes the output shapes.
+  """
+  if not isinstance(model, nnx.Module):
+    raise ValueError(f"model must be an nnx.Module, got {type(model).__name__}")
+  groups = _check_groups_arg(groups)
+  pure = nnx.to_pure_dict(nnx.state(model))
+  leaves = flatten_state(pure)
+  hook, widths = getattr(model, _WIDTHS_HOOK, None), getattr(model, "widths", None)
+  rebuild = callable(hook) and widths is not None
+  by_name = {g.name: g for g in groups}
+  if rebuild:
+    groups = _with_declared_width_indices(model, groups, leaves)
+    by_name = {g.name: g for g in groups}
+    wanted = keep_or_plan.keep if isinstance(keep_or_plan, PrunePlan) else _check_keep_arg(keep_or_plan)
+    unset = sorted(name for name, idx in wanted.items() if name in by_name and not by_name[name].width_indices
+                   and np.size(idx) < by_name[name].size)
+    if unset:
+      raise ValueError(f"groups {unset} are cut but set no entry of model.widths (no width_indices, and no declared "
+                       f"group of {type(model).__name__} has their members), so model.{_WIDTHS_HOOK} cannot rebuild "
+                       "the thin model; pass the model's declared groups (model.channel_groups())")
+  if isinstance(keep_or_plan, PrunePlan):
+    result = apply_plan(pure, groups, keep_or_plan)
+    keep: Mapping[str, Any] = keep_or_plan.keep
+    if rebuild and result.widths is None:
+      result = prune(pure, groups, keep, widths=list(widths))
+  else:
+    keep = _check_keep_arg(keep_or_plan)
+    result = prune(pure, groups, keep, widths=list(widths) if rebuild else None)
+  cut = {name for name, idx in result.plan.keep.items() if len(idx) < by_name[name].size}
+  if rebuild:
+    new = hook(list(result.widths))
+    if not isinstance(new, type(model)):
+      raise ValueError(f"model.{_WIDTHS_HOOK}({result.widths}) returned a {type(new).__name__}; expected a "
+                       f"{type(model).__name__}")
+    graphdef, skeleton = nnx.split(new)
+    want = {p: _leaf_shape(v) for p, v in flatten_state(nnx.to_pure_dict(skeleton)).items()}
+    have = {p: _leaf_shape(v) for p, v in flatten_state(result.state).items()}
+    bad = sorted(path_str(p) for p in set(want) | set(have) if want.get(p) != have.get(p))
+    if bad:
+      p = next(q for q in set(want) | set(have) if path_str(q) == bad[0])
+      raise ValueError(f"model.{_WIDTHS_HOOK}({result.widths}) builds {bad[0]!r} with shape {want.get(p)}, but the "
+                       f"pruned state has {have.get(p)} ({len(bad)} such leaves); expected the groups' width_indices "
+                       "to say which width-list entry each group sets")
+  else:
+    if not example_args:
+      raise ValueError(f"example_args are needed to check the thin {type(model).__name__} (its class has no "
+                       f"{_WIDTHS_HOOK}(widths) method): pass the model's inputs, e.g. thin_model(model, groups, keep, "
+                       "x)")
+    graphdef, skeleton = nnx.split(model)
+  state = nnx.from_flat_state(nnx.to_flat_state(skeleton))  # a new container: the model's own state stays
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, result.state))
+  thin = nnx.merge(graphdef, state)
+  if not rebuild:
+    _update_layer_attributes(thin)
+  if example_args:
+    _check_thin(model, thin, example_args, {by_name[name].size for name in cut})
+  if eval_mode:
+    thin.eval()
+  else:
+    thin.train()
+  return thin

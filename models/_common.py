@@ -179,3 +179,11 @@ class WidthModel(nnx.Module):
   def widths(self) -> list[int]:
     """The width list this model was built with."""
     return list(self._widths)
+
+  def with_widths(self, widths: Sequence[int]) -> nnx.Module:
+    """This architecture with the same class count built at ``widths``, abstractly (``nnx.eval_shape``: no array
+    is allocated): the hook :func:`hsic_jax.thin_model` rebuilds a pruned model with."""
+    import models  # pylint: disable=import-outside-toplevel  (the registry imports this module)
+    name = models.model_name(self)
+    return nnx.eval_shape(lambda: models.get_model(name, list(widths), num_classes=self.num_classes,
+                                                   rngs=nnx.Rngs(0)))
