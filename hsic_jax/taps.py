@@ -64,6 +64,7 @@ from flax import nnx
 from hsic_jax import _jaxpr_walk, jaxpr_groups, kernels
 from hsic_jax._jaxpr_context import INPUT, Act, ChannelRuleContext, Par, no_sources, var_shape
 from hsic_jax._jaxpr_rules import RULES
+from hsic_jax._nnx_apply import BN_MODES, pure_apply
 from hsic_jax.groups import ChannelGroup, ChannelSlice, Path, keypath_to_path, path_str
 from hsic_jax.problem import LassoProblem, combine_problems, problem_from_features
 
@@ -78,7 +79,6 @@ __all__ = [
     "similarity",
 ]
 
-BN_MODES = ("batch", "running")
 TARGETS = ("pre_bn", "logits")
 
 
@@ -261,24 +261,6 @@ class _Program:
     return self.uses.get((tuple(m.path), axis), [])
 
 
-def _model_apply(model: nnx.Module, bn_mode: str) -> tuple[Any, Any]:
-  """``(apply, pure)``: ``apply(pure, *args)`` is ``model(*args)`` on a copy in evaluation mode, BatchNorm with batch
-  statistics for ``bn_mode="batch"``; the model is not changed."""
-  if bn_mode not in BN_MODES:
-    raise ValueError(f"bn_mode must be one of {list(BN_MODES)}, got {bn_mode!r}")
-  copy = nnx.merge(*nnx.split(model))
-  copy.eval()
-  if bn_mode == "batch":
-    copy.set_attributes(use_running_average=False, raise_if_not_found=False)
-  graphdef, state = nnx.split(copy)
-  pure = nnx.to_pure_dict(state)
-
-  def apply(p: Any, *args: Any) -> Any:
-    return nnx.merge(graphdef, p)(*args)
-
-  return apply, pure
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs.
 
@@ -380,7 +362,7 @@ def decisions(model: nnx.Module, *example_args: Any, groups: Sequence[ChannelGro
     ValueError: no prunable group, a forward pass that branches on a traced value, or a group whose ``"in"``
       member no conv or dense layer reads.
   """
-  apply, pure = _model_apply(model, "running")
+  apply, pure = pure_apply(model, "running")
   program = _Program(apply, pure, example_args)
   return _decisions(program, _prunable(model, groups, example_args))
 
@@ -538,7 +520,7 @@ class _Tapper:
 
   def __init__(self, model: nnx.Module, first: tuple[Any, ...], *, bn_mode: str,
                groups: Sequence[ChannelGroup] | None, decs: Sequence[Decision] | None) -> None:
-    self.apply, self.pure = _model_apply(model, bn_mode)
+    self.apply, self.pure = pure_apply(model, bn_mode)
     self.leaves = jax.tree_util.tree_leaves(self.pure)
     self.first = first
     self._programs: dict[Any, _Program] = {}

@@ -37,7 +37,7 @@ def _hand_taps(model, images, conv3_y="block", bn_mode="batch"):
 
 ZOO = [
     ("resnet20", None, 16),
-    ("vgg16", [8] * 13, 32),
+    pytest.param("vgg16", [8] * 13, 32, marks=pytest.mark.slow),
 ]
 
 
@@ -217,6 +217,7 @@ def test_concatenation_branches_are_two_decisions_of_one_consumer():
   _close(site["head"][0][1], logits)  # not matched: pre_bn
 
 
+@pytest.mark.slow
 def test_squeeze_excitation_gate_has_two_consumers_chosen_by_option():
   model = SEGate(nnx.Rngs(1))
   x = _images(6, 8, seed=2)
