@@ -32,6 +32,13 @@ def _hand_taps(model, images, conv3_y="block", bn_mode="batch"):
   return calibrate.make_capture(model, bn_mode, model.decisions(), conv3_y)(images)
 
 
+def _assert_taps_equal(feats, hand, names):
+  for d in names:
+    (x, y), = feats[d]
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(hand[d][0]))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(hand[d][1]))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The zoo: derived decisions and taps equal the hand-declared ones.
 
@@ -56,10 +63,7 @@ def test_zoo_decisions_taps_and_problems_equal_the_hand_declared(name, widths, s
     assert key(by_name[d.name].group) == key(d.group) and by_name[d.name].group.size == d.group.size
   feats = taps.features(model, images[:4], decisions=declared)
   hand = _hand_taps(model, images[:4])
-  for d in model.decisions():
-    (x, y), = feats[d]
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(hand[d][0]))
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(hand[d][1]))
+  _assert_taps_equal(feats, hand, model.decisions())
   names, problems = taps.calibration_problems(model, [images[:4], images[4:]], decisions=declared)
   ref_names, ref = calibrate.build_problems(model, np.asarray(images), CALIB, SELECT)
   assert names == ref_names
@@ -74,10 +78,7 @@ def test_mobilenetv2_depthwise_taps_equal_the_hand_declared():
   assert [d.name for d in declared] == model.decisions()
   feats = taps.features(model, images, decisions=declared, bn_mode="running")
   hand = _hand_taps(model, images, bn_mode="running")
-  for d in model.decisions():
-    (x, y), = feats[d]
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(hand[d][0]))
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(hand[d][1]))
+  _assert_taps_equal(feats, hand, model.decisions())
 
 
 @pytest.mark.slow
@@ -89,10 +90,7 @@ def test_resnet50_conv3_pooled_target_equals_the_hand_declared():
   assert [d.name for d in declared] == model.decisions()
   feats = taps.features(model, images, decisions=declared, target={"*/conv3": taps.Site("fc", "input")})
   hand = _hand_taps(model, images, conv3_y="pooled")
-  for d in model.decisions():
-    (x, y), = feats[d]
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(hand[d][0]))
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(hand[d][1]))
+  _assert_taps_equal(feats, hand, model.decisions())
 
 
 def test_batches_sum_like_blocks_and_activations_equal_the_program():
