@@ -21,6 +21,11 @@ The top level holds what users call most; each public module is a namespace of t
   ``thin_model``: a working model of the same class at the pruned widths.
 - :mod:`hsic_jax.jaxpr_groups`: channel groups derived automatically from a model's jaxpr, and the registry of
   channel rules (``register_channel_rule``) that tells derivation how a primitive moves channels.
+- :mod:`hsic_jax.taps`: the pruning decisions of any Flax CNN and its calibration taps (each decision's consumer
+  input and target), read from the jaxpr by an interpreter, and the problems, activations and layer similarity
+  built from them.
+- :mod:`hsic_jax.oneshot`: ``prune_model``, any Flax CNN pruned to a cost target in one call (groups, decisions,
+  calibration, selection and the thin model).
 - :mod:`hsic_jax.runtime`: host-side settings for the CPU backend (LAPACK threads).
 - :mod:`hsic_jax.weighting`: per-channel penalty weights (weighted HSIC Lasso), e.g. by the cost a channel saves.
 
@@ -32,13 +37,14 @@ state of a derivation and the built-in rules), ``_jaxpr_walk`` (jaxpr traversal)
 """
 
 from hsic_jax import allocation, budget, costs, criteria, groups, jaxpr_groups, kernels, methods, problem, runtime
-from hsic_jax import search, selection, solver, surgery, weighting
+from hsic_jax import oneshot, search, selection, solver, surgery, taps, weighting
 from hsic_jax.allocation import allocate_widths, layer_importance
 from hsic_jax.budget import BudgetPoint, BudgetResult, allocate_global, allocate_uniform, min_widths
 from hsic_jax.costs import Cost, LayerCost, cost_fn, count_macs
 from hsic_jax.criteria import channel_scores, criterion_names, register_criterion
 from hsic_jax.groups import ChannelGroup, ChannelSlice
 from hsic_jax.jaxpr_groups import GroupDerivationWarning, check_groups, derive_groups, derive_model_groups
+from hsic_jax.oneshot import GroupWidth, PruneModelResult, prune_model
 from hsic_jax.methods import Evidence, method_names, method_needs, register_method, select, unregister_method
 from hsic_jax.kernels import (
     Bandwidth,
@@ -85,11 +91,13 @@ __all__ = [
     "Cost",
     "Evidence",
     "GroupDerivationWarning",
+    "GroupWidth",
     "KSelection",
     "LayerCost",
     "LassoProblem",
     "LassoResult",
     "PrunePlan",
+    "PruneModelResult",
     "PruneResult",
     "allocate_global",
     "allocate_uniform",
@@ -137,7 +145,9 @@ __all__ = [
     "problem",
     "problem_from_features",
     "problem_from_grams",
+    "oneshot",
     "prune",
+    "prune_model",
     "register_criterion",
     "register_method",
     "runtime",
@@ -149,6 +159,7 @@ __all__ = [
     "solver",
     "stack_problems",
     "surgery",
+    "taps",
     "thin_model",
     "unregister_method",
     "unweight_beta",
