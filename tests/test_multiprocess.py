@@ -90,6 +90,25 @@ def test_launcher_prefixes_output_and_fails_as_a_whole(tmp_path):
   assert seconds < 60  # processes 0 and 2 were stopped, not waited for (they sleep 600 s)
 
 
+def test_ctrl_c_stops_every_process():
+  e = {**os.environ, "PYTHONPATH": str(ROOT)}
+  proc = subprocess.Popen([sys.executable, "-c", "import sys; from train import launch; sys.exit(launch.launch("
+                           "['--fail=99'], processes=2, module='tests._launch_child'))"], cwd=ROOT, env=e,
+                          stdout=subprocess.PIPE, text=True)
+  lines, pids = [], []
+  while len([l for l in lines if "hello from" in l]) < 2:  # both processes are up (and sleep 600 s)
+    lines.append(proc.stdout.readline())
+    assert lines[-1], "".join(lines)
+    found = re.match(r"\[launch\] process \d: pid (\d+)", lines[-1])
+    pids += [int(found.group(1))] if found else []
+  proc.send_signal(signal.SIGINT)
+  rest, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 130 and "[launch] interrupted: stopped every process" in rest
+  for pid in pids:  # reaped by the launcher: no such process any more
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
+
+
 def test_batch_that_the_processes_do_not_split_is_refused_before_any_work(env):
   e, base = env
   workdir = base / "refused"
