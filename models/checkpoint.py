@@ -150,7 +150,9 @@ def save(model: nnx.Module, path: str | os.PathLike[str], *, force: bool = False
     raise FileExistsError(f"checkpoint directory {path} already exists; pass force=True (CLI: --force) to overwrite")
   meta = {**dict(extra or {}), "model": registry.model_name(model), "widths": model.widths,
           "num_classes": int(model.num_classes)}
-  pure = nnx.to_pure_dict(nnx.state(model))
+  # Host (NumPy) copies: with several processes orbax writes a NumPy array once, from process 0, where every
+  # process's own device copy would be written by each of them into the same files.
+  pure = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(pure), meta=ocp.args.JsonSave(meta)),
                force=force)

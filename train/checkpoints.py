@@ -1,5 +1,8 @@
 """Orbax checkpoints of training runs, checked against the run before anything is restored.
 
+Every process of a multi-process run calls :meth:`TrainCheckpoints.save` and :meth:`TrainCheckpoints.restore_latest`
+together (orbax's saves are collective: each array is written once, by the process holding its first replica).
+
 A training directory holds orbax's numbered step directories, each with two items: ``state`` (the
 :class:`train.train.TrainState` pytree) and ``meta`` (JSON: the widths the state was built with, the seed, the total
 steps and the history so far). Saving is orbax's: a step appears only once fully written, so a run killed during a
@@ -22,7 +25,9 @@ class CheckpointMismatchError(ValueError):
 
 
 def _abstract(tree: Any) -> Any:
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+  """Shapes, dtypes and shardings of ``tree``: orbax restores each array in its template's sharding, which with
+  several processes must be a global one (the mesh's), not one device of the process that wrote it."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
 
 
 class TrainCheckpoints:

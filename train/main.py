@@ -4,6 +4,10 @@
 
 ``--config`` takes a bare name (a file of ``train/configs/``) or a path; ``--config.a.b=value`` overrides a field.
 ``--workdir`` defaults to ``runs/NAME``; running the same command again resumes where it stopped.
+
+Many processes: ``--config.distributed=True`` calls ``jax.distributed.initialize()`` with no arguments (a TPU slice
+or a cluster manager supplies them); on a cluster without one, give every process ``--coordinator_address``,
+``--num_processes`` and its ``--process_id`` (what ``python -m train.launch`` passes its children on one host).
 """
 
 from __future__ import annotations
@@ -30,6 +34,37 @@ _CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/hsic_jax/jax",
 _ONLY = flags.DEFINE_enum("only", None,
                           ["dense", "calibrate", "select", "surgery", "finetune", "evaluate", "report"],
                           "run only this stage, from the previous stage's saved result", flag_values=_FLAGS)
+# Flags, not config fields: they differ between the processes of one run and between a run and its resumption,
+# and the workdir's config.json must stay the same for all of them.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator (several processes without a cluster "
+                                   "manager; with --num_processes and --process_id)", flag_values=_FLAGS)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes the run has", lower_bound=1,
+                                      flag_values=_FLAGS)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)",
+                                   lower_bound=0, flag_values=_FLAGS)
+
+
+def _initialize_distributed(distributed: bool) -> str | None:
+  """Starts ``jax.distributed`` from the flags, or with no arguments when ``distributed``; returns what is wrong
+  with the flags, if anything."""
+  import jax  # pylint: disable=import-outside-toplevel
+  given = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+           "process_id": _PROCESS_ID.value}
+  if not any(v is not None for v in given.values()):
+    if distributed:
+      jax.distributed.initialize()
+    return None
+  missing = [k for k, v in given.items() if v is None]
+  if missing:
+    return f"--{', --'.join(missing)} missing: --coordinator_address, --num_processes and --process_id go together"
+  if given["process_id"] >= given["num_processes"]:
+    return f"--process_id={given['process_id']} must be in [0, --num_processes={given['num_processes']})"
+  # The CPU backend's cross-process collectives (one jit reducing over every process's devices); GPUs and TPUs use
+  # their own, and this setting does not touch them.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**given)
+  return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,8 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if _CACHE.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  if config.distributed:
-    jax.distributed.initialize()
+  err = _initialize_distributed(bool(config.distributed))
+  if err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
   if jax.default_backend() == "cpu":
     import hsic_jax  # pylint: disable=import-outside-toplevel
     hsic_jax.limit_lapack_threads()
@@ -54,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 1
-  if report:
+  if report and jax.process_index() == 0:
     p, d = report["pruned"], report["dense"]
     print(f"\n{report['model']}: {d['macs'] / 1e6:.2f}M -> {p['macs'] / 1e6:.2f}M MACs "
           f"({report['ratios']['macs']:.1%}), {d['params'] / 1e6:.3f}M -> {p['params'] / 1e6:.3f}M params; "

@@ -20,6 +20,12 @@ Workdir layout::
   finetune/            fine-tuning checkpoints; final/ the fine-tuned model, with the plan
   evaluation.json      top-1 / top-5 of the dense, the pruned (before fine-tuning) and the final model
   report.json, report.md, widths.png, lambda_search.png, training.png
+
+Several processes (``jax.distributed``; every process runs this same program on a workdir they all see): every
+process trains, evaluates and saves models together (orbax writes each array once); the calibration, the selection
+and the report run on process 0 alone, and every other process reads their files, so all of them prune with the
+same problems and the same channels, by construction. The stages are separated by barriers that also carry each
+process's outcome: a stage that fails on one process raises on all of them.
 """
 
 from __future__ import annotations
@@ -60,21 +66,47 @@ class Run:
   def path(self, name: str) -> Path:
     return self.workdir / name
 
+  def barrier(self, name: str, error: BaseException | None = None) -> None:
+    """Waits for every process (a no-op with one); raises ``error`` where it happened and a ``ValueError`` naming
+    the failed processes everywhere else, so that no process goes on alone."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+      if error is None and failed.any():
+        raise ValueError(f"{name}: process(es) {np.flatnonzero(failed).tolist()} failed (their output says why)")
+    if error is not None:
+      raise error
+
+  def on_writer(self, name: str, fn: Callable[[], Any]) -> None:
+    """Runs ``fn`` on process 0 while the others wait; a failure there raises on every process."""
+    error = None
+    if self.writer:
+      try:
+        fn()
+      except (ValueError, FileNotFoundError) as err:
+        error = err
+    self.barrier(name, error)
+
   def log(self, record: dict[str, Any]) -> None:
     if self.writer:
       with open(self.path("metrics.jsonl"), "a") as f:
         f.write(json.dumps({"time": time.time(), **record}, default=files.json_default) + "\n")
 
   def save_model(self, model: nnx.Module, name: str, extra: dict[str, Any]) -> None:
-    """Saves ``model`` to ``workdir/name`` atomically (orbax writes a temporary directory, renamed at the end)."""
+    """Saves ``model`` to ``workdir/name`` atomically (orbax writes a temporary directory, renamed at the end).
+    Every process calls it (orbax's saves are collective); process 0 moves the directories."""
     tmp = self.path(name + ".tmp")
-    if tmp.exists():
+    if self.writer and tmp.exists():
       shutil.rmtree(tmp)
+    self.barrier(f"save {name}: start")
     checkpoint.save(model, tmp, extra={**extra, "compute_dtype": train_lib.precision_name(self.compute_dtype)})
-    final = self.path(name)
-    if final.exists():  # a stage run again with --only replaces its result
-      shutil.rmtree(final)
-    os.replace(tmp, final)
+    self.barrier(f"save {name}: written")
+    if self.writer:
+      final = self.path(name)
+      if final.exists():  # a stage run again with --only replaces its result
+        shutil.rmtree(final)
+      os.replace(tmp, final)
+    self.barrier(f"save {name}: done")
 
   def load_model(self, name: str) -> nnx.Module:
     """The model saved at ``workdir/name`` (float32 parameters), computing in the run's precision."""
@@ -130,21 +162,26 @@ def stage_dense(run: Run) -> dict[str, Any]:
                      f"{num_classes}; expected a model trained on this data set")
   if widths is not None and list(model.widths) != widths:
     raise ValueError(f"the dense model has widths {model.widths}, but model.widths is {widths}")
-  if run.writer:
-    run.save_model(model, "dense", {"stage": "dense", "source": source})
+  run.save_model(model, "dense", {"stage": "dense", "source": source})
   return {}
 
 
 def stage_calibrate(run: Run) -> dict[str, Any]:
-  """The evidence the selection needs, from the dense model on the calibration images."""
+  """The evidence the selection needs, from the dense model on the calibration images (on process 0 alone: the
+  calibration set is small, and one computation read back by every process is the same for all of them)."""
+  model = run.load_model("dense")  # on every process: orbax's restores are collective too
+  out: dict[str, Any] = {}
+  run.on_writer("calibrate", lambda: out.update(_calibrate(run, model)))
+  return out
+
+
+def _calibrate(run: Run, model: nnx.Module) -> dict[str, Any]:
   cfg = run.config
   need = hj.method_needs(cfg.select.method, cfg.select.criterion)
-  model = run.load_model("dense")
   n = int(cfg.calib.num_images)
   images, labels, ids = data.calibration_batch(cfg.data, n, seed=int(cfg.calib.seed), augment=bool(cfg.calib.augment))
   out = run.path("calibration")
-  if run.writer:
-    out.mkdir(exist_ok=True)
+  out.mkdir(exist_ok=True)
   seconds: dict[str, float] = {}
   decisions = [d for d, _ in calibrate.decision_groups(model)]
   channels = []
@@ -155,29 +192,25 @@ def stage_calibrate(run: Run) -> dict[str, Any]:
     jax.block_until_ready(problems)
     seconds["problems"] = time.perf_counter() - t0
     channels = [int(p.num_channels) for p in problems]
-    if run.writer:
-      calibrate.save_problems(out / "problems.npz", decisions, problems)
+    calibrate.save_problems(out / "problems.npz", decisions, problems)
   if "similarity" in need:
     t0 = time.perf_counter()
     acts = calibrate.activations(model, images, cfg.calib)
     sim = calibrate.layer_similarity(acts, cfg.select.itpruner.kernel)
     seconds["similarity"] = time.perf_counter() - t0
-    if run.writer:
-      files.save_npz(out / "similarity.npz", decisions=np.asarray(decisions), similarity=sim)
+    files.save_npz(out / "similarity.npz", decisions=np.asarray(decisions), similarity=sim)
   if "scores" in need:
     t0 = time.perf_counter()
     scores = calibrate.criterion_scores(model, cfg.select.criterion, images, labels, cfg.calib, seed=int(cfg.seed),
                                         acts=acts)  # the similarity's activations, when it had them
     seconds["scores"] = time.perf_counter() - t0
-    if run.writer:
-      files.save_npz(out / "scores.npz", decisions=np.asarray(decisions), **{str(i): sc for i, sc in enumerate(scores)})
-  if run.writer:
-    files.write_json(out / "calibration.json", {
-        "num_images": n, "ids": [int(i) for i in ids], "labels": [int(l) for l in labels],
-        "split": cfg.data.calib_split, "bn_mode": cfg.calib.bn_mode, "augment": bool(cfg.calib.augment),
-        "decisions": decisions, "channels": channels, "evidence": sorted(need), "seconds": seconds,
-        "criterion": cfg.select.criterion, "method": cfg.select.method,
-        "compute_dtype": train_lib.precision_name(run.compute_dtype)})
+    files.save_npz(out / "scores.npz", decisions=np.asarray(decisions), **{str(i): sc for i, sc in enumerate(scores)})
+  files.write_json(out / "calibration.json", {
+      "num_images": n, "ids": [int(i) for i in ids], "labels": [int(l) for l in labels],
+      "split": cfg.data.calib_split, "bn_mode": cfg.calib.bn_mode, "augment": bool(cfg.calib.augment),
+      "decisions": decisions, "channels": channels, "evidence": sorted(need), "seconds": seconds,
+      "criterion": cfg.select.criterion, "method": cfg.select.method,
+      "compute_dtype": train_lib.precision_name(run.compute_dtype)})
   return {"seconds": sum(seconds.values())}
 
 
@@ -320,9 +353,17 @@ def load_evidence(cal: Path, cfg_select: ml_collections.ConfigDict, decisions: l
 
 
 def stage_select(run: Run) -> dict[str, Any]:
-  """Widths and channels per decision (:func:`select_channels`) from the calibration evidence, to the target."""
+  """Widths and channels per decision (:func:`select_channels`) from the calibration evidence, to the target: run
+  once, on process 0; every process reads its ``selection.json``."""
+  dense_model = run.load_model("dense")  # on every process: orbax's restores are collective too
+  out: dict[str, Any] = {}
+  run.on_writer("select", lambda: out.update(_select(run, dense_model)))
+  return out
+
+
+def _select(run: Run, dense_model: nnx.Module) -> dict[str, Any]:
   cfg = run.config
-  budget = selection_budget(cfg, run.load_model("dense"))
+  budget = selection_budget(cfg, dense_model)
   pairs, key, target = budget.pairs, budget.key, budget.target
   evidence = load_evidence(run.path("calibration"), cfg.select, budget.decisions)
   tol = float(cfg.select.tolerance)
@@ -332,18 +373,17 @@ def stage_select(run: Run) -> dict[str, Any]:
   if not sel.result.reached:
     tqdm.write(f"warning: the selection could not land within {tol:.1%} of the target {key} {target:,.0f}; "
                f"it has {costs[key]:,.0f}")
-  if run.writer:
-    files.write_json(run.path("selection.json"), {
-        "method": cfg.select.method, "criterion": cfg.select.criterion, "target_key": key, "target": target,
-        "tolerance": tol, "within_tolerance": bool(sel.result.reached), "costs": costs,
-        "dense": {"macs": budget.dense.macs, "params": budget.dense.params, "widths": budget.dense_widths},
-        "widths": full_widths(pairs, budget.dense_widths, sel.widths),
-        "decisions": [{"decision": d, "group": g.name, "size": g.size, "kept": len(k)}
-                      for (d, g), k in zip(pairs, sel.keep)],
-        "keep": {g.name: [int(i) for i in k] for (_, g), k in zip(pairs, sel.keep)},
-        "positive": bool(cfg.select.positive), "round_to": budget.multiple,
-        **floor_record(cfg.select, budget.sizes), "cost_aware": cfg.select.cost_aware, "fill": cfg.select.fill,
-        **sel.record, "seconds": sel.seconds})
+  files.write_json(run.path("selection.json"), {
+      "method": cfg.select.method, "criterion": cfg.select.criterion, "target_key": key, "target": target,
+      "tolerance": tol, "within_tolerance": bool(sel.result.reached), "costs": costs,
+      "dense": {"macs": budget.dense.macs, "params": budget.dense.params, "widths": budget.dense_widths},
+      "widths": full_widths(pairs, budget.dense_widths, sel.widths),
+      "decisions": [{"decision": d, "group": g.name, "size": g.size, "kept": len(k)}
+                    for (d, g), k in zip(pairs, sel.keep)],
+      "keep": {g.name: [int(i) for i in k] for (_, g), k in zip(pairs, sel.keep)},
+      "positive": bool(cfg.select.positive), "round_to": budget.multiple,
+      **floor_record(cfg.select, budget.sizes), "cost_aware": cfg.select.cost_aware, "fill": cfg.select.fill,
+      **sel.record, "seconds": sel.seconds})
   return {"seconds": sel.seconds}
 
 
@@ -375,8 +415,7 @@ def stage_surgery(run: Run) -> dict[str, Any]:
   pruned, plan = prune_model(dense_model, sel["keep"])
   if list(pruned.widths) != list(sel["widths"]):
     raise ValueError(f"surgery gave widths {pruned.widths} but the selection recorded {sel['widths']}")
-  if run.writer:
-    run.save_model(pruned, "pruned", {"stage": "surgery", "plan": json.loads(plan.to_json())})
+  run.save_model(pruned, "pruned", {"stage": "surgery", "plan": json.loads(plan.to_json())})
   return {"seconds": time.perf_counter() - t0}
 
 
@@ -401,8 +440,7 @@ def stage_finetune(run: Run) -> dict[str, Any]:
                                                    run.mesh, seed=int(cfg.seed), teacher=teacher)
   else:
     history = []
-  if run.writer:
-    run.save_model(pruned, "final", {"stage": "finetune", "plan": meta.get("plan"), "history": history})
+  run.save_model(pruned, "final", {"stage": "finetune", "plan": meta.get("plan"), "history": history})
   return {"seconds": time.perf_counter() - t0}
 
 
@@ -428,8 +466,7 @@ def stage_evaluate(run: Run) -> dict[str, Any]:
 
 
 def stage_report(run: Run) -> dict[str, Any]:
-  if run.writer:
-    report.write(run.workdir, run.config, data.split_info(run.config.data))
+  run.on_writer("report", lambda: report.write(run.workdir, run.config, data.split_info(run.config.data)))
   return {}
 
 
@@ -445,8 +482,9 @@ RESULTS = {"dense": "dense", "calibrate": "calibration/calibration.json", "selec
 # The program.
 
 
-def check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  """Writes ``config.json``, or refuses a workdir whose saved config differs (listing the keys that differ)."""
+def check_config(config: ml_collections.ConfigDict, workdir: Path, *, write: bool = True) -> None:
+  """Writes ``config.json`` (when ``write``), or refuses a workdir whose saved config differs (listing the keys that
+  differ)."""
   path = workdir / "config.json"
   current = json.loads(config.to_json_best_effort())
   if path.exists():
@@ -457,7 +495,19 @@ def check_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
       raise ValueError(f"workdir {workdir} holds a run of another config (keys that differ: {shown}); use another "
                        "--workdir, or delete the stages to redo from it")
     return
-  files.write_json(path, current)
+  if write:
+    files.write_json(path, current)
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Refuses, before any work, a batch size that the mesh's devices (all processes' together) do not split:
+  pre-training's (when the dense model is trained here), fine-tuning's (also BatchNorm re-estimation's) and
+  evaluation's."""
+  sections = {"finetune": config.finetune.batch_size, "eval": config.eval.batch_size}
+  if config.dense.source == "pretrain":
+    sections["pretrain"] = config.pretrain.batch_size
+  for what, batch_size in sections.items():
+    train_lib.check_batch_size(int(batch_size), mesh, what)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -484,34 +534,38 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, *, only
   workdir.mkdir(parents=True, exist_ok=True)
   run = Run(config, workdir, mesh if mesh is not None else train_lib.make_mesh(), jax.process_index() == 0,
             train_lib.compute_dtype(config.half_precision))
-  if run.writer:
-    check_config(config, workdir)
-  if run.writer:
-    data.prepare(config.data)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices("data prepared")
-  if not run.writer:
-    data.prepare(config.data)  # finds it prepared
-  timings_path = workdir / "seconds.json"
-  timings = files.read_json(timings_path) if timings_path.exists() else {}
+  # Every process decides the same stages before any of them runs one (past the first barrier, process 0 may write
+  # a stage's result while another is still looking).
+  todo = []
   for i, stage in enumerate(STAGES):
-    result = workdir / RESULTS[stage]
     if only is not None and stage != only:
       continue
     if only is not None and i > 0 and not (workdir / RESULTS[STAGES[i - 1]]).exists():
       raise ValueError(f"stage {stage!r} needs the result of stage {STAGES[i - 1]!r} "
                        f"({workdir / RESULTS[STAGES[i - 1]]}); run the earlier stages first")
-    if result.exists() and only is None:
-      continue
-    if stage == "report":
+    if only is not None or not (workdir / RESULTS[stage]).exists():
+      todo.append(stage)
+  check_batch_sizes(config, run.mesh)
+  check_config(config, workdir, write=run.writer)
+  run.on_writer("prepare the data", lambda: data.prepare(config.data))
+  if not run.writer:
+    data.prepare(config.data)  # finds it prepared
+  timings_path = workdir / "seconds.json"
+  timings = files.read_json(timings_path) if timings_path.exists() else {}
+  for stage in todo:
+    if stage == "report" and run.writer:
       files.write_json(timings_path, timings)
     t0 = time.perf_counter()
     tqdm.write(f"[{stage}] ...")
-    _STAGE_FNS[stage](run)
+    try:
+      _STAGE_FNS[stage](run)
+    except (ValueError, FileNotFoundError) as err:
+      run.barrier(f"stage {stage}", err)
+      raise
+    run.barrier(f"stage {stage}")
     timings[stage] = time.perf_counter() - t0
     run.log({"event": "stage", "stage": stage, "seconds": timings[stage]})
-    if stage != "report":
+    if stage != "report" and run.writer:
       files.write_json(timings_path, timings)
   if (workdir / "report.json").exists():
     return files.read_json(workdir / "report.json")

@@ -166,10 +166,14 @@ def device_batches(batches: Iterator[Batch], mesh: jax.sharding.Mesh, *, mean: S
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> None:
+  """Raises ValueError unless the global ``batch_size`` splits evenly over the mesh's devices (so over its
+  processes too: each feeds the rows of its own devices)."""
   n = mesh.devices.size
   if batch_size % n:
-    raise ValueError(f"{what} batch_size {batch_size} must be a multiple of the {n} devices it is split over; "
-                     f"expected e.g. {max(n, batch_size // n * n)}")
+    processes = len({d.process_index for d in mesh.devices.flat})
+    over = f" ({processes} processes x {n // processes})" if processes > 1 else ""
+    raise ValueError(f"{what} batch_size {batch_size} must be a multiple of the {n} devices it is split over"
+                     f"{over}; expected e.g. {max(n, batch_size // n * n)}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -384,14 +388,14 @@ def train_and_evaluate(model: nnx.Module, cfg: Any, loop: Loop, mesh: jax.shardi
   tx = create_optimizer(cfg, lr_fn, split.params)
   total = int(cfg.epochs * loop.steps_per_epoch)
   manager = checkpoints.TrainCheckpoints(loop.workdir, keep=cfg.keep_checkpoints)
-  state = init_state(split, tx)
+  # Replicated before restoring: the checkpoint is read straight into the mesh's layout (on every process).
+  state = replicate(init_state(split, tx), mesh)
   meta = {"widths": list(getattr(model, "widths", ())), "seed": int(seed), "total_steps": total}
   restored = manager.restore_latest(state, meta)
   history: list[dict[str, Any]] = []
   if restored is not None:
     state, saved = restored
     history = list(saved.get("history", []))
-  state = replicate(state, mesh)
   teacher_split = split_model(teacher) if teacher is not None and cfg.distill_weight > 0 else None
   teacher_vars = None if teacher_split is None else replicate((teacher_split.params, teacher_split.batch_stats), mesh)
   step_fn = make_train_step(split, tx, cfg, lr_fn, teacher_split)

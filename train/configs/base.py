@@ -73,7 +73,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   """The defaults of every field (a CIFAR-10 ResNet-56 pruned by APIB to 45% of its MACs)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.distributed = False  # call jax.distributed.initialize() first (multi-host TPU/GPU)
+  # Call jax.distributed.initialize() with no arguments first (a TPU slice, a cluster JAX detects); elsewhere give
+  # train.main --coordinator_address, --num_processes and --process_id instead, or use python -m train.launch.
+  config.distributed = False
   # Mixed precision: True runs every convolution and matmul in bfloat16 (training, evaluation and calibration's
   # forward passes); parameters, optimizer state, BatchNorm statistics, losses and calibration Grams stay float32.
   # "auto": bfloat16 on a GPU or TPU, float32 on a CPU, decided when the program starts (after the multi-host
