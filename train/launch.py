@@ -11,8 +11,8 @@ the same three flags, and on a TPU slice ``--config.distributed=True`` alone.
 
 The processes' output is streamed line by line with a ``[p0]``-style prefix (progress bars from process 0 only).
 The job fails as a whole: when one process exits with a non-zero code the others are stopped (SIGTERM, then SIGKILL)
-and the launcher exits non-zero, naming the process and its code; Ctrl-C (or SIGTERM) stops them all. Running the same command
-again resumes the run from its workdir.
+and the launcher exits non-zero, naming the process and its code; Ctrl-C (or SIGTERM) stops them all. Running the
+same command again resumes the run from its workdir.
 """
 
 from __future__ import annotations
