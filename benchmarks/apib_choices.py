@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import tempfile
 import time
@@ -141,19 +140,10 @@ def _with_select(cfg: ml_collections.ConfigDict, sel: ml_collections.ConfigDict)
 
 def run(shared: pathlib.Path, network: str, ratios: Sequence[float], seeds: Sequence[int], data_dir: str,
         choices: Sequence[Choice], progress_path: pathlib.Path) -> dict[str, Any]:
-  import hsic_jax as hj  # pylint: disable=import-outside-toplevel
-  from models import import_torch  # pylint: disable=import-outside-toplevel
-  from train import calibrate, data, loops, pipeline, train as train_lib  # pylint: disable=import-outside-toplevel
+  from train import data, loops  # pylint: disable=import-outside-toplevel
   t_start = time.perf_counter()
-  cfg = pq.study_config(network, shared, data_dir)
-  if jax.default_backend() == "cpu":
-    hj.limit_lapack_threads()
-  data.prepare(cfg.data)
-  mesh = train_lib.make_mesh()
-  dense = import_torch.import_torch_state(network, import_torch.load_npz(cfg.dense.path))
-  pairs = calibrate.decision_groups(dense)
-  cost = pipeline.decision_cost(cfg, pairs, list(dense.widths), int(dense.num_classes))
-  dense_macs = cost([g.size for _, g in pairs])["macs"]
+  pre = pq.pretrained(network, shared, data_dir)
+  cfg, mesh, dense, pairs, dense_macs = pre.cfg, pre.mesh, pre.dense, pre.pairs, pre.dense_macs
   prog = pq.Progress(progress_path, {"mode": NAME, "model": network,
                                      "calibration_images": int(cfg.calib.num_images)})
   setup = prog.get("setup", lambda: {"dense_top1": loops.evaluate_model(cfg, dense, mesh)["top1"],
@@ -275,12 +265,8 @@ def main(argv: list[str] | None = None) -> None:
       args.shared, "resnet20" if quick else "resnet56", ratios, seeds, args.data_dir or "~/tensorflow_datasets",
       QUICK_CHOICES if quick else CHOICES, progress)}
   print(table(payload))
-  out_dir = _common.RESULTS if out is None else out
-  out_dir.mkdir(parents=True, exist_ok=True)
-  path = out_dir / f"{NAME}.json"
-  path.write_text(json.dumps({"benchmark": NAME, **payload}, indent=2))
-  print(f"wrote {path}")
-  for p in plot(payload, out_dir):
+  print(f"wrote {_common.write_results(NAME, {k: v for k, v in payload.items() if k != 'machine'}, out)}")
+  for p in plot(payload, _common.RESULTS if out is None else out):
     print(f"wrote {p}")
   if not args.no_readme and not quick and out is None:
     render_readme(payload)

@@ -168,6 +168,33 @@ class Evidence:
   seconds: dict[str, float]  # per kind of evidence: "problems", "similarity", each criterion
 
 
+@dataclasses.dataclass
+class Pretrained:
+  """What every study on a shared pretrained network starts from: its config, devices, dense model, decisions and
+  their cost function."""
+  cfg: ml_collections.ConfigDict
+  mesh: Any
+  dense: Any
+  pairs: list[Any]
+  cost: Any
+  dense_macs: float
+
+
+def pretrained(network: str, shared: pathlib.Path, data_dir: str) -> Pretrained:
+  """The shared pretrained ``network`` imported, its data prepared, on this host's devices."""
+  import hsic_jax as hj  # pylint: disable=import-outside-toplevel
+  from models import import_torch  # pylint: disable=import-outside-toplevel
+  from train import calibrate, data, pipeline, train as train_lib  # pylint: disable=import-outside-toplevel
+  cfg = study_config(network, shared, data_dir)
+  if jax.default_backend() == "cpu":
+    hj.limit_lapack_threads()
+  data.prepare(cfg.data)
+  dense = import_torch.import_torch_state(network, import_torch.load_npz(cfg.dense.path))
+  pairs = calibrate.decision_groups(dense)
+  cost = pipeline.decision_cost(cfg, pairs, list(dense.widths), int(dense.num_classes))
+  return Pretrained(cfg, train_lib.make_mesh(), dense, pairs, cost, cost([g.size for _, g in pairs])["macs"])
+
+
 def gather_evidence(model: Any, cfg: ml_collections.ConfigDict, images: np.ndarray, labels: np.ndarray,
                     criteria_names: Sequence[str], *, problems: bool = True, similarity: bool = True,
                     select: ml_collections.ConfigDict | None = None) -> Evidence:
@@ -678,19 +705,10 @@ def run_study(shared: pathlib.Path, network: str, epochs: int, seeds: Sequence[i
               progress_path: pathlib.Path, *, lr: float = STUDY_LR, variants_: Sequence[Variant] | None = None,
               max_steps_per_epoch: int | None = None) -> dict[str, Any]:
   """Every (seed, method) part of the study, resumable from ``progress_path``; see the module docstring."""
-  import hsic_jax as hj  # pylint: disable=import-outside-toplevel
-  from models import import_torch  # pylint: disable=import-outside-toplevel
-  from train import calibrate, data, pipeline, train as train_lib  # pylint: disable=import-outside-toplevel
+  from train import data  # pylint: disable=import-outside-toplevel
   t_start = time.perf_counter()
-  cfg = study_config(network, shared, data_dir)
-  if jax.default_backend() == "cpu":
-    hj.limit_lapack_threads()
-  data.prepare(cfg.data)
-  mesh = train_lib.make_mesh()
-  dense = import_torch.import_torch_state(network, import_torch.load_npz(cfg.dense.path))
-  pairs = calibrate.decision_groups(dense)
-  cost = pipeline.decision_cost(cfg, pairs, list(dense.widths), int(dense.num_classes))
-  dense_macs = cost([g.size for _, g in pairs])["macs"]
+  pre = pretrained(network, shared, data_dir)
+  cfg, mesh, dense, pairs, dense_macs = pre.cfg, pre.mesh, pre.dense, pre.pairs, pre.dense_macs
   steps = data.steps_per_epoch(cfg.data, batch_size=64)
   if max_steps_per_epoch is not None:
     steps = min(steps, int(max_steps_per_epoch))
@@ -933,18 +951,11 @@ def run_calibration(shared: pathlib.Path, network: str, data_dir: str, progress_
                     ns: Sequence[int] = CALIB_N, labels: Sequence[str] = CALIB_METHODS) -> dict[str, Any]:
   """The stability study: each method's selection at 50% of the MACs removed from every ``n`` of ``ns``
   calibration images (seed 0), one resumable part per ``n``."""
-  import hsic_jax as hj  # pylint: disable=import-outside-toplevel
-  from models import import_torch  # pylint: disable=import-outside-toplevel
-  from train import calibrate, data, pipeline  # pylint: disable=import-outside-toplevel
+  from train import data  # pylint: disable=import-outside-toplevel
   t_start = time.perf_counter()
-  cfg = study_config(network, shared, data_dir)
-  if jax.default_backend() == "cpu":
-    hj.limit_lapack_threads()
-  data.prepare(cfg.data)
-  dense = import_torch.import_torch_state(network, import_torch.load_npz(cfg.dense.path))
-  pairs = calibrate.decision_groups(dense)
-  cost = pipeline.decision_cost(cfg, pairs, list(dense.widths), int(dense.num_classes))
-  target = (1 - STUDY_REMOVED) * cost([g.size for _, g in pairs])["macs"]
+  pre = pretrained(network, shared, data_dir)
+  cfg, dense, pairs = pre.cfg, pre.dense, pre.pairs
+  target = (1 - STUDY_REMOVED) * pre.dense_macs
   ns = [n for n in ns if n <= data.num_examples(cfg.data, cfg.data.calib_split)]
   methods = [v for v in study_variants() if v.label in labels]
   prog = Progress(progress_path, {"mode": "calibration", "model": network, "removed": STUDY_REMOVED,
