@@ -347,7 +347,7 @@ def recalibrate_batch_norm(model: nnx.Module, batches: Iterator[Batch], steps: i
 
 
 def _bn_momentum(model: nnx.Module) -> float:
-  moms = {float(m.momentum) for _, m in model.iter_modules() if isinstance(m, nnx.BatchNorm)}
+  moms = {float(m.momentum) for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)}
   if len(moms) != 1:
     raise ValueError(f"expected one BatchNorm momentum in the model, found {sorted(moms)}")
   return moms.pop()
