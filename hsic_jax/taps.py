@@ -72,6 +72,7 @@ __all__ = [
     "BN_MODES",
     "Decision",
     "Site",
+    "sum_batches",
     "activations",
     "calibration_problems",
     "decisions",
@@ -646,15 +647,24 @@ def calibration_problems(model: nnx.Module, batches: Any, *, decisions: Sequence
       # Dispatched without waiting for each build's check; the sums are validated once below.
       per[name] += [problem_from_features(x, y, bandwidth=bandwidth, normalized=normalized, check=False)
                     for x, y in taps[name]]
-  problems = [ps[0] if len(ps) == 1 else combine_problems(ps) for ps in per.values()]
+  return names, sum_batches(per)
+
+
+def sum_batches(per: Mapping[str, Sequence[LassoProblem]]) -> list[LassoProblem]:
+  """Each decision's batch problems summed (:func:`combine_problems`), then checked finite once for all of them.
+
+  Raises:
+    ValueError: naming the decisions whose summed problems hold NaN or Inf.
+  """
+  problems = [ps[0] if len(ps) == 1 else combine_problems(list(ps)) for ps in per.values()]
   finite = np.asarray(jnp.stack([jnp.all(jnp.isfinite(p.quad)) & jnp.all(jnp.isfinite(p.lin)) & jnp.isfinite(p.const)
                                  for p in problems]))
   if not finite.all():
-    bad = [n for n, ok in zip(names, finite) if not ok]
+    bad = [n for n, ok in zip(per, finite) if not ok]
     raise ValueError(f"the calibration problems of {bad} are not finite: the model's activations there hold NaN or "
                      "Inf, or values too large for float32 Gram products (check the weights and the input "
                      "normalisation)")
-  return names, problems
+  return problems
 
 
 def activations(model: nnx.Module, batches: Any, *, decisions: Sequence[Decision] | None = None,
