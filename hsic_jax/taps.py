@@ -52,7 +52,7 @@ import dataclasses
 import fnmatch
 import itertools
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -76,6 +76,7 @@ __all__ = [
     "activations",
     "calibration_problems",
     "decisions",
+    "feature_fn",
     "features",
     "similarity",
 ]
@@ -493,23 +494,29 @@ def _evaluate(closed: jcore.ClosedJaxpr, args: Sequence[Any], keep: set[tuple[in
   return kept, outs
 
 
+def _float32(value: jax.Array) -> jax.Array:
+  """A tap in at least float32: a model computing in bfloat16 records bfloat16 values, and the Grams built from them
+  sum n^2 products that an 8-bit mantissa would round away."""
+  return value.astype(jnp.promote_types(value.dtype, jnp.float32))
+
+
 def _cut(value: jax.Array, tap: _Tap) -> jax.Array:
-  """``X`` of a tap, ``(n, size, values per channel)``, from the consumer's input."""
-  a = jnp.moveaxis(value, (tap.x_batch, tap.x_feature), (0, 1))
+  """``X`` of a tap, ``(n, size, values per channel)``, from the consumer's input (at least float32)."""
+  a = _float32(jnp.moveaxis(value, (tap.x_batch, tap.x_feature), (0, 1)))
   n, f = a.shape[:2]
   a = a.reshape(n, tap.spatial, f // tap.spatial, -1)[:, :, tap.offset:tap.offset + tap.size, :]
   return jnp.transpose(a, (0, 2, 1, 3)).reshape(n, tap.size, -1)
 
 
 def _per_image(value: jax.Array, batch: int) -> jax.Array:
-  a = jnp.moveaxis(value, batch, 0)
+  a = _float32(jnp.moveaxis(value, batch, 0))
   return a.reshape(a.shape[0], -1)
 
 
 def _channels_last(value: jax.Array, tap: _Tap) -> jax.Array:
   """A tap's activation ``(n, h, w, size)``: a conv's input keeps its two spatial axes, anything else gives
   ``(n, 1, values per channel, size)``."""
-  a = jnp.moveaxis(value, (tap.x_batch, tap.x_feature), (0, -1))
+  a = _float32(jnp.moveaxis(value, (tap.x_batch, tap.x_feature), (0, -1)))
   if tap.spatial == 1 and a.ndim == 4:
     return a[..., tap.offset:tap.offset + tap.size]
   x = _cut(value, tap)
@@ -607,11 +614,34 @@ def features(model: nnx.Module, batch: Any, *, decisions: Sequence[Decision] | N
   return tapper(args, "features", target, consumers)
 
 
+def feature_fn(model: nnx.Module, example: Any, *, decisions: Sequence[Decision] | None = None,
+               groups: Sequence[ChannelGroup] | None = None, target: Target | Mapping[str, Target] = "pre_bn",
+               consumers: Consumers = "first", bn_mode: str = "batch"
+               ) -> Callable[[Any], dict[str, list[tuple[jax.Array, jax.Array]]]]:
+  """:func:`features` as a reusable function: ``batch -> {decision: [(X, Y) per chosen consumer]}``, traced once per
+  input shape and jitted (for timing the taps apart from the problems, or feeding them to your own builder).
+  ``example`` is a batch of the model's input (its shape is traced; a batch of another size is traced again).
+  The model's parameters are read when this is called: later changes to the model are not seen.
+
+  Raises:
+    ValueError: as :func:`features`.
+  """
+  tapper, _ = _tapper(model, [example], bn_mode, groups, decisions)
+
+  def run(batch: Any) -> dict[str, list[tuple[jax.Array, jax.Array]]]:
+    args = _as_args(batch)
+    _check_batch(0, args, tapper.first)
+    return tapper(args, "features", target, consumers)
+
+  return run
+
+
 def calibration_problems(model: nnx.Module, batches: Any, *, decisions: Sequence[Decision] | None = None,
                          groups: Sequence[ChannelGroup] | None = None,
                          target: Target | Mapping[str, Target] = "pre_bn", consumers: Consumers = "first",
                          bandwidth: kernels.Bandwidth = "apib", normalized: bool = False,
-                         bn_mode: str = "batch") -> tuple[list[str], list[LassoProblem]]:
+                         bn_mode: str = "batch", progress: Callable[[], None] | None = None
+                         ) -> tuple[list[str], list[LassoProblem]]:
   """One HSIC Lasso problem per decision, summed over calibration batches (block HSIC Lasso, one block a batch).
 
   For decision ``d`` and batch ``b`` with taps ``(X_k, Y_k)`` of its chosen consumers ``k``,
@@ -630,6 +660,7 @@ def calibration_problems(model: nnx.Module, batches: Any, *, decisions: Sequence
     bandwidth: the Gaussian bandwidth rule of ``X``'s channels and ``Y`` (:func:`hsic_jax.problem_from_features`).
     normalized: Frobenius-normalised Grams (pyHSICLasso) or not (APIB).
     bn_mode: ``"batch"`` or ``"running"``.
+    progress: called once per batch, after its problems are dispatched (a progress bar's update).
 
   Returns:
     ``(names, problems)``: the decisions' names and their problems, in the decisions' order.
@@ -647,6 +678,8 @@ def calibration_problems(model: nnx.Module, batches: Any, *, decisions: Sequence
       # Dispatched without waiting for each build's check; the sums are validated once below.
       per[name] += [problem_from_features(x, y, bandwidth=bandwidth, normalized=normalized, check=False)
                     for x, y in taps[name]]
+    if progress is not None:
+      progress()
   return names, sum_batches(per)
 
 

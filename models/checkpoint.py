@@ -21,6 +21,7 @@ the model abstractly (shapes only, nothing initialised) and checks every array's
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ from flax import nnx
 from flax.nnx import traversals
 
 import models as registry
+from models.factory import FactorySpec, is_factory, num_outputs
 
 META_KEYS = ("model", "widths", "num_classes")
 
@@ -89,19 +91,28 @@ def build_with_state(name: str, widths: Sequence[int] | None, num_classes: int |
       shape is not the one ``widths`` builds (naming its path, both shapes and the widths).
   """
   graphdef, skeleton = _skeleton(name, _key(widths), num_classes)
+  shown = list(widths) if widths is not None else "dense"
+  return _filled(graphdef, skeleton, state, f"{name} with widths {shown}")
+
+
+def _check_shapes(skeleton: nnx.State, state: Mapping[str, Any], what: str) -> None:
+  """Raises ValueError unless ``state`` holds exactly the variables of ``skeleton``, each of its shape."""
   want = _flat_shapes(nnx.to_pure_dict(skeleton))
   have = _flat_shapes(state)
   missing = sorted(set(want) - set(have))
   unexpected = sorted(set(have) - set(want))
-  shown = list(widths) if widths is not None else "dense"
   if missing or unexpected:
-    raise ValueError(f"state for {name} with widths {shown} does not hold its variables: missing "
+    raise ValueError(f"state for {what} does not hold its variables: missing "
                      f"{[_where(p) for p in missing[:10]]}{' ...' if len(missing) > 10 else ''}, unexpected "
                      f"{[_where(p) for p in unexpected[:10]]}{' ...' if len(unexpected) > 10 else ''}")
   for path, shape in want.items():
     if have[path] != shape:
-      raise ValueError(f"state{_where(path)} has shape {have[path]}, expected {shape} for {name} with widths "
-                       f"{shown}")
+      raise ValueError(f"state{_where(path)} has shape {have[path]}, expected {shape} for {what}")
+
+
+def _filled(graphdef: Any, skeleton: nnx.State, state: Mapping[str, Any], what: str) -> nnx.Module:
+  """The model of ``graphdef`` holding the arrays of ``state`` (shapes checked against ``skeleton``), eval mode."""
+  _check_shapes(skeleton, state, what)
   fresh = nnx.from_flat_state(nnx.to_flat_state(skeleton))  # a new container: the cached skeleton stays abstract
   nnx.replace_by_pure_dict(fresh, jax.tree.map(jnp.asarray, dict(state)))
   model = nnx.merge(graphdef, fresh)
@@ -127,29 +138,36 @@ def _check_state_matches_widths(model: nnx.Module) -> None:
 
 
 def save(model: nnx.Module, path: str | os.PathLike[str], *, force: bool = False,
-         extra: Mapping[str, Any] | None = None) -> Path:
-  """Saves ``model``'s pure state dict and ``{"model", "widths", "num_classes"}`` as an orbax checkpoint.
+         extra: Mapping[str, Any] | None = None, factory: FactorySpec | None = None) -> Path:
+  """Saves ``model``'s pure state dict and its meta (how to rebuild it) as an orbax checkpoint.
 
   Args:
-    model: a registry model.
+    model: a registry model, or (with ``factory``) a model built by a user's factory, dense or thinned by a plan.
     path: the checkpoint directory (created; made absolute).
     force: overwrite an existing directory.
     extra: more JSON-serialisable entries for the meta item (e.g. a pruned model's plan); read them back with
-      :func:`read_meta`.
+      :func:`read_meta`. A factory model cut by :func:`hsic_jax.prune` must carry its plan here (``"plan"``, the
+      plan's JSON as a dict): the loader rebuilds it by cutting the factory's model to that plan.
+    factory: the factory the model came from (its path, keyword arguments and input shape); ``None`` for a zoo model.
 
   Returns:
     The absolute checkpoint path.
 
   Raises:
     FileExistsError: ``path`` exists and ``force`` is false.
-    ValueError: the model's parameter shapes are not those its width list builds.
+    ValueError: the model's parameter shapes are not those its width list builds (zoo), or not a zoo model and no
+      ``factory`` given.
   """
-  _check_state_matches_widths(model)
+  if factory is None:
+    _check_state_matches_widths(model)
+    meta = {**dict(extra or {}), "model": registry.model_name(model), "widths": model.widths,
+            "num_classes": int(model.num_classes)}
+  else:
+    meta = {**dict(extra or {}), **factory.meta(), "widths": None,
+            "num_classes": num_outputs(model, factory.example())}
   path = Path(path).resolve()
   if path.exists() and not force:
     raise FileExistsError(f"checkpoint directory {path} already exists; pass force=True (CLI: --force) to overwrite")
-  meta = {**dict(extra or {}), "model": registry.model_name(model), "widths": model.widths,
-          "num_classes": int(model.num_classes)}
   # Host (NumPy) copies: with several processes orbax writes a NumPy array once, from process 0, where every
   # process's own device copy would be written by each of them into the same files.
   pure = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
@@ -182,26 +200,51 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
   return meta
 
 
+def skeleton_of(meta: Mapping[str, Any]) -> tuple[Any, nnx.State, str]:
+  """``(graphdef, state, description)`` of the model a checkpoint's meta describes, its state's arrays placeholders
+  of the right shapes: a zoo model built abstractly at its widths, or a factory's model (zeros, built abstractly)
+  cut to the meta's plan by :func:`hsic_jax.thin_model` on groups derived from the factory's model.
+
+  Raises:
+    ValueError: an unknown zoo name, a factory that cannot be imported or built, a plan that does not fit it.
+  """
+  name, widths, num_classes = meta["model"], meta["widths"], meta["num_classes"]
+  if not is_factory(name):
+    graphdef, state = _skeleton(name, _key(widths), num_classes)
+    return graphdef, state, f"{name} with widths {widths}"
+  import hsic_jax as hj  # pylint: disable=import-outside-toplevel  (the library only for factory models)
+  spec = FactorySpec.from_meta(meta)
+  model = spec.build_zeros(num_classes=int(num_classes))
+  what = f"{name} (kwargs {dict(spec.kwargs)})"
+  if meta.get("plan"):
+    x = spec.example()
+    plan = hj.PrunePlan.from_json(json.dumps(meta["plan"]))
+    model = hj.thin_model(model, hj.derive_model_groups(model, x), plan, x)
+    what += " cut to its plan"
+  graphdef, state = nnx.split(model)
+  return graphdef, state, what
+
+
 def load(path: str | os.PathLike[str]) -> nnx.Module:
-  """Rebuilds the model saved by :func:`save` (in eval mode), with the widths its meta records.
+  """Rebuilds the model saved by :func:`save` (in eval mode): a zoo model with the widths its meta records, a
+  factory's model from its factory, cut to the meta's plan where it has one.
 
   Raises:
     FileNotFoundError: ``path`` does not exist.
-    ValueError: ``path`` is not a readable checkpoint, or its arrays do not have the shapes its widths build (a
+    ValueError: ``path`` is not a readable checkpoint, or its arrays do not have the shapes its meta builds (a
       corrupt or hand-edited checkpoint); nothing is partially restored.
   """
   path = Path(path).resolve()
   meta = read_meta(path)
-  name, widths, num_classes = meta["model"], meta["widths"], meta["num_classes"]
-  target = abstract_state(name, widths, num_classes)
+  graphdef, skeleton, what = skeleton_of(meta)
+  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(skeleton))
   try:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       restored = ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   except Exception as e:  # noqa: BLE001
-    raise ValueError(f"checkpoint {path} does not hold the state of {name} with widths {widths} "
-                     f"({type(e).__name__}: {e})") from e
+    raise ValueError(f"checkpoint {path} does not hold the state of {what} ({type(e).__name__}: {e})") from e
   try:
-    return build_with_state(name, widths, num_classes, restored)
+    return _filled(graphdef, skeleton, restored, what)
   except ValueError as e:
-    raise ValueError(f"checkpoint {path} holds arrays whose shapes differ from {name} with widths {widths}; the "
-                     f"checkpoint is corrupt ({e})") from e
+    raise ValueError(f"checkpoint {path} holds arrays whose shapes differ from {what}; the checkpoint is corrupt "
+                     f"({e})") from e

@@ -12,7 +12,7 @@ from flax import nnx
 import hsic_jax as hj
 import models
 from hsic_jax import taps
-from train import calibrate
+from train import calibrate, train as train_lib
 
 CALIB = types.SimpleNamespace(batch_size=4, bn_mode="batch", resnet50_conv3_y="block")
 SELECT = types.SimpleNamespace(bandwidth="apib", normalized=False)
@@ -28,8 +28,23 @@ def _assert_problems_equal(a, b, rtol=1e-5):
       np.testing.assert_allclose(np.asarray(getattr(p, field)), np.asarray(getattr(q, field)), rtol=rtol, atol=1e-6)
 
 
+def _declared(model, images, bn_mode="batch"):
+  """The zoo's hand-declared taps, ``model(x, capture=True)``, on a copy in the BatchNorm mode asked for."""
+  split = train_lib.split_model(model)
+  graphdef = split.train_def if bn_mode == "batch" else split.eval_def
+  return jax.jit(lambda p, s, x: train_lib.merge(graphdef, p, s)(x, capture=True)[1])(
+      split.params, split.batch_stats, images)
+
+
 def _hand_taps(model, images, conv3_y="block", bn_mode="batch"):
-  return calibrate.make_capture(model, bn_mode, model.decisions(), conv3_y)(images)
+  """``{decision: (X (n, c, h*w), Y (n, values))}`` from the hand-declared taps (APIB's layout)."""
+  declared = _declared(model, images, bn_mode)
+  out = {}
+  for d in model.decisions():
+    n, h, w, c = declared[d].input.shape
+    y = declared["fc"].input if conv3_y == "pooled" and d.endswith("/conv3") else declared[d].output
+    out[d] = (jnp.transpose(declared[d].input.reshape(n, h * w, c), (0, 2, 1)), y.reshape(n, -1))
+  return out
 
 
 def _assert_taps_equal(feats, hand, names):
@@ -65,9 +80,13 @@ def test_zoo_decisions_taps_and_problems_equal_the_hand_declared(name, widths, s
   hand = _hand_taps(model, images[:4])
   _assert_taps_equal(feats, hand, model.decisions())
   names, problems = taps.calibration_problems(model, [images[:4], images[4:]], decisions=declared)
-  ref_names, ref = calibrate.build_problems(model, np.asarray(images), CALIB, SELECT)
-  assert names == ref_names
+  hand = [_hand_taps(model, part) for part in (images[:4], images[4:])]
+  ref = [hj.combine_problems([hj.problem_from_features(*h[d]) for h in hand]) for d in model.decisions()]
+  assert names == model.decisions()
   _assert_problems_equal(problems, ref)
+  prog_names, prog = calibrate.build_problems(model, np.asarray(images), CALIB, SELECT)  # batches of 4, as above
+  assert prog_names == names
+  _assert_problems_equal(prog, ref)
 
 
 def test_mobilenetv2_depthwise_taps_equal_the_hand_declared():
@@ -104,9 +123,12 @@ def test_batches_sum_like_blocks_and_activations_equal_the_program():
     blocks.append([hj.problem_from_features(*hand[d]) for d in names])
   _assert_problems_equal(problems, [hj.combine_problems([b[i] for b in blocks]) for i in range(len(names))])
   acts = taps.activations(model, parts, groups=model.channel_groups())
-  cfg = types.SimpleNamespace(batch_size=5, bn_mode="batch")
-  ref = calibrate.activations(model, np.asarray(images), cfg)
+  hand = [_declared(model, part) for part in parts]
+  ref = [jnp.concatenate([h[d].input for h in hand]) for d in names]
   for a, r in zip(acts, ref, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
+  cfg = types.SimpleNamespace(batch_size=5, bn_mode="batch")  # the program's batching: 5 then 4 images
+  for a, r in zip(calibrate.activations(model, np.asarray(images), cfg), ref, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
   np.testing.assert_allclose(taps.similarity(None, None, acts=acts), calibrate.layer_similarity(ref, "linear"),
                              rtol=1e-6)

@@ -1,15 +1,16 @@
 """Calibration: the dense model's taps on a few images, turned into one HSIC Lasso problem per pruning decision.
 
-A decision is a consumer layer (``models``' ``decisions()``); its candidate channels are its input channels, which
-are the output channels of one prunable channel group (the group with an ``"in"`` member on the consumer's kernel).
-For each decision the tap holds the consumer's input ``(n, h, w, c)``, read as ``c`` channels of ``h * w`` values
-each, and its pre-BatchNorm output ``(n, ...)``, flattened per image: ``X`` and ``Y`` of APIB, with Gaussian kernels
-of bandwidth ``gamma = 1 / (values per sample)`` by default. Problems of several calibration batches add up
+A decision sets the width of one prunable channel group (:func:`train.network.model_decisions`, the same for a zoo
+model and a user's); its candidate channels are the group's, read by its consumer layers (the convs and dense
+layers with an ``"in"`` member in the group). The taps are read from the model's jaxpr (:mod:`hsic_jax.taps`): for
+each decision, its first consumer's input, the group's ``c`` channels of ``h * w`` values each, and the consumer's
+pre-BatchNorm output ``(n, ...)``, flattened per image: ``X`` and ``Y`` of APIB, with Gaussian kernels of bandwidth
+``gamma = 1 / (values per sample)`` by default. Problems of several calibration batches add up
 (:func:`hsic_jax.combine_problems`), so ``n`` may exceed what one forward pass holds.
 
 BatchNorm runs with the batch's own statistics (``bn_mode="batch"``, as APIB's reference code, which never switches
 the model to eval mode) or with the running statistics (``"running"``). The dense model's variables are not changed
-either way: the forward pass runs on a copy inside ``jit``. The forward pass runs in the model's compute dtype
+either way. The forward pass runs in the model's compute dtype
 (bfloat16 under ``half_precision``); the taps are cast to float32 before any Gram is built.
 
 Other selection methods need other evidence from the same images, collected here too:
@@ -35,77 +36,74 @@ from tqdm import tqdm
 
 import hsic_jax as hj
 from hsic_jax import ChannelGroup, criteria
-from train import files, train as train_lib
+from train import files, network, train as train_lib
 
 
-def decision_groups(model: nnx.Module) -> list[tuple[str, ChannelGroup]]:
-  """``(decision, group)`` for every decision of ``model``, in forward order.
+Decisions = Sequence[hj.taps.Decision]
+
+
+def _decisions(model: nnx.Module, decisions: Decisions | None, example: Any = None) -> list[hj.taps.Decision]:
+  if decisions is not None:
+    return list(decisions)
+  return network.model_decisions(model, network.zoo_example(model) if example is None else example)
+
+
+def decision_groups(model: nnx.Module, example: Any = None) -> list[tuple[str, ChannelGroup]]:
+  """``(decision, group)`` for every decision of ``model``, in forward order (:func:`train.network.model_decisions`
+  on ``example``, default two zero images at a zoo model's input size).
 
   Raises:
-    ValueError: a decision that no prunable group feeds (a model whose declarations disagree).
+    ValueError: a model with no prunable group.
   """
-  groups = [g for g in model.channel_groups() if g.prunable]
-  out = []
-  for d in model.decisions():
-    kernel = tuple(d.split("/")) + ("kernel",)
-    match = [g for g in groups if any(m.role == "in" and tuple(m.path) == kernel for m in g.members)]
-    if len(match) != 1:
-      raise ValueError(f"decision {d!r} is fed by {len(match)} prunable groups ({[g.name for g in match]}); "
-                       "expected exactly one")
-    out.append((d, match[0]))
-  return out
+  return [(d.name, d.group) for d in _decisions(model, None, example)]
 
 
-def _targets(taps: dict[str, Any], decisions: Sequence[str], conv3_y: str) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """``{decision: (x (n, c, h*w), y (n, values))}`` from the taps."""
-  out = {}
-  for d in decisions:
-    tap = taps[d]
-    n, h, w, c = tap.input.shape
-    x = jnp.transpose(tap.input.reshape(n, h * w, c), (0, 2, 1))
-    y = tap.output
-    if conv3_y == "pooled" and d.endswith("/conv3") and "fc" in taps:
-      y = taps["fc"].input  # APIB's reference: every ResNet-50 conv3 explains the pooled feature
-    out[d] = (x, y.reshape(n, -1))
-  return out
+def _starts(n: int, bs: int) -> list[tuple[int, int]]:
+  """``[start, end)`` of each calibration batch of ``bs`` images; a last batch of one image joins the one before
+  (HSIC needs two samples per batch)."""
+  starts = list(range(0, n, bs))
+  if n - starts[-1] < 2:
+    starts = starts[:-1] or [0]
+  return [(s, n if i == len(starts) - 1 else s + bs) for i, s in enumerate(starts)]
 
 
-def _jitted_taps(model: nnx.Module, bn_mode: str, extract):
-  """A jitted ``images -> extract(taps)`` on a copy of ``model``, BatchNorm with batch or running statistics."""
-  if bn_mode not in ("batch", "running"):
-    raise ValueError(f"calib.bn_mode must be 'batch' or 'running', got {bn_mode!r}")
-  split = train_lib.split_model(model)
-  graphdef = split.train_def if bn_mode == "batch" else split.eval_def
-
-  @jax.jit
-  def capture(params, stats, images):
-    _, taps = train_lib.merge(graphdef, params, stats)(images, capture=True)
-    # A model computing in bfloat16 records bfloat16 taps; the Grams and their products are accumulated in float32
-    # (n^2 sums of squares round away in an 8-bit mantissa), so the taps are cast before anything is built.
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), extract(taps))
-
-  return lambda images: capture(split.params, split.batch_stats, images)
-
-
-def make_capture(model: nnx.Module, bn_mode: str, decisions: Sequence[str], conv3_y: str):
-  """A jitted ``images -> {decision: (x, y)}`` on a copy of ``model``."""
+def targets(model: nnx.Module, decisions: Decisions, conv3_y: str, example: Any) -> Any:
+  """The calibration target ``Y`` of :func:`hsic_jax.taps.calibration_problems`: every consumer's pre-BN output
+  (``"block"``), or, with ``"pooled"`` (APIB's reference on ResNet-50), the classifier's input (the pooled
+  feature) for the decisions whose consumer is a ``conv3`` (a bottleneck's last conv)."""
   if conv3_y not in ("block", "pooled"):
     raise ValueError(f"calib.resnet50_conv3_y must be 'block' or 'pooled', got {conv3_y!r}")
-  return _jitted_taps(model, bn_mode, lambda taps: _targets(taps, decisions, conv3_y))
+  if conv3_y == "block" or not any(d.name.endswith("/conv3") for d in decisions):
+    return "pre_bn"
+  fcs = [layer.name for layer in hj.count_macs(model, example).layers if layer.kind == "fc"]
+  if not fcs:
+    return "pre_bn"
+  return {d.name: hj.taps.Site(fcs[-1], "input") for d in decisions if d.name.endswith("/conv3")}
 
 
-def make_activations(model: nnx.Module, bn_mode: str, decisions: Sequence[str]):
-  """A jitted ``images -> [activation (n, h, w, c) per decision]`` (each consumer's input) on a copy of ``model``."""
-  return _jitted_taps(model, bn_mode, lambda taps: [taps[d].input for d in decisions])
+def make_capture(model: nnx.Module, bn_mode: str, decisions: Sequence[str], conv3_y: str, example: Any = None):
+  """A jitted ``images -> {decision: (x (n, c, h*w), y (n, values))}`` on a copy of ``model``: the taps of the
+  named decisions, read from the jaxpr (:func:`hsic_jax.taps.feature_fn`)."""
+  if bn_mode not in hj.taps.BN_MODES:
+    raise ValueError(f"calib.bn_mode must be 'batch' or 'running', got {bn_mode!r}")
+  example = network.zoo_example(model) if example is None else example
+  by_name = {d.name: d for d in _decisions(model, None, example)}
+  decs = [by_name[d] for d in decisions]
+  run = hj.taps.feature_fn(model, example, decisions=decs, target=targets(model, decs, conv3_y, example),
+                             bn_mode=bn_mode)
+  return lambda images: {name: taps[0] for name, taps in run(images).items()}
 
 
-def activations(model: nnx.Module, images: np.ndarray, cfg_calib: Any) -> list[jax.Array]:
-  """Every decision's activation on ``images``, taken ``cfg_calib.batch_size`` images at a time."""
-  decisions = [d for d, _ in decision_groups(model)]
-  capture = make_activations(model, cfg_calib.bn_mode, decisions)
-  bs = max(int(cfg_calib.batch_size), 1)
-  parts = [capture(jnp.asarray(images[s:s + bs])) for s in range(0, len(images), bs)]
-  return [jnp.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(decisions))]
+def activations(model: nnx.Module, images: np.ndarray, cfg_calib: Any, *,
+                decisions: Decisions | None = None) -> list[jax.Array]:
+  """Every decision's activation on ``images`` (its consumer's input, the group's channels; float32), taken
+  ``cfg_calib.batch_size`` images at a time (:func:`hsic_jax.taps.activations`)."""
+  decs = _decisions(model, decisions)
+  if cfg_calib.bn_mode not in hj.taps.BN_MODES:
+    raise ValueError(f"calib.bn_mode must be 'batch' or 'running', got {cfg_calib.bn_mode!r}")
+  bs = max(int(cfg_calib.batch_size), 2)
+  return hj.taps.activations(model, [jnp.asarray(images[s:e]) for s, e in _starts(len(images), bs)],
+                             decisions=decs, bn_mode=cfg_calib.bn_mode)
 
 
 def layer_similarity(acts: Sequence[jax.Array], kernel: str) -> np.ndarray:
@@ -135,14 +133,16 @@ def loss_gradients(model: nnx.Module, images: np.ndarray, labels: np.ndarray, cf
 
 
 def criterion_scores(model: nnx.Module, criterion: str, images: np.ndarray, labels: np.ndarray, cfg_calib: Any,
-                     *, seed: int, acts: Sequence[jax.Array] | None = None) -> list[np.ndarray]:
+                     *, seed: int, acts: Sequence[jax.Array] | None = None,
+                     decisions: Decisions | None = None) -> list[np.ndarray]:
   """Per-channel scores of every decision's group by ``criterion`` (higher is kept first); ``acts``: the
   decisions' activations on ``images`` when the caller has them already (:func:`activations`)."""
-  pairs = decision_groups(model)
+  decs = _decisions(model, decisions)
+  pairs = [(d.name, d.group) for d in decs]
   needs = criteria.criterion_needs(criterion)
   state = nnx.to_pure_dict(nnx.state(model))
   if "activations" in needs and acts is None:
-    acts = activations(model, images, cfg_calib)
+    acts = activations(model, images, cfg_calib, decisions=decs)
   if "activations" not in needs:
     acts = None
   grads = loss_gradients(model, images, labels, cfg_calib) if "grads" in needs else None
@@ -167,28 +167,22 @@ def problems_from_taps(feats: dict[str, tuple[jax.Array, jax.Array]], decisions:
   return out
 
 
-def build_problems(model: nnx.Module, images: np.ndarray, cfg_calib: Any, cfg_select: Any
-                   ) -> tuple[list[str], list[hj.LassoProblem]]:
-  """One problem per decision from ``images`` (taken ``cfg_calib.batch_size`` at a time), summed over batches."""
-  decisions = [d for d, _ in decision_groups(model)]
-  capture = make_capture(model, cfg_calib.bn_mode, decisions, cfg_calib.resnet50_conv3_y)
+def build_problems(model: nnx.Module, images: np.ndarray, cfg_calib: Any, cfg_select: Any, *,
+                   decisions: Decisions | None = None) -> tuple[list[str], list[hj.LassoProblem]]:
+  """One problem per decision from ``images`` (taken ``cfg_calib.batch_size`` at a time), summed over batches:
+  :func:`hsic_jax.taps.calibration_problems` with the config's BatchNorm mode, target and kernel settings."""
+  decs = _decisions(model, decisions)
+  if cfg_calib.bn_mode not in hj.taps.BN_MODES:
+    raise ValueError(f"calib.bn_mode must be 'batch' or 'running', got {cfg_calib.bn_mode!r}")
   bs = int(cfg_calib.batch_size)
   if bs < 2:
     raise ValueError(f"calib.batch_size must be >= 2 (HSIC needs two samples per batch), got {bs}")
-  starts = list(range(0, len(images), bs))
-  if len(images) - starts[-1] < 2:
-    starts = starts[:-1] or [0]
-  per_decision: dict[str, list[hj.LassoProblem]] = {d: [] for d in decisions}
-  bar = tqdm(total=len(starts) * len(decisions), desc="calibrate", unit="layer", leave=False)
-  for i, s in enumerate(starts):
-    end = len(images) if i == len(starts) - 1 else s + bs
-    feats = capture(jnp.asarray(images[s:end]))
-    # Dispatched without waiting for each build's check; the summed problems are validated once below.
-    for d, p in zip(decisions, problems_from_taps(feats, decisions, cfg_select, check=False,
-                                                  progress=lambda: bar.update(1))):
-      per_decision[d].append(p)
-  bar.close()
-  return decisions, hj.taps.sum_batches(per_decision)
+  batches = [jnp.asarray(images[s:e]) for s, e in _starts(len(images), bs)]
+  target = targets(model, decs, cfg_calib.resnet50_conv3_y, batches[0])
+  with tqdm(total=len(batches), desc="calibrate", unit="batch", leave=False) as bar:
+    return hj.taps.calibration_problems(model, batches, decisions=decs, target=target,
+                                        bandwidth=cfg_select.bandwidth, normalized=cfg_select.normalized,
+                                        bn_mode=cfg_calib.bn_mode, progress=lambda: bar.update(1))
 
 
 def save_problems(path: Path, decisions: Sequence[str], problems: Sequence[hj.LassoProblem]) -> None:

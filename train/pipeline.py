@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import hsic_jax as hj
 import models
-from models import checkpoint, flops, import_torch
-from train import calibrate, data, files, loops, report, train as train_lib
+from models import checkpoint, import_torch
+from train import calibrate, data, files, loops, network as network_lib, report, train as train_lib
 
 STAGES = ("dense", "calibrate", "select", "surgery", "finetune", "evaluate", "report")
 
@@ -62,6 +62,11 @@ class Run:
   mesh: jax.sharding.Mesh
   writer: bool  # process 0 writes the workdir's files
   compute_dtype: Any = None  # of every convolution and matmul (train.train.compute_dtype); None: float32
+  network: network_lib.Network | None = None  # the model, a zoo name or a user's factory; None: the config's
+
+  def __post_init__(self) -> None:
+    if self.network is None:
+      self.network = network_lib.Network.from_config(self.config)
 
   def path(self, name: str) -> Path:
     return self.workdir / name
@@ -99,7 +104,7 @@ class Run:
     if self.writer and tmp.exists():
       shutil.rmtree(tmp)
     self.barrier(f"save {name}: start")
-    checkpoint.save(model, tmp, extra={**extra, "compute_dtype": train_lib.precision_name(self.compute_dtype)})
+    self.network.save(model, tmp, {**extra, "compute_dtype": train_lib.precision_name(self.compute_dtype)})
     self.barrier(f"save {name}: written")
     if self.writer:
       final = self.path(name)
@@ -117,14 +122,6 @@ class Run:
 # Shared helpers.
 
 
-def input_hw(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
-  return (int(cfg.data.image_size), int(cfg.data.image_size))
-
-
-def counts(cfg: ml_collections.ConfigDict, widths: Any, num_classes: int) -> flops.Count:
-  return flops.count(cfg.model.name, widths, num_classes=num_classes, input_hw=input_hw(cfg))
-
-
 def _loop(run: Run, section: ml_collections.ConfigDict, workdir: Path, desc: str) -> train_lib.Loop:
   return loops.make_loop(run.config, section, workdir, mesh=run.mesh, desc=desc, log=run.log)
 
@@ -138,30 +135,41 @@ def _evaluate(run: Run, model: nnx.Module, desc: str) -> dict[str, float]:
 
 
 def stage_dense(run: Run) -> dict[str, Any]:
-  """The dense model, from a PyTorch ``.npz``, an orbax checkpoint, or trained here (``pretrain``)."""
+  """The dense model: from a PyTorch ``.npz`` (zoo models), an orbax model checkpoint, trained here
+  (``pretrain``), or as a user's factory returns it (``factory``: the factory loads its own weights)."""
   cfg = run.config
+  net = run.network
   num_classes = data.num_classes(cfg.data)
   source = cfg.dense.source
-  widths = None if cfg.model.widths is None else list(cfg.model.widths)
+  where = cfg.dense.path
   if source == "npz":
+    if net.factory is not None:
+      raise ValueError(f"dense.source 'npz' reads the zoo's PyTorch weights; the factory model {net.name!r} takes "
+                       "'factory' (the factory loads its weights), 'checkpoint' or 'pretrain'")
     model = import_torch.import_torch_state(cfg.model.name, import_torch.load_npz(os.path.expanduser(cfg.dense.path)))
   elif source == "checkpoint":
-    model = checkpoint.load(os.path.expanduser(cfg.dense.path))
+    path = os.path.expanduser(cfg.dense.path)
+    meta = checkpoint.read_meta(path)
+    if net.factory is not None and (meta["model"], meta.get("kwargs") or {}) != (net.name, dict(net.kwargs)):
+      raise ValueError(f"the dense model at {path} is {meta['model']} with kwargs {meta.get('kwargs') or {}}, but "
+                       f"the config asks for {net.name} with kwargs {dict(net.kwargs)}")
+    if meta.get("plan"):
+      raise ValueError(f"the model at {path} is already pruned (its meta holds a plan); expected a dense model")
+    model = checkpoint.load(path)
   elif source == "pretrain":
-    model = models.set_compute_dtype(models.get_model(cfg.model.name, widths, num_classes=num_classes,
-                                                      rngs=nnx.Rngs(int(cfg.seed))), run.compute_dtype)
+    model = models.set_compute_dtype(net.build(num_classes=num_classes, seed=int(cfg.seed)), run.compute_dtype)
     model, _ = train_lib.train_and_evaluate(model, cfg.pretrain, _loop(run, cfg.pretrain, run.path("pretrain"),
                                                                        "pretrain"), run.mesh, seed=int(cfg.seed))
+  elif source == "factory":
+    if net.factory is None:
+      raise ValueError(f"dense.source 'factory' is for a model.name 'package.module:function'; {net.name!r} is a "
+                       "zoo name (use 'npz', 'checkpoint' or 'pretrain')")
+    model = net.build(num_classes=num_classes, seed=int(cfg.seed))
+    where = f"{net.name}(**{dict(net.kwargs)})"
   else:
-    raise ValueError(f"dense.source must be 'npz', 'checkpoint' or 'pretrain', got {source!r}")
-  name = models.model_name(model)
-  if name != cfg.model.name:
-    raise ValueError(f"the dense model at {cfg.dense.path} is a {name}, but model.name is {cfg.model.name!r}")
-  if int(model.num_classes) != num_classes:
-    raise ValueError(f"the dense model has {model.num_classes} classes but data {cfg.data.name!r} has "
-                     f"{num_classes}; expected a model trained on this data set")
-  if widths is not None and list(model.widths) != widths:
-    raise ValueError(f"the dense model has widths {model.widths}, but model.widths is {widths}")
+    raise ValueError(f"dense.source must be 'npz', 'checkpoint', 'pretrain' or 'factory', got {source!r}")
+  net.check(model, num_classes, where)
+  model.eval()
   run.save_model(model, "dense", {"stage": "dense", "source": source})
   return {}
 
@@ -183,26 +191,27 @@ def _calibrate(run: Run, model: nnx.Module) -> dict[str, Any]:
   out = run.path("calibration")
   out.mkdir(exist_ok=True)
   seconds: dict[str, float] = {}
-  decisions = [d for d, _ in calibrate.decision_groups(model)]
+  decs = run.network.decisions(model)
+  decisions = [d.name for d in decs]
   channels = []
   acts = None
   if "problems" in need:
     t0 = time.perf_counter()
-    decisions, problems = calibrate.build_problems(model, images, cfg.calib, cfg.select)
+    decisions, problems = calibrate.build_problems(model, images, cfg.calib, cfg.select, decisions=decs)
     jax.block_until_ready(problems)
     seconds["problems"] = time.perf_counter() - t0
     channels = [int(p.num_channels) for p in problems]
     calibrate.save_problems(out / "problems.npz", decisions, problems)
   if "similarity" in need:
     t0 = time.perf_counter()
-    acts = calibrate.activations(model, images, cfg.calib)
+    acts = calibrate.activations(model, images, cfg.calib, decisions=decs)
     sim = calibrate.layer_similarity(acts, cfg.select.itpruner.kernel)
     seconds["similarity"] = time.perf_counter() - t0
     files.save_npz(out / "similarity.npz", decisions=np.asarray(decisions), similarity=sim)
   if "scores" in need:
     t0 = time.perf_counter()
     scores = calibrate.criterion_scores(model, cfg.select.criterion, images, labels, cfg.calib, seed=int(cfg.seed),
-                                        acts=acts)  # the similarity's activations, when it had them
+                                        acts=acts, decisions=decs)  # the similarity's activations, when it had them
     seconds["scores"] = time.perf_counter() - t0
     files.save_npz(out / "scores.npz", decisions=np.asarray(decisions), **{str(i): sc for i, sc in enumerate(scores)})
   files.write_json(out / "calibration.json", {
@@ -219,7 +228,7 @@ def default_multiple() -> int:
   return 1 if jax.default_backend() == "cpu" else 8
 
 
-def resolve_target(cfg: ml_collections.ConfigDict, dense: flops.Count) -> tuple[str, float]:
+def resolve_target(cfg: ml_collections.ConfigDict, dense: hj.Cost) -> tuple[str, float]:
   """``(key, target)`` from ``select.target`` and ``select.ratio`` or ``select.absolute``."""
   key = cfg.select.target
   if key not in ("macs", "params"):
@@ -243,9 +252,8 @@ class Budget:
   """What a model's selection is measured against: its decisions, the exact cost of their widths and the target."""
 
   pairs: list[tuple[str, hj.ChannelGroup]]  # (decision, the group whose channels it sets), in forward order
-  dense_widths: list[int]
-  num_classes: int
-  dense: flops.Count
+  dense_widths: list[int] | None  # a zoo model's width list; None for a model without one
+  dense: hj.Cost
   key: str
   target: float
   cost: Callable[[Any], dict[str, float]]  # widths per decision -> {"macs", "params"}
@@ -261,16 +269,19 @@ class Budget:
     return [int(g.size) for _, g in self.pairs]
 
 
-def selection_budget(cfg: ml_collections.ConfigDict, dense_model: nnx.Module) -> Budget:
-  """The decisions of ``dense_model``, the cost of their widths at the config's input size, and the config's
-  target (:func:`resolve_target`) and rounding (``select.round_to``, else :func:`default_multiple`)."""
-  pairs = calibrate.decision_groups(dense_model)
-  num_classes = int(dense_model.num_classes)
-  dense_widths = list(dense_model.widths)
-  dense = counts(cfg, dense_widths, num_classes)
+def selection_budget(cfg: ml_collections.ConfigDict, dense_model: nnx.Module,
+                     net: network_lib.Network | None = None) -> Budget:
+  """The decisions of ``dense_model``, the exact cost of their widths at the config's input size
+  (:func:`hsic_jax.cost_fn`), and the config's target (:func:`resolve_target`) and rounding (``select.round_to``,
+  else :func:`default_multiple`)."""
+  net = network_lib.Network.from_config(cfg) if net is None else net
+  groups = net.groups(dense_model)
+  pairs = [(d.name, d.group) for d in net.decisions(dense_model, groups)]
+  cost = net.cost(dense_model, groups)
+  dense = cost()
   key, target = resolve_target(cfg, dense)
-  return Budget(pairs, dense_widths, num_classes, dense, key, target,
-                decision_cost(cfg, pairs, dense_widths, num_classes),
+  widths = getattr(dense_model, "widths", None)
+  return Budget(pairs, None if widths is None else list(widths), dense, key, target, decision_cost(cost, pairs),
                 int(cfg.select.round_to) or default_multiple(),
                 float(cfg.select.itpruner.params_ratio) * float(dense.params) or None)
 
@@ -363,7 +374,7 @@ def stage_select(run: Run) -> dict[str, Any]:
 
 def _select(run: Run, dense_model: nnx.Module) -> dict[str, Any]:
   cfg = run.config
-  budget = selection_budget(cfg, dense_model)
+  budget = selection_budget(cfg, dense_model, run.network)
   pairs, key, target = budget.pairs, budget.key, budget.target
   evidence = load_evidence(run.path("calibration"), cfg.select, budget.decisions)
   tol = float(cfg.select.tolerance)
@@ -376,7 +387,8 @@ def _select(run: Run, dense_model: nnx.Module) -> dict[str, Any]:
   files.write_json(run.path("selection.json"), {
       "method": cfg.select.method, "criterion": cfg.select.criterion, "target_key": key, "target": target,
       "tolerance": tol, "within_tolerance": bool(sel.result.reached), "costs": costs,
-      "dense": {"macs": budget.dense.macs, "params": budget.dense.params, "widths": budget.dense_widths},
+      "dense": {"macs": float(budget.dense.macs), "params": float(budget.dense.params),
+                "widths": budget.dense_widths},
       "widths": full_widths(pairs, budget.dense_widths, sel.widths),
       "decisions": [{"decision": d, "group": g.name, "size": g.size, "kept": len(k)}
                     for (d, g), k in zip(pairs, sel.keep)],
@@ -387,8 +399,12 @@ def _select(run: Run, dense_model: nnx.Module) -> dict[str, Any]:
   return {"seconds": sel.seconds}
 
 
-def full_widths(pairs: Sequence[tuple[str, hj.ChannelGroup]], dense_widths: Sequence[int], kept: Any) -> list[int]:
-  """The model's whole width list with each decision's group set to its kept count."""
+def full_widths(pairs: Sequence[tuple[str, hj.ChannelGroup]], dense_widths: Sequence[int] | None,
+                kept: Any) -> list[int] | None:
+  """The model's whole width list with each decision's group set to its kept count (``None`` for a model without a
+  width list)."""
+  if dense_widths is None:
+    return None
   ws = list(dense_widths)
   for (_, g), k in zip(pairs, kept):
     for i in g.width_indices:
@@ -396,36 +412,28 @@ def full_widths(pairs: Sequence[tuple[str, hj.ChannelGroup]], dense_widths: Sequ
   return ws
 
 
-def decision_cost(cfg: ml_collections.ConfigDict, pairs: Sequence[tuple[str, hj.ChannelGroup]],
-                  dense_widths: Sequence[int], num_classes: int) -> Callable[[Any], dict[str, float]]:
-  """``widths per decision -> {"macs", "params"}``, counted exactly at the config's input size."""
+def decision_cost(cost: Callable[[Any], hj.Cost], pairs: Sequence[tuple[str, hj.ChannelGroup]]
+                  ) -> Callable[[Any], dict[str, float]]:
+  """``widths per decision -> {"macs", "params"}`` from ``cost`` (:func:`hsic_jax.cost_fn`: widths per group)."""
 
-  def cost(kept: Any) -> dict[str, float]:
-    c = counts(cfg, full_widths(pairs, dense_widths, kept), num_classes)
+  def per_decision(kept: Any) -> dict[str, float]:
+    c = cost({g.name: int(k) for (_, g), k in zip(pairs, kept)})
     return {"macs": float(c.macs), "params": float(c.params)}
 
-  return cost
+  return per_decision
 
 
 def stage_surgery(run: Run) -> dict[str, Any]:
-  """Removes the unselected channels (``hsic_jax.prune`` with the model's groups) into the same class, thinner."""
+  """Removes the unselected channels: :func:`hsic_jax.thin_model` (the zoo's classes rebuilt at their new widths,
+  any other class with its layers resized and checked on an example input)."""
   dense_model = run.load_model("dense")
   sel = files.read_json(run.path("selection.json"))
   t0 = time.perf_counter()
-  pruned, plan = prune_model(dense_model, sel["keep"])
-  if list(pruned.widths) != list(sel["widths"]):
+  pruned, plan = run.network.thin(dense_model, sel["keep"])
+  if sel["widths"] is not None and list(pruned.widths) != list(sel["widths"]):
     raise ValueError(f"surgery gave widths {pruned.widths} but the selection recorded {sel['widths']}")
   run.save_model(pruned, "pruned", {"stage": "surgery", "plan": json.loads(plan.to_json())})
   return {"seconds": time.perf_counter() - t0}
-
-
-def prune_model(dense_model: nnx.Module, keep: dict[str, Any]) -> tuple[nnx.Module, hj.PrunePlan]:
-  """The dense model with only the kept channels of each group, as the same class built with the new widths."""
-  state = nnx.to_pure_dict(nnx.state(dense_model))
-  out = hj.prune(state, dense_model.channel_groups(), keep, widths=dense_model.widths)
-  model = checkpoint.build_with_state(models.model_name(dense_model), out.widths, int(dense_model.num_classes),
-                                     out.state)
-  return model, out.plan
 
 
 def stage_finetune(run: Run) -> dict[str, Any]:
@@ -511,6 +519,8 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  # A section added to the config since (empty, like model.kwargs) is no difference from its absence.
+  a, b = ({} if a is None and b == {} else a), ({} if b is None and a == {} else b)
   if isinstance(a, dict) and isinstance(b, dict):
     out = []
     for k in set(a) | set(b):
@@ -532,8 +542,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, *, only
     raise ValueError(f"unknown stage {only!r}; expected one of {list(STAGES)}")
   workdir = Path(workdir).expanduser().resolve()
   workdir.mkdir(parents=True, exist_ok=True)
+  net = network_lib.Network.from_config(config)
   run = Run(config, workdir, mesh if mesh is not None else train_lib.make_mesh(), jax.process_index() == 0,
-            train_lib.compute_dtype(config.half_precision))
+            train_lib.compute_dtype(config.half_precision), net)
   # Every process decides the same stages before any of them runs one (past the first barrier, process 0 may write
   # a stage's result while another is still looking).
   todo = []

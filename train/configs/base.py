@@ -83,8 +83,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.half_precision = ml_collections.FieldReference(False, field_type=object)
 
   config.model = ml_collections.ConfigDict()
+  # A zoo name (resnet20/32/44/56/110, vgg16, resnet50, googlenet, mobilenetv2, mobilenetv2_imagenet), or your own
+  # network: "package.module:function" or "path/to/file.py:function", a factory returning a Flax NNX model, called
+  # with model.kwargs (and num_classes, rngs where it takes them). See the README's "Your own network".
   config.model.name = "resnet56"
   config.model.widths = ml_collections.FieldReference(None, field_type=tuple)  # dense widths; None: the default
+  config.model.kwargs = ml_collections.ConfigDict()  # a factory's keyword arguments, e.g. {"width": 16}
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "cifar10_folder"
@@ -100,8 +104,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.val_fraction = 0.1
   config.data.num_workers = 0
 
-  # Where the dense model comes from: "npz" (PyTorch names and layout), "checkpoint" (orbax, as written by
-  # models.import_torch or by this program) or "pretrain" (trained here with the `pretrain` recipe).
+  # Where the dense model comes from: "npz" (a zoo model's PyTorch weights, names and layout), "checkpoint" (orbax,
+  # as written by models.import_torch, models.checkpoint.save or this program), "pretrain" (trained here with the
+  # `pretrain` recipe) or "factory" (a factory model as its factory returns it: the factory loads its weights).
   config.dense = ml_collections.ConfigDict()
   config.dense.source = "npz"
   config.dense.path = "../shared/weights/resnet56_cifar10.npz"
