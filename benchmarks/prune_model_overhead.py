@@ -5,9 +5,9 @@
 Both sides build the same HSIC Lasso problems (one per decision, summed over calibration batches) from the same
 model and images, with the program's settings (BatchNorm on batch statistics, APIB's bandwidth, no normalisation):
 
-- **hand-declared**: :func:`train.calibrate.build_problems`, the program's calibration: the model's own
-  ``model(x, capture=True)`` taps, one jitted forward pass per batch, then :func:`hsic_jax.problem_from_features`
-  per decision;
+- **hand-declared**: the zoo model's own ``model(x, capture=True)`` taps (how the program calibrated before it took
+  its taps from the jaxpr), one jitted forward pass per batch, then :func:`hsic_jax.problem_from_features` per
+  decision;
 - **derived**: :func:`hsic_jax.taps.calibration_problems` with the model's declared groups (the same decisions),
   which traces the forward pass, finds every decision's consumer by the channel rules and reads the taps with its
   jaxpr interpreter, one jitted pass per batch, then the same problem builds;
@@ -29,22 +29,21 @@ import json
 import pathlib
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import hsic_jax as hj
 import models
 from benchmarks import _common
-from train import calibrate
+from train import train as train_lib
 
 NAME = "prune_model_overhead"
 GOAL = 1.10
 REPEATS = 3
-SELECT = types.SimpleNamespace(bandwidth="apib", normalized=False)
 
 
 def workloads(quick: bool) -> list[dict[str, Any]]:
@@ -67,9 +66,31 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
   return out, time.perf_counter() - t0
 
 
+def hand_declared_problems(model: Any, batches: list[np.ndarray]) -> list[hj.LassoProblem]:
+  """The problems from the zoo's hand-declared taps (``model(x, capture=True)``, BatchNorm on batch statistics):
+  ``X`` the consumer's input as ``(n, c, h*w)``, ``Y`` its pre-BN output per image, summed over batches."""
+  split = train_lib.split_model(model)
+  decisions = model.decisions()
+
+  @jax.jit
+  def capture(params: Any, stats: Any, x: Any) -> dict[str, tuple[Any, Any]]:
+    _, taps = train_lib.merge(split.train_def, params, stats)(x, capture=True)
+    out = {}
+    for d in decisions:
+      n, h, w, c = taps[d].input.shape
+      out[d] = (jnp.transpose(taps[d].input.reshape(n, h * w, c), (0, 2, 1)), taps[d].output.reshape(n, -1))
+    return out
+
+  per: dict[str, list[hj.LassoProblem]] = {d: [] for d in decisions}
+  for b in batches:
+    feats = capture(split.params, split.batch_stats, jnp.asarray(b))
+    for d in decisions:
+      per[d].append(hj.problem_from_features(*feats[d], check=False))
+  return hj.taps.sum_batches(per)
+
+
 def run(w: dict[str, Any], repeats: int) -> dict[str, Any]:
   model, images, bs = w["model"], w["images"], int(w["batch"])
-  cfg = types.SimpleNamespace(batch_size=bs, bn_mode="batch", resnet50_conv3_y="block")
   batches = [images[s:s + bs] for s in range(0, len(images), bs)]
   declared = model.channel_groups()
 
@@ -79,7 +100,7 @@ def run(w: dict[str, Any], repeats: int) -> dict[str, Any]:
     return hj.taps.calibration_problems(model, batches, decisions=keep)[1]
 
   sides: dict[str, Callable[[], Any]] = {
-      "hand": lambda: calibrate.build_problems(model, images, cfg, SELECT)[1],
+      "hand": lambda: hand_declared_problems(model, batches),
       "derived": lambda: hj.taps.calibration_problems(model, batches, groups=declared)[1],
       "derived_groups": derived_all,
   }

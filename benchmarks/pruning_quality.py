@@ -191,7 +191,7 @@ def pretrained(network: str, shared: pathlib.Path, data_dir: str) -> Pretrained:
   data.prepare(cfg.data)
   dense = import_torch.import_torch_state(network, import_torch.load_npz(cfg.dense.path))
   pairs = calibrate.decision_groups(dense)
-  cost = pipeline.decision_cost(cfg, pairs, list(dense.widths), int(dense.num_classes))
+  cost = pipeline.selection_budget(cfg, dense).cost
   return Pretrained(cfg, train_lib.make_mesh(), dense, pairs, cost, cost([g.size for _, g in pairs])["macs"])
 
 
@@ -264,10 +264,9 @@ def prune_and_measure(v: Variant, cfg: ml_collections.ConfigDict, dense: Any, ev
   the same pruned model under the same seed trains to the same numbers, so its accuracies are reused and the row
   says so (``same_selection_as``) instead of repeating the fine-tune.
   """
-  from train import pipeline  # pylint: disable=import-outside-toplevel
+  from train import network, pipeline  # pylint: disable=import-outside-toplevel
   sel_cfg = v.select_config(cfg.select)
-  dense_widths = list(dense.widths)
-  cost = pipeline.decision_cost(cfg, pairs, dense_widths, int(dense.num_classes))
+  cost = pipeline.selection_budget(cfg, dense).cost
   scores = ev.scores.get(v.criterion)
   sel = pipeline.select_channels(sel_cfg, [g.size for _, g in pairs], cost, "macs", target, multiple=1,
                                  problems=ev.problems, similarity=ev.similarity, scores=scores, seed=int(cfg.seed))
@@ -286,7 +285,7 @@ def prune_and_measure(v: Variant, cfg: ml_collections.ConfigDict, dense: Any, ev
     print(f"    {v.label:<24} keeps exactly the channels of {same['label']}: its accuracies reused", flush=True)
     return {**base, **{k: same[k] for k in ("top1_raw", "top1_after_surgery", "top1_finetuned")},
             "finetune_seconds": 0.0, "same_selection_as": same["label"]}
-  pruned, _ = pipeline.prune_model(dense, {g.name: k for (_, g), k in zip(pairs, sel.keep)})
+  pruned, _ = network.Network.from_config(cfg).thin(dense, {g.name: k for (_, g), k in zip(pairs, sel.keep)})
   raw = _eval(cfg, pruned, mesh)
   recal = _recalibrated(cfg, pruned, mesh)
   after_surgery = _eval(cfg, recal, mesh)
@@ -360,8 +359,7 @@ def resnet50_times(shared: pathlib.Path, criteria_names: Sequence[str]) -> list[
   big = np.asarray(jax.image.resize(jnp.asarray(small), (64, 224, 224, 3), "bilinear"))
   labels = np.asarray(labels[idx]) % 1000
   pairs = calibrate.decision_groups(model)
-  dense_widths = list(model.widths)
-  cost = pipeline.decision_cost(cfg, pairs, dense_widths, int(model.num_classes))
+  cost = pipeline.selection_budget(cfg, model).cost
   target = 0.379 * cost([g.size for _, g in pairs])["macs"]
   sizes = [g.size for _, g in pairs]
   out = []
@@ -582,8 +580,7 @@ def run(quick: bool, shared: pathlib.Path, finetune_steps: int, data_dir: str, w
   mesh = train_lib.make_mesh()
   dense = import_torch.import_torch_state(model_name, import_torch.load_npz(cfg.dense.path))
   pairs = calibrate.decision_groups(dense)
-  dense_widths = list(dense.widths)
-  cost = pipeline.decision_cost(cfg, pairs, dense_widths, int(dense.num_classes))
+  cost = pipeline.selection_budget(cfg, dense).cost
   dense_macs = cost([g.size for _, g in pairs])["macs"]
   images, labels, _ = data.calibration_batch(cfg.data, int(cfg.calib.num_images), seed=int(cfg.calib.seed))
   vs = variants(quick)
@@ -907,7 +904,7 @@ def calibration_part(n: int, cfg: ml_collections.ConfigDict, dense: Any, pairs: 
   setting that shapes it)."""
   from train import data, pipeline  # pylint: disable=import-outside-toplevel
   images, labels, _ = data.calibration_batch(cfg.data, n, seed=int(cfg.calib.seed))
-  cost = pipeline.decision_cost(cfg, pairs, list(dense.widths), int(dense.num_classes))
+  cost = pipeline.selection_budget(cfg, dense).cost
   sizes = [g.size for _, g in pairs]
   out, cache = {}, {}
   for v in methods:

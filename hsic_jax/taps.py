@@ -620,7 +620,7 @@ def feature_fn(model: nnx.Module, example: Any, *, decisions: Sequence[Decision]
                ) -> Callable[[Any], dict[str, list[tuple[jax.Array, jax.Array]]]]:
   """:func:`features` as a reusable function: ``batch -> {decision: [(X, Y) per chosen consumer]}``, traced once per
   input shape and jitted (for timing the taps apart from the problems, or feeding them to your own builder).
-  ``example`` is a batch of the model's input (its shape is traced; a batch of another size is traced again).
+  ``example`` is a batch of the model's input (its shape is traced; a batch of another shape is traced again).
   The model's parameters are read when this is called: later changes to the model are not seen.
 
   Raises:
@@ -630,7 +630,7 @@ def feature_fn(model: nnx.Module, example: Any, *, decisions: Sequence[Decision]
 
   def run(batch: Any) -> dict[str, list[tuple[jax.Array, jax.Array]]]:
     args = _as_args(batch)
-    _check_batch(0, args, tapper.first)
+    _check_batch(0, args, None)
     return tapper(args, "features", target, consumers)
 
   return run
