@@ -37,18 +37,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   config, _ = parsed
   import models  # pylint: disable=import-outside-toplevel
+  from models import checkpoint  # pylint: disable=import-outside-toplevel
   from train import data, loops, train as train_lib, workdir  # pylint: disable=import-outside-toplevel
   split = _SPLIT.value or config.data.eval_split
   try:
     data.prepare(config.data)
-    model = models.set_compute_dtype(models.load_pruned(workdir.model_checkpoint(_CHECKPOINT.value)),
-                                     train_lib.compute_dtype(config.half_precision))
+    path = workdir.model_checkpoint(_CHECKPOINT.value)
+    model = models.set_compute_dtype(models.load_pruned(path), train_lib.compute_dtype(config.half_precision))
+    meta = checkpoint.read_meta(path)
     result = loops.evaluate_model(config, model, train_lib.make_mesh(), split=split, desc=f"eval {split}")
   except (ValueError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 1
-  print(json.dumps({"checkpoint": _CHECKPOINT.value, "model": models.model_name(model), "widths": model.widths,
-                    "split": split, **result}, indent=2))
+  print(json.dumps({"checkpoint": _CHECKPOINT.value, "model": meta["model"], "widths": meta["widths"],
+                    **({"kwargs": meta["kwargs"]} if "kwargs" in meta else {}), "split": split, **result}, indent=2))
   return 0
 
 
