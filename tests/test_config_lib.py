@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,21 @@ def test_half_precision_parses_as_a_bool_or_auto_on_any_config(value, want):
     fv, config = _command()
     cfg, _ = config_lib.parse_flags(["prog", f"--config={name}", f"--config.half_precision={value}"], fv, config)
     assert cfg.half_precision == want and type(cfg.half_precision) is type(want)
+
+
+def test_factory_kwargs_overrides_add_replace_and_refuse():
+  fv = flags.FlagValues()
+  config = config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True)
+  cfg, _ = config_lib.parse_flags(["prog", "--config=digits_se_resnet", "--config.model.kwargs.width=32",
+                                   "--config.model.kwargs.act='relu6'", "--config.model.kwargs.dropout=0.1"],
+                                  fv, config)
+  assert cfg.model.kwargs.to_dict() == {"width": 32, "blocks_per_stage": 1, "reduction": 4, "act": "relu6",
+                                        "dropout": 0.1}
+  rest, found = config_lib.split_kwargs(["--config.model.kwargs={\"width\": 8}", "--config.model.kwargs.depth=2",
+                                         "--config.seed=1"])
+  assert rest == ["--config.seed=1"] and found == [(None, {"width": 8}), ("depth", 2)]
+  for bad, match in [("--config.model.kwargs=[1]", "expected a JSON object"),
+                     ("--config.model.kwargs={width: 8}", "not a JSON object"),
+                     ("--config.model.kwargs.width", "expected --config.model.kwargs.KEY=VALUE")]:
+    with pytest.raises(config_lib.ConfigError, match=re.escape(match)):
+      config_lib.split_kwargs([bad])

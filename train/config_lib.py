@@ -6,11 +6,14 @@ flag parsing (``train.main``, ``train.evaluate``), with their one-line errors.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import json
 import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 from absl import flags
@@ -89,6 +92,57 @@ def explain(err: BaseException) -> str:
   return text
 
 
+_KWARGS = "--config.model.kwargs"
+
+
+def _literal(text: str) -> Any:
+  """A command-line value: a Python literal (``16``, ``0.5``, ``True``, ``(3, 3)``, ``'relu'``), else the text."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def split_kwargs(argv: Sequence[str]) -> tuple[list[str], list[tuple[str | None, Any]]]:
+  """``argv`` without the factory-argument overrides, and those overrides in order: ``--config.model.kwargs=JSON``
+  (a JSON object replacing every kwarg: ``'{"width": 32}'``, ``'{}'``) gives ``(None, dict)``;
+  ``--config.model.kwargs.KEY=VALUE`` gives ``(KEY, value)``. A factory's keyword arguments are the user's, not the
+  config's, so a key the config does not hold yet is accepted (the factory's signature checks it).
+
+  Raises:
+    ConfigError: a ``--config.model.kwargs=`` value that is not a JSON object, or an override without ``=``.
+  """
+  rest, found = [], []
+  for arg in argv:
+    if arg.startswith(_KWARGS + "=") or arg.startswith(_KWARGS + "."):
+      key, sep, value = arg[len(_KWARGS):].partition("=")
+      if not sep:
+        raise ConfigError(f"{arg}: expected {_KWARGS}.KEY=VALUE or {_KWARGS}='{{\"key\": value}}'")
+      if not key:
+        try:
+          obj = json.loads(value)
+        except json.JSONDecodeError as e:
+          raise ConfigError(f"{_KWARGS}={value}: not a JSON object ({e})") from e
+        if not isinstance(obj, dict):
+          raise ConfigError(f"{_KWARGS}={value}: expected a JSON object like '{{\"width\": 32}}'")
+        found.append((None, obj))
+      else:
+        found.append((key[1:], _literal(value)))
+    else:
+      rest.append(arg)
+  return rest, found
+
+
+def apply_kwargs(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str | None, Any]]) -> None:
+  """Applies :func:`split_kwargs`' overrides to ``config.model.kwargs``, in order."""
+  with config.unlocked():  # the config flag locks the config; a factory's kwargs are open
+    for key, value in overrides:
+      if key is None:
+        config.model.kwargs = ml_collections.ConfigDict(value)
+      else:
+        config.model.kwargs[key] = value
+
+
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues, config: flags.FlagHolder, *,
                 required: Mapping[str, str] | None = None) -> tuple[ml_collections.ConfigDict, str] | None:
   """Parses a command line whose ``--config`` is a config name or path (:func:`resolve_argv`) into ``flag_values``.
@@ -107,12 +161,14 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues, config: flag
   saved = sys.argv
   try:
     argv, name = resolve_argv(list(argv))
+    argv, kwargs = split_kwargs(argv)
     # ml_collections finds the --config.a.b overrides in sys.argv, whatever list the flags are parsed from.
     sys.argv = argv
     flag_values(argv)
     for flag, what in (required or {}).items():
       if not flag_values[flag].value:
         raise ConfigError(f"--{flag} is required ({what})")
+    apply_kwargs(config.value, kwargs)
     return config.value, name
   except (ConfigError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
     print(f"error: {explain(err)}", file=sys.stderr)
