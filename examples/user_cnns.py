@@ -7,10 +7,10 @@ channel groups, no calibration hooks. Everything the pruning needs is read from 
   projection shortcuts where a stage changes width and resolution;
 - :class:`DepthwiseNet`: a MobileNet-like stack of depthwise-separable blocks (depthwise 3x3, pointwise 1x1).
 
-:func:`hsic_jax.prune_model` prunes either one to a cost target in one call, and the pruning program builds them
-by path, e.g. ``python -m train.main --config=resnet20_apib --config.model.name=examples.user_cnns:se_resnet``
-(the factories :func:`se_resnet` and :func:`depthwise_net` take ``num_classes`` and ``rngs`` plus their own
-keyword arguments).
+:func:`hsic_jax.prune_model` prunes either one to a cost target in one call (below), and the pruning program
+builds them from a ``module:function`` path, ``--config.model.name=examples.user_cnns:se_resnet`` (or
+``examples.user_cnns:depthwise_net``): the factories :func:`se_resnet` and :func:`depthwise_net` take
+``num_classes`` and ``rngs``, and their own keyword arguments.
 
 >>> import hsic_jax as hj
 >>> import jax.numpy as jnp, numpy as np
