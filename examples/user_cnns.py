@@ -153,11 +153,31 @@ class DepthwiseNet(nnx.Module):
 
 def se_resnet(*, num_classes: int = 10, rngs: nnx.Rngs, width: int = 16, blocks_per_stage: int = 1,
               reduction: int = 4) -> SEResNet:
-  """A :class:`SEResNet` (the program builds it from ``--config.model.name=examples.user_cnns:se_resnet``)."""
+  """A :class:`SEResNet` (the program builds it from ``--config.model.name=examples.user_cnns:se_resnet``).
+
+  Args:
+    num_classes: outputs of the classifier.
+    rngs: the initialisers' random streams.
+    width: channels of stage 1 (stages 2 and 3 have ``2 * width`` and ``4 * width``).
+    blocks_per_stage: basic blocks per stage.
+    reduction: an SE gate's hidden width is its block's channels ``// reduction`` (at least 1).
+
+  Raises:
+    ValueError: an argument that is not an int >= 1.
+  """
   return SEResNet(num_classes=num_classes, width=width, blocks_per_stage=blocks_per_stage, reduction=reduction,
                   rngs=rngs)
 
 
 def depthwise_net(*, num_classes: int = 10, rngs: nnx.Rngs, width: int = 16) -> DepthwiseNet:
-  """A :class:`DepthwiseNet` (the program builds it from ``--config.model.name=examples.user_cnns:depthwise_net``)."""
+  """A :class:`DepthwiseNet` (the program builds it from ``--config.model.name=examples.user_cnns:depthwise_net``).
+
+  Args:
+    num_classes: outputs of the classifier.
+    rngs: the initialisers' random streams.
+    width: channels of the stem and the first block (the others have ``2 * width`` and ``4 * width``).
+
+  Raises:
+    ValueError: an argument that is not an int >= 1.
+  """
   return DepthwiseNet(num_classes=num_classes, width=width, rngs=rngs)

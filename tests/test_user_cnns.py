@@ -111,7 +111,7 @@ def _pure(model):
 
 
 @pytest.mark.parametrize("name,method", [
-    # APIB on the SE-ResNet compiles a problem per distinct decision shape (9 of them): about 15-20 s here
+    # APIB on the SE-ResNet compiles its solver for each distinct decision shape (9): 12-20 s on 2 busy cores
     pytest.param("se_resnet", "apib", marks=pytest.mark.slow),
     ("se_resnet", "itpruner"), ("depthwise_net", "apib"), ("depthwise_net", "itpruner")])
 def test_pruned_in_one_call(name, method):
