@@ -134,6 +134,16 @@ class Network:
                               num_classes=num_classes, rngs=nnx.Rngs(seed))
     return spec.build(num_classes=num_classes, rngs=nnx.Rngs(seed))
 
+  def check_builds(self) -> None:
+    """Builds a factory model abstractly (nothing initialised), so that a factory that cannot be imported, takes
+    other kwargs or returns no NNX module is refused before any work; a no-op for a zoo model.
+
+    Raises:
+      ValueError: as :func:`models.factory.build`.
+    """
+    if self.factory is not None:
+      factory_lib.build_abstract(self.name, self.kwargs, num_classes=2)
+
   def check(self, model: nnx.Module, num_classes: int, where: str) -> None:
     """Refuses a dense model that is not this network for ``num_classes`` classes.
 

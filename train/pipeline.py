@@ -543,6 +543,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, *, only
   workdir = Path(workdir).expanduser().resolve()
   workdir.mkdir(parents=True, exist_ok=True)
   net = network_lib.Network.from_config(config)
+  net.check_builds()  # a factory that cannot be imported or called fails here, before the workdir is touched
   run = Run(config, workdir, mesh if mesh is not None else train_lib.make_mesh(), jax.process_index() == 0,
             train_lib.compute_dtype(config.half_precision), net)
   # Every process decides the same stages before any of them runs one (past the first barrier, process 0 may write

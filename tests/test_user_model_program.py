@@ -1,0 +1,146 @@
+"""The pruning program on a network outside the zoo (examples/user_cnns.py's SE-ResNet, named by its factory):
+end to end, killed during fine-tuning and resumed, and its models loaded back by the project's loader.
+
+Like tests/test_pipeline.py, the program runs in a subprocess (``python -m train.main --config=digits_se_resnet``,
+as a user runs it) on digits at 8x8, with JAX's persistent compilation cache shared between the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import hsic_jax as hj
+import models
+from examples import user_cnns
+from models import checkpoint
+from train import workdir as workdir_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config=digits_se_resnet", "--config.model.kwargs.width=8", "--config.data.image_size=8",
+        "--config.pretrain.epochs=1", "--config.pretrain.batch_size=32", "--config.finetune.epochs=2",
+        "--config.finetune.batch_size=32", "--config.finetune.checkpoint_every_steps=10",
+        "--config.finetune.log_every_steps=5", "--config.calib.num_images=64", "--config.calib.batch_size=32",
+        "--config.eval.bn_recalibrate_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  base = tmp_path_factory.mktemp("user_model")
+  e = dict(os.environ)
+  e.pop("XLA_FLAGS", None)
+  e.update({"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(base / "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+  return e, base
+
+
+def _cmd(workdir: Path, data_dir: Path, *extra: str) -> list[str]:
+  return [sys.executable, "-m", "train.main", *TINY, f"--config.data.data_dir={data_dir}", f"--workdir={workdir}",
+          *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(env):
+  e, base = env
+  workdir = base / "run"
+  proc = subprocess.run(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def _images(n=6):
+  return jnp.asarray(np.random.default_rng(0).normal(size=(n, 8, 8, 3)), jnp.float32)
+
+
+def test_a_factory_model_is_pruned_end_to_end_and_loads_back_as_its_own_class(finished):
+  workdir, proc = finished
+  assert "examples.user_cnns:se_resnet" in proc.stdout
+  rep = json.loads((workdir / "report.json").read_text())
+  sel = json.loads((workdir / "selection.json").read_text())
+  assert rep["model"] == "examples.user_cnns:se_resnet" and sel["widths"] is None and sel["within_tolerance"]
+  final = models.load_pruned(workdir_lib.model_checkpoint(workdir))
+  dense = models.load_pruned(workdir / "dense")
+  assert type(final) is user_cnns.SEResNet and type(dense) is user_cnns.SEResNet
+  # The MACs, counted again from the loaded model's own jaxpr, are the report's and within 1% of half the dense.
+  x = _images()
+  assert hj.count_macs(dense, x).macs == rep["dense"]["macs"]
+  got = hj.count_macs(final, x).macs
+  assert got == rep["pruned"]["macs"] and abs(got - 0.5 * rep["dense"]["macs"]) <= 0.01 * 0.5 * rep["dense"]["macs"]
+  # Every decision kept what the selection says: the loaded model's layers have those widths.
+  kept = {d["group"]: d["kept"] for d in sel["decisions"]}
+  assert kept == {g: len(k) for g, k in sel["keep"].items()}
+  assert final.stage1[0].conv1.kernel.shape[-1] == kept["stage1/0/conv1"]
+  assert final.stage1[0].se.fc1.kernel.shape[-1] == kept["stage1/0/se/fc1"]
+  assert final.stem.kernel.shape[-1] == kept["stem"]
+  assert final(x).shape == (6, 10) and np.isfinite(np.asarray(final(x))).all()
+  assert rep["evaluation"]["examples"] == 355 and 0.0 <= rep["pruned"]["top1"] <= 1.0
+  for name in ("report.md", "widths.png", "lambda_search.png", "training.png"):
+    assert (workdir / name).exists(), name
+
+
+def test_the_pruned_checkpoint_is_the_dense_model_masked_at_the_kept_channels(finished):
+  workdir, _ = finished
+  dense = models.load_pruned(workdir / "dense")
+  pruned = models.load_pruned(workdir / "pruned")
+  plan = hj.PrunePlan.from_json(json.dumps(checkpoint.read_meta(workdir / "pruned")["plan"]))
+  x = _images()
+  groups = hj.derive_model_groups(dense, x)
+  rebuilt = hj.apply_plan(nnx.to_pure_dict(nnx.state(dense)), groups, plan).state
+  for a, b in zip(jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(pruned))), jax.tree_util.tree_leaves(rebuilt),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  masked = nnx.clone(dense)
+  state = nnx.state(masked)
+  nnx.replace_by_pure_dict(state, hj.surgery.mask(nnx.to_pure_dict(state), groups, plan.keep))
+  nnx.update(masked, state)
+  np.testing.assert_allclose(np.asarray(pruned(x)), np.asarray(masked(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_killed_during_finetuning_the_same_command_resumes_to_the_same_parameters(env, finished):
+  e, base = env
+  reference, _ = finished
+  workdir = base / "killed"
+  proc = subprocess.Popen(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 400
+  killed = False
+  while time.time() < deadline and proc.poll() is None:
+    steps = [p for p in (workdir / "finetune").glob("[0-9]*") if p.is_dir()] if (workdir / "finetune").exists() else []
+    if steps and not (workdir / "final").exists():
+      proc.send_signal(signal.SIGKILL)
+      killed = True
+      break
+    time.sleep(0.02)
+  proc.wait(timeout=60)
+  assert killed, "the run ended before a fine-tuning checkpoint could be seen"
+  assert not (workdir / "report.json").exists()
+  resumed = subprocess.run(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  a, b = (jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(models.load_pruned(workdir_lib.model_checkpoint(w)))))
+          for w in (reference, workdir))
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bad_factory_inputs_fail_before_any_work(env, tmp_path):
+  e, base = env
+  for extra, message in [(["--config.model.name=examples.user_cnns:no_such_net"], "has no attribute 'no_such_net'"),
+                         (["--config.model.kwargs.depth=3"], "takes no argument(s) ['depth']"),
+                         (["--config.dense.source=npz"], "dense.source 'npz' reads the zoo's PyTorch weights")]:
+    workdir = tmp_path / extra[0].split("=")[0].rsplit(".", 1)[-1]
+    proc = subprocess.run(_cmd(workdir, base / "tfds", *extra), cwd=ROOT, env=e, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-1500:])
+    assert not (workdir / "dense").exists()
