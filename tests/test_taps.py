@@ -322,3 +322,18 @@ def test_the_model_is_not_changed():
   after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   jax.tree.map(np.testing.assert_array_equal, before, after)
   assert model.bn1.use_running_average is False  # as built: the mode is not touched either
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_zoo_model_has_its_declared_decisions_read_from_its_jaxpr(name):
+  """The program's one path (train.network.model_decisions) finds, on every zoo model, exactly the decisions the
+  model declares (``decisions()``), each with its declared group and its one consumer."""
+  from train import network  # pylint: disable=import-outside-toplevel
+  model = models.random_model(name)
+  example = network.zoo_example(model)
+  if example.shape[1] > 64:  # ImageNet models: the decisions do not depend on the input size
+    example = example[:, :64, :64]
+  decs = network.model_decisions(model, example)
+  assert [d.name for d in decs] == model.decisions()
+  declared = {g.name: g for g in model.channel_groups()}
+  assert all(d.group == declared[d.group.name] and d.consumers == (d.name,) for d in decs)
