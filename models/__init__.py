@@ -17,14 +17,17 @@ Every model built by :func:`get_model` has
 - ``.decisions()``: the names of its APIB pruning decisions (consumer layers: the layers whose input channels APIB
   selects) in forward order;
 - ``model(x, capture=True) -> (logits, taps)``: ``taps[decision]`` is a :class:`Tap` with the consumer's input
-  ``(n, h, w, c)`` and its pre-BN output (ResNet-50 also records ``taps["fc"]``, the pooled feature);
+  ``(n, h, w, c)`` and its pre-BN output (ResNet-50 also records ``taps["fc"]``, the pooled feature): the
+  hand-declared taps that the ones read from the jaxpr (:mod:`hsic_jax.taps`, which the pruning program uses for
+  every model) are checked against;
 - ``.eval()`` / ``.train()`` to switch BatchNorm between running and batch statistics.
 
 Parameter paths read like the architecture, e.g. ``("stage1", "block0", "conv1", "kernel")``.
 
 :func:`random_model` builds one with He-normal weights drawn in NumPy (no initializer compiled); the model
 checkpoint (save, read_meta, load, and ``build_with_state``, a model from a pure dict of arrays) is
-:mod:`models.checkpoint`, and :func:`load_pruned` loads one; :mod:`models.import_torch` converts PyTorch weights.
+:mod:`models.checkpoint`, and :func:`load_pruned` loads one, a zoo model or a model from a user's factory
+(:mod:`models.factory`: ``"package.module:function"``, which the pruning program takes as ``model.name``); :mod:`models.import_torch` converts PyTorch weights.
 :func:`set_compute_dtype` runs a built model's convolutions and matmuls in bfloat16 (:mod:`models.precision`),
 its parameters and statistics staying float32.
 """
@@ -153,7 +156,9 @@ def input_size(name: str) -> tuple[int, int]:
 
 def load_pruned(path: str | os.PathLike[str]) -> nnx.Module:
   """Loads a model checkpoint (written by :func:`models.checkpoint.save`, as the pruning program writes its
-  models) as a ready NNX model (eval mode), with its pruned widths.
+  models) as a ready NNX model (eval mode), with its pruned widths: a zoo model rebuilt at its widths, a factory
+  model (``model.name = "package.module:function"``) rebuilt by calling the factory and cutting its model to the
+  checkpoint's plan (:func:`hsic_jax.thin_model`), of the user's own class.
 
   Args:
     path: a checkpoint directory. For a run of the program, ``train.workdir.model_checkpoint(workdir)`` names its

@@ -1,9 +1,14 @@
-"""The project's model checkpoint: a registry model saved as an orbax composite, and rebuilt from it.
+"""The project's model checkpoint: a registry model or a factory's model saved as an orbax composite, and rebuilt
+from it.
 
 A checkpoint is one orbax composite directory with item ``state`` (the pure state dict,
 ``nnx.to_pure_dict(nnx.state(model))``) and item ``meta`` (JSON ``{"model", "widths", "num_classes"}`` plus any
 entries the writer adds, e.g. a pruned model's plan), so :func:`load` rebuilds the model with the widths it was
-saved with.
+saved with. A model from a user's factory (:mod:`models.factory`) records the factory path as ``model``, its
+``kwargs`` and the ``input_shape`` its jaxpr is traced at (``widths`` is ``None``); :func:`load` calls the factory
+(abstractly: nothing initialised), cuts the model to the meta's ``plan`` where there is one
+(:func:`hsic_jax.thin_model` on groups derived from the jaxpr, as the pruning did) and fills in the saved arrays,
+every shape checked.
 
 :func:`build_with_state` is the one way a model of the zoo is made from a pure dict of arrays (a checkpoint's
 state, PyTorch weights converted by :mod:`models.import_torch`, a state cut by :func:`hsic_jax.prune`): it builds

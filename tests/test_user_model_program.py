@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,13 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 import hsic_jax as hj
 import models
 from examples import user_cnns
 from models import checkpoint
-from train import workdir as workdir_lib
+from train import config_lib, pipeline, workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config=digits_se_resnet", "--config.model.kwargs.width=8", "--config.data.image_size=8",
@@ -135,12 +138,14 @@ def test_killed_during_finetuning_the_same_command_resumes_to_the_same_parameter
 
 
 def test_bad_factory_inputs_fail_before_any_work(env, tmp_path):
-  e, base = env
+  _, base = env
   for extra, message in [(["--config.model.name=examples.user_cnns:no_such_net"], "has no attribute 'no_such_net'"),
                          (["--config.model.kwargs.depth=3"], "takes no argument(s) ['depth']"),
                          (["--config.dense.source=npz"], "dense.source 'npz' reads the zoo's PyTorch weights")]:
     workdir = tmp_path / extra[0].split("=")[0].rsplit(".", 1)[-1]
-    proc = subprocess.run(_cmd(workdir, base / "tfds", *extra), cwd=ROOT, env=e, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-1500:])
+    fv = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True)
+    cfg, _ = config_lib.parse_flags(["prog", *TINY, f"--config.data.data_dir={base / 'tfds'}", *extra], fv, holder)
+    with pytest.raises(ValueError, match=re.escape(message)):
+      pipeline.run_pipeline(cfg, workdir, mesh=pipeline.train_lib.make_mesh(jax.devices()[:1]))
     assert not (workdir / "dense").exists()

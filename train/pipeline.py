@@ -5,6 +5,10 @@ same command resumes where a run stopped, and ``--only=STAGE`` runs one stage fr
 result. Results are written atomically (a temporary name, then a rename): an interrupted stage leaves nothing that
 looks finished. Training stages resume from their own orbax checkpoints.
 
+The model is a zoo name or a user's factory (``model.name = "package.module:function"``); past building, every
+model goes the same way (:mod:`train.network`): groups declared or derived from the jaxpr, decisions and
+calibration taps read from the jaxpr, costs counted from it, and the thin model from :func:`hsic_jax.thin_model`.
+
 Every model is saved with float32 parameters and statistics, whatever the run's precision (``half_precision``,
 recorded as ``compute_dtype`` in each checkpoint's meta); a model is loaded to compute in the run's precision.
 
