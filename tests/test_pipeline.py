@@ -7,11 +7,8 @@ compilation cache shared between the runs of this module so that the killed and 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -21,7 +18,8 @@ from flax import nnx
 
 import hsic_jax as hj
 import models
-from models import checkpoint
+from models import checkpoint, flops
+from tests import _program
 from train import config_lib, main as main_lib, pipeline, workdir as workdir_lib
 from train.configs import digits_apib
 
@@ -33,29 +31,11 @@ TINY = ["--config=digits_apib", "--config.data.image_size=8", "--config.pretrain
         "--config.finetune.distill_weight=0.5"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  base = tmp_path_factory.mktemp("pipeline")
-  e = dict(os.environ)
-  e.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
-  # The suite's persistent compilation cache (conftest), or one of this module's own.
-  e.update({"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(base / "jax_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
-  return e, base
+env, finished = _program.program_fixtures(TINY, "pipeline")
 
 
 def _cmd(workdir: Path, data_dir: Path, *extra: str) -> list[str]:
-  return [sys.executable, "-m", "train.main", *TINY, f"--config.data.data_dir={data_dir}", f"--workdir={workdir}",
-          *extra]
-
-
-@pytest.fixture(scope="module")
-def finished(env):
-  e, base = env
-  workdir = base / "run"
-  proc = subprocess.run(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc
+  return _program.command(TINY, workdir, data_dir, *extra)
 
 
 def test_whole_pipeline_writes_a_consistent_report(finished):
@@ -72,7 +52,7 @@ def test_whole_pipeline_writes_a_consistent_report(finished):
   assert set(rep["seconds"]) >= set(pipeline.STAGES) - {"report"}
   # The MACs hit the target (half the dense count, 1%), counted independently by tracing the pruned model.
   final = models.load_pruned(workdir_lib.model_checkpoint(workdir))
-  exact = models.flops.count("resnet20", final.widths, exact=True, input_hw=(8, 8))
+  exact = flops.count("resnet20", final.widths, exact=True, input_hw=(8, 8))
   assert exact.macs == rep["pruned"]["macs"]
   assert abs(exact.macs - 0.5 * rep["dense"]["macs"]) <= 0.01 * 0.5 * rep["dense"]["macs"]
   assert final.widths == rep["model_widths"]
@@ -119,27 +99,8 @@ def test_sigkill_during_finetuning_then_resume_gives_the_same_parameters(env, fi
   e, base = env
   reference, _ = finished
   workdir = base / "killed"
-  proc = subprocess.Popen(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 400
-  killed_mid_finetune = False
-  while time.time() < deadline and proc.poll() is None:
-    steps = [p for p in (workdir / "finetune").glob("[0-9]*") if p.is_dir()] if (workdir / "finetune").exists() else []
-    if steps and not (workdir / "final").exists():
-      proc.send_signal(signal.SIGKILL)
-      killed_mid_finetune = True
-      break
-    time.sleep(0.02)
-  proc.wait(timeout=60)
-  assert killed_mid_finetune, "the run ended before a fine-tuning checkpoint could be seen"
-  assert not (workdir / "report.json").exists()
-  resumed = subprocess.run(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, capture_output=True, text=True,
-                           timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  a, b = (jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(models.load_pruned(workdir_lib.model_checkpoint(w)))))
-          for w in (reference, workdir))
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  _program.kill_during_finetuning_then_resume(_cmd(workdir, base / "tfds"), workdir, env=e, cwd=ROOT)
+  _program.assert_same_final_parameters(reference, workdir)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -180,7 +141,7 @@ def _tiny_config(data_dir):
 
 
 def test_impossible_targets_give_the_reachable_range():
-  dense = models.flops.count("resnet20")
+  dense = flops.count("resnet20")
   cfg = digits_apib.get_config()
   cfg.select.ratio = 1.5
   with pytest.raises(ValueError, match="select.ratio must be in"):
@@ -319,7 +280,7 @@ def test_itpruner_widths_follow_the_importances_of_independent_cka_and_fit_the_b
   np.testing.assert_allclose(sel["importance"], np.exp(-50.0 * r / r.sum()), rtol=2e-3)
   # The budget holds, counted exactly on the pruned model; widths are those of the surgery.
   pruned = run.load_model("pruned")
-  exact = models.flops.count("resnet20", pruned.widths, exact=True, input_hw=(8, 8))
+  exact = flops.count("resnet20", pruned.widths, exact=True, input_hw=(8, 8))
   assert exact.macs <= sel["target"] and exact.macs == sel["costs"]["macs"]
   assert exact.macs >= (1 - sel["tolerance"]) * sel["target"]
   assert pruned.widths == sel["widths"]

@@ -8,12 +8,7 @@ as a user runs it) on digits at 8x8, with JAX's persistent compilation cache sha
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -28,6 +23,7 @@ import hsic_jax as hj
 import models
 from examples import user_cnns
 from models import checkpoint
+from tests import _program
 from train import config_lib, pipeline, workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,28 +34,11 @@ TINY = ["--config=digits_se_resnet", "--config.model.kwargs.width=8", "--config.
         "--config.eval.bn_recalibrate_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  base = tmp_path_factory.mktemp("user_model")
-  e = dict(os.environ)
-  e.pop("XLA_FLAGS", None)
-  e.update({"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(base / "jax_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
-  return e, base
+env, finished = _program.program_fixtures(TINY, "user_model")
 
 
 def _cmd(workdir: Path, data_dir: Path, *extra: str) -> list[str]:
-  return [sys.executable, "-m", "train.main", *TINY, f"--config.data.data_dir={data_dir}", f"--workdir={workdir}",
-          *extra]
-
-
-@pytest.fixture(scope="module")
-def finished(env):
-  e, base = env
-  workdir = base / "run"
-  proc = subprocess.run(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc
+  return _program.command(TINY, workdir, data_dir, *extra)
 
 
 def _images(n=6):
@@ -114,27 +93,8 @@ def test_killed_during_finetuning_the_same_command_resumes_to_the_same_parameter
   e, base = env
   reference, _ = finished
   workdir = base / "killed"
-  proc = subprocess.Popen(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 400
-  killed = False
-  while time.time() < deadline and proc.poll() is None:
-    steps = [p for p in (workdir / "finetune").glob("[0-9]*") if p.is_dir()] if (workdir / "finetune").exists() else []
-    if steps and not (workdir / "final").exists():
-      proc.send_signal(signal.SIGKILL)
-      killed = True
-      break
-    time.sleep(0.02)
-  proc.wait(timeout=60)
-  assert killed, "the run ended before a fine-tuning checkpoint could be seen"
-  assert not (workdir / "report.json").exists()
-  resumed = subprocess.run(_cmd(workdir, base / "tfds"), cwd=ROOT, env=e, capture_output=True, text=True,
-                           timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  a, b = (jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(models.load_pruned(workdir_lib.model_checkpoint(w)))))
-          for w in (reference, workdir))
-  for x, y in zip(a, b, strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  _program.kill_during_finetuning_then_resume(_cmd(workdir, base / "tfds"), workdir, env=e, cwd=ROOT)
+  _program.assert_same_final_parameters(reference, workdir)
 
 
 def test_bad_factory_inputs_fail_before_any_work(env, tmp_path):
