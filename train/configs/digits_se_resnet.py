@@ -1,5 +1,5 @@
 """Your own network through the program: an SE-ResNet written outside the zoo, trained here on the digits and
-pruned by APIB to half its MACs.
+pruned by APIB to 35% of its MACs.
 
 Command::
 
@@ -15,8 +15,16 @@ it. Point ``model.name`` at your own ``package.module:function`` (or ``path/to/f
 one you saved with ``models.checkpoint.save(model, path, factory=...)``.
 
 Everything else is the embedded default's recipe (``digits_apib``): scikit-learn's digits at 16x16 (offline),
-8 epochs of pre-training from scratch, 128 calibration images, APIB's global lambda search to 50% of the dense
-MACs within 1%, 8 epochs of fine-tuning with distillation from the dense model.
+8 epochs of pre-training from scratch, 128 calibration images, APIB's global lambda search within 1% of the target,
+8 epochs of fine-tuning with distillation from the dense model. The target is 35%, not the default's 50%: on this
+network the widest APIB solution (lambda = 0, where the nonnegative HSIC Lasso's support is the most it keeps)
+holds 1.26M of the 3.13M dense MACs (40%), so 50% is refused with that range (measured on the trained dense model).
+
+Measured (2-core CPU, 2026-12-07, warm compilation cache): 58 s in all (pre-training 15 s, calibration 6 s,
+search 14 s, surgery 1 s, fine-tuning 14 s); 9 decisions (each stage's residual stream, each block's inner width,
+each SE gate's hidden width); dense 95.77% top-1 on the 355 test digits at 3.13M MACs, pruned to 1.10M MACs
+(35.2%) and 30.8K of 80.9K params: 61.13% right after surgery (BatchNorm re-estimated; 9.58% without), 89.30%
+after fine-tuning.
 """
 
 from train.configs import digits_apib
@@ -28,4 +36,5 @@ def get_config():
   config.model.kwargs.width = 16
   config.model.kwargs.blocks_per_stage = 1
   config.model.kwargs.reduction = 4
+  config.select.ratio = 0.35
   return config
