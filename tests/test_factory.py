@@ -141,3 +141,23 @@ def test_a_factory_checkpoint_whose_arrays_do_not_fit_its_plan_is_refused(tmp_pa
   net.save(thin, tmp_path / "bad", {"plan": json.loads(other.to_json())})
   with pytest.raises(ValueError, match="does not hold the state of tests.test_factory:small_cnn|corrupt"):
     models.load_pruned(tmp_path / "bad")
+
+
+class OneLayer(nnx.Module):
+  """A conv straight to the classes: its only channels are the input's and the output's, none prunable."""
+
+  def __init__(self, *, num_classes: int, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(3, num_classes, (3, 3), rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.mean(self.conv(x), axis=(1, 2))
+
+
+def one_layer(*, num_classes: int = 10, rngs: nnx.Rngs) -> OneLayer:
+  return OneLayer(num_classes=num_classes, rngs=rngs)
+
+
+def test_a_factory_model_with_nothing_to_prune_is_refused_by_name():
+  net = network.Network.from_config(_config("tests.test_factory:one_layer"))
+  with pytest.raises(ValueError, match="the OneLayer has no prunable channel group"):
+    net.decisions(net.build(num_classes=10, seed=0))
