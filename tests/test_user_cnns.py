@@ -113,7 +113,9 @@ def _pure(model):
 @pytest.mark.parametrize("name,method", [
     # APIB on the SE-ResNet compiles its solver for each distinct decision shape (9): 12-20 s on 2 busy cores
     pytest.param("se_resnet", "apib", marks=pytest.mark.slow),
-    ("se_resnet", "itpruner"), ("depthwise_net", "apib"), ("depthwise_net", "itpruner")])
+    # The SE-ResNet is pruned end to end by the program in the default run (tests/test_user_model_program.py)
+    pytest.param("se_resnet", "itpruner", marks=pytest.mark.slow),
+    ("depthwise_net", "apib"), ("depthwise_net", "itpruner")])
 def test_pruned_in_one_call(name, method):
   model, x = NETS[name][0](), _images()
   before = _pure(model)
