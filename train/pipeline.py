@@ -157,8 +157,10 @@ def stage_dense(run: Run) -> dict[str, Any]:
     if net.factory is not None and (meta["model"], meta.get("kwargs") or {}) != (net.name, dict(net.kwargs)):
       raise ValueError(f"the dense model at {path} is {meta['model']} with kwargs {meta.get('kwargs') or {}}, but "
                        f"the config asks for {net.name} with kwargs {dict(net.kwargs)}")
-    if meta.get("plan"):
-      raise ValueError(f"the model at {path} is already pruned (its meta holds a plan); expected a dense model")
+    if net.factory is not None and meta.get("plan"):
+      # Its loader cuts the factory's model to one plan: a second pruning would record a plan of a plan.
+      raise ValueError(f"the factory model at {path} is already pruned (its meta holds a plan); pruning a factory "
+                       "model again is not supported: start from its dense checkpoint")
     model = checkpoint.load(path)
   elif source == "pretrain":
     model = models.set_compute_dtype(net.build(num_classes=num_classes, seed=int(cfg.seed)), run.compute_dtype)
