@@ -98,12 +98,14 @@ def test_killed_during_finetuning_the_same_command_resumes_to_the_same_parameter
   _program.assert_same_final_parameters(reference, workdir)
 
 
-def test_bad_factory_inputs_fail_before_any_work(env, tmp_path):
+def test_bad_factory_inputs_fail_before_any_work(env, finished, tmp_path):
   _, base = env
-  for extra, message in [(["--config.model.name=examples.user_cnns:no_such_net"], "has no attribute 'no_such_net'"),
+  pruned = finished[0] / "pruned"
+  for extra, message in [(["--config.dense.source=checkpoint", f"--config.dense.path={pruned}"], "already pruned"),
+                         (["--config.model.name=examples.user_cnns:no_such_net"], "has no attribute 'no_such_net'"),
                          (["--config.model.kwargs.depth=3"], "takes no argument(s) ['depth']"),
                          (["--config.dense.source=npz"], "dense.source 'npz' reads the zoo's PyTorch weights")]:
-    workdir = tmp_path / extra[0].split("=")[0].rsplit(".", 1)[-1]
+    workdir = tmp_path / extra[-1].split("=")[0].rsplit(".", 1)[-1]
     fv = flags.FlagValues()
     holder = config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True)
     cfg, _ = config_lib.parse_flags(["prog", *TINY, f"--config.data.data_dir={base / 'tfds'}", *extra], fv, holder)
