@@ -381,3 +381,14 @@ def test_itpruner_with_an_activation_criterion_scores_from_the_same_activations(
   fresh = calibrate.criterion_scores(dense, "hrank", images, labels, cfg.calib, seed=int(cfg.seed))
   for i, want in enumerate(fresh):
     np.testing.assert_array_equal(saved[str(i)], want)
+
+
+def test_a_workdir_from_before_a_new_config_field_resumes_unless_the_field_differs(tmp_path):
+  cfg = config_lib.load("digits_apib")
+  saved = json.loads(cfg.to_json_best_effort())
+  del saved["calib"]["consumers"], saved["model"]["kwargs"]  # fields the program gained since that run started
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  pipeline.check_config(cfg, tmp_path)  # at their defaults: the same run
+  cfg.calib.consumers = "sum"
+  with pytest.raises(ValueError, match=r"keys that differ: calib.consumers"):
+    pipeline.check_config(cfg, tmp_path)

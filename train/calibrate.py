@@ -179,8 +179,11 @@ def build_problems(model: nnx.Module, images: np.ndarray, cfg_calib: Any, cfg_se
     raise ValueError(f"calib.batch_size must be >= 2 (HSIC needs two samples per batch), got {bs}")
   batches = [jnp.asarray(images[s:e]) for s, e in _starts(len(images), bs)]
   target = targets(model, decs, cfg_calib.resnet50_conv3_y, batches[0])
+  consumers = getattr(cfg_calib, "consumers", "first")
+  if consumers not in ("first", "sum"):
+    raise ValueError(f"calib.consumers must be 'first' or 'sum', got {consumers!r}")
   with tqdm(total=len(batches), desc="calibrate", unit="batch", leave=False) as bar:
-    return hj.taps.calibration_problems(model, batches, decisions=decs, target=target,
+    return hj.taps.calibration_problems(model, batches, decisions=decs, target=target, consumers=consumers,
                                         bandwidth=cfg_select.bandwidth, normalized=cfg_select.normalized,
                                         bn_mode=cfg_calib.bn_mode, progress=lambda: bar.update(1))
 

@@ -503,7 +503,8 @@ def check_config(config: ml_collections.ConfigDict, workdir: Path, *, write: boo
   current = json.loads(config.to_json_best_effort())
   if path.exists():
     saved = files.read_json(path)
-    diffs = sorted(_diff(saved, current))
+    from train.configs import base  # pylint: disable=import-outside-toplevel
+    diffs = sorted(_diff(saved, current, default=json.loads(base.get_base_config().to_json_best_effort())))
     if diffs:
       shown = ", ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
       raise ValueError(f"workdir {workdir} holds a run of another config (keys that differ: {shown}); use another "
@@ -524,14 +525,21 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     train_lib.check_batch_size(int(batch_size), mesh, what)
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-  # A section added to the config since (empty, like model.kwargs) is no difference from its absence.
-  a, b = ({} if a is None and b == {} else a), ({} if b is None and a == {} else b)
+_MISSING = object()
+
+
+def _diff(a: Any, b: Any, prefix: str = "", default: Any = _MISSING) -> list[str]:
+  """The keys whose values differ between a saved config ``a`` and the current one ``b``. A key the saved config
+  lacks matches a current value equal to the base config's default (``default``): a field added to the program
+  since the run was started, at its default, does not change the run."""
   if isinstance(a, dict) and isinstance(b, dict):
     out = []
     for k in set(a) | set(b):
-      out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+      sub = default.get(k, _MISSING) if isinstance(default, dict) else _MISSING
+      out += _diff(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}{k}.", sub)
     return out
+  if a is _MISSING and default is not _MISSING and b == default:
+    return []
   return [] if a == b else [prefix.rstrip(".")]
 
 

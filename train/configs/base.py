@@ -120,6 +120,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.calib.bn_mode = "batch"    # "batch": BatchNorm with batch statistics (the reference code), or "running"
   config.calib.augment = False      # the reference draws augmented training images
   config.calib.resnet50_conv3_y = "block"  # ResNet-50 conv3's target: its own output, or "pooled" (reference)
+  # A channel group read by several layers (a residual stream read by the next block's convs and a squeeze-excite
+  # gate, a concatenation read by two branches): "first" takes X and Y of the first reader in forward order (APIB's
+  # choice on the zoo, where each decision has one reader); "sum" adds one problem per reader (every reader's
+  # dependence counts).
+  config.calib.consumers = "first"
 
   config.select = ml_collections.ConfigDict()
   # How the widths are set: "apib" (one global HSIC Lasso penalty searched to the target), "itpruner" (layer
