@@ -161,3 +161,30 @@ def test_a_factory_model_with_nothing_to_prune_is_refused_by_name():
   net = network.Network.from_config(_config("tests.test_factory:one_layer"))
   with pytest.raises(ValueError, match="the OneLayer has no prunable channel group"):
     net.decisions(net.build(num_classes=10, seed=0))
+
+
+def test_the_programs_calibration_sums_every_reader_when_asked():
+  """``calib.consumers="sum"``: a decision read by several layers (a residual stream read by an SE gate and the next
+  convs) gets the sum of one problem per reader, as hsic_jax.taps computes it; ``"first"`` gets its first's."""
+  import types  # pylint: disable=import-outside-toplevel
+  from examples import user_cnns  # pylint: disable=import-outside-toplevel
+  from train import calibrate  # pylint: disable=import-outside-toplevel
+  model = user_cnns.se_resnet(num_classes=3, width=4, rngs=nnx.Rngs(0))
+  images = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype(np.float32)
+  decs = network.model_decisions(model, images[:2])
+  shared = [d for d in decs if len(d.consumers) > 1]
+  assert shared, "the SE-ResNet's residual streams have several readers"
+  select = types.SimpleNamespace(bandwidth="apib", normalized=False)
+  out = {}
+  for how in ("first", "sum"):
+    cal = types.SimpleNamespace(batch_size=8, bn_mode="batch", resnet50_conv3_y="block", consumers=how)
+    names, out[how] = calibrate.build_problems(model, images, cal, select, decisions=decs)
+  _, want = hj.taps.calibration_problems(model, images, decisions=decs, consumers="sum")
+  for p, q in zip(out["sum"], want, strict=True):
+    np.testing.assert_allclose(np.asarray(p.quad), np.asarray(q.quad), rtol=1e-6)
+  i = names.index(shared[0].name)
+  assert int(out["sum"][i].rows) > int(out["first"][i].rows)  # more than one reader's rows went in
+  with pytest.raises(ValueError, match="calib.consumers must be 'first' or 'sum'"):
+    calibrate.build_problems(model, images, types.SimpleNamespace(batch_size=8, bn_mode="batch",
+                                                                  resnet50_conv3_y="block", consumers="all"),
+                             select, decisions=decs)
