@@ -28,7 +28,7 @@ from train import config_lib, pipeline, workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config=digits_se_resnet", "--config.model.kwargs.width=8", "--config.data.image_size=8",
-        "--config.pretrain.epochs=1", "--config.pretrain.batch_size=32", "--config.finetune.epochs=2",
+        "--config.pretrain.epochs=1", "--config.pretrain.batch_size=32", "--config.finetune.epochs=1",
         "--config.finetune.batch_size=32", "--config.finetune.checkpoint_every_steps=10",
         "--config.finetune.log_every_steps=5", "--config.calib.num_images=64", "--config.calib.batch_size=32",
         "--config.eval.bn_recalibrate_steps=2"]
