@@ -186,11 +186,6 @@ class Network:
                     widths=None if widths is None else list(widths)).plan
     return hj.thin_model(model, groups, plan, self.example()), plan
 
-  def classifier(self, model: nnx.Module) -> str | None:
-    """The path of the model's last dense layer (its classifier), ``None`` without one."""
-    fcs = [layer.name for layer in self.cost(model)().layers if layer.kind == "fc"]
-    return fcs[-1] if fcs else None
-
   def save(self, model: nnx.Module, path: Any, extra: Mapping[str, Any]) -> None:
     """Saves ``model`` as a model checkpoint (:func:`models.checkpoint.save`), a factory model with its spec."""
     from models import checkpoint  # pylint: disable=import-outside-toplevel  (orbax only when saving)
