@@ -64,8 +64,17 @@ def model_decisions(model: nnx.Module, example: Any, groups: Sequence[hj.Channel
 
 
 def zoo_example(model: nnx.Module) -> np.ndarray:
-  """Two zero images at a zoo model's input size (:func:`models.input_size`)."""
-  h, w = models.input_size(models.model_name(model))
+  """Two zero images at a zoo model's input size (:func:`models.input_size`).
+
+  Raises:
+    ValueError: not a zoo model (pass its decisions, or an example input, explicitly).
+  """
+  try:
+    name = models.model_name(model)
+  except ValueError as e:
+    raise ValueError(f"{e}: its input size is not known here; pass decisions= (train.network.model_decisions(model, "
+                     "example)) or an example input") from e
+  h, w = models.input_size(name)
   return np.zeros((2, h, w, 3), np.float32)
 
 
