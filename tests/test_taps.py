@@ -60,6 +60,9 @@ def _assert_taps_equal(feats, hand, names):
 ZOO = [
     ("resnet20", None, 16),
     pytest.param("vgg16", [8] * 13, 32, marks=pytest.mark.slow),
+    # Inception branches concatenated into the next module's readers (27 decisions); about 30 s on 2 cores.
+    pytest.param("googlenet", [max(1, w // 8) for w in models.default_widths("googlenet")], 16,
+                 marks=pytest.mark.slow),
 ]
 
 
