@@ -87,6 +87,34 @@ class PrunePlan:
         "new_widths": None if self.new_widths is None else list(self.new_widths),
     })
 
+  def then(self, second: PrunePlan) -> PrunePlan:
+    """The plan of pruning by this plan, then by ``second`` (a plan of the model this one left): one plan of the
+    first model, so that :func:`apply_plan` on the original state gives the twice-pruned state (pruning in rounds).
+
+    A group in both keeps ``self.keep[g][i]`` for every ``i`` in ``second.keep[g]``; a group in one plan only keeps
+    that plan's channels.
+
+    >>> first = PrunePlan({"a": 6}, {"a": (0, 2, 3, 5)})
+    >>> first.then(PrunePlan({"a": 4, "b": 3}, {"a": (1, 3), "b": (0, 2)})).keep
+    {'a': (2, 5), 'b': (0, 2)}
+
+    Raises:
+      ValueError: ``second`` sizes a group of this plan other than what this plan kept of it.
+    """
+    if not isinstance(second, PrunePlan):
+      raise ValueError(f"second must be a PrunePlan, got {type(second).__name__}")
+    sizes, keep = dict(self.sizes), dict(self.keep)
+    for name, idx in second.keep.items():
+      if name in self.keep:
+        if int(second.sizes[name]) != len(self.keep[name]):
+          raise ValueError(f"group {name!r}: the second plan has {second.sizes[name]} channels, but the first kept "
+                           f"{len(self.keep[name])}; expected a plan of the model the first plan left")
+        keep[name] = tuple(int(self.keep[name][i]) for i in idx)
+      else:
+        sizes[name], keep[name] = int(second.sizes[name]), tuple(int(i) for i in idx)
+    return PrunePlan(sizes, keep, self.widths, second.new_widths if second.new_widths is not None else
+                     self.new_widths)
+
   @classmethod
   def from_json(cls, text: str) -> PrunePlan:
     """Parses :meth:`to_json` output.

@@ -792,3 +792,25 @@ def test_opt_state_leaf_shaped_unlike_its_parameter_is_refused() -> None:
   ok[0].trace["conv"]["kernel"] = jnp.zeros((1, 1, 1, 1), jnp.float32)
   res = prune(state, groups, {"conv": [0, 2, 5]}, opt_state=ok)
   assert res.opt_state[0].trace["conv"]["kernel"].shape == (1, 1, 1, 1)
+
+
+def test_plans_of_two_rounds_compose_into_one_plan_of_the_first_model():
+  """``first.then(second)`` applied to the dense state gives what ``second`` applied to ``first``'s state gives
+  (a chain conv1 -> conv2 -> head, groups derived; the second round cuts both groups again and keeps a third)."""
+  import hsic_jax as hj  # pylint: disable=import-outside-toplevel
+  model = nnx.Sequential(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)), nnx.relu,
+                         nnx.Conv(8, 6, (3, 3), rngs=nnx.Rngs(1)), nnx.relu, nnx.Conv(6, 2, (1, 1), rngs=nnx.Rngs(2)))
+  x = jnp.ones((2, 6, 6, 3))
+  groups = hj.derive_model_groups(model, x)
+  dense = nnx.to_pure_dict(nnx.state(model))
+  first = prune(dense, groups, {"layers/0": [0, 2, 3, 5, 7], "layers/2": [1, 2, 4, 5]})
+  thin = hj.thin_model(model, groups, first.plan, x)
+  second = prune(first.state, hj.derive_model_groups(thin, x), {"layers/0": [1, 4], "layers/2": [0, 3]})
+  both = first.plan.then(second.plan)
+  assert dict(both.keep) == {"layers/0": (2, 7), "layers/2": (1, 5)} and dict(both.sizes) == {"layers/0": 8,
+                                                                                               "layers/2": 6}
+  once = apply_plan(dense, groups, both).state
+  for a, b in zip(jax.tree_util.tree_leaves(once), jax.tree_util.tree_leaves(second.state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="the second plan has 8 channels, but the first kept 5"):
+    first.plan.then(PrunePlan({"layers/0": 8}, {"layers/0": (0, 1)}))

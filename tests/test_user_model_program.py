@@ -98,17 +98,43 @@ def test_killed_during_finetuning_the_same_command_resumes_to_the_same_parameter
   _program.assert_same_final_parameters(reference, workdir)
 
 
-def test_bad_factory_inputs_fail_before_any_work(env, finished, tmp_path):
+def test_bad_factory_inputs_fail_before_any_work(env, tmp_path):
   _, base = env
-  pruned = finished[0] / "pruned"
-  for extra, message in [(["--config.dense.source=checkpoint", f"--config.dense.path={pruned}"], "already pruned"),
-                         (["--config.model.name=examples.user_cnns:no_such_net"], "has no attribute 'no_such_net'"),
+  for extra, message in [(["--config.model.name=examples.user_cnns:no_such_net"], "has no attribute 'no_such_net'"),
                          (["--config.model.kwargs.depth=3"], "takes no argument(s) ['depth']"),
                          (["--config.dense.source=npz"], "dense.source 'npz' reads the zoo's PyTorch weights")]:
     workdir = tmp_path / extra[-1].split("=")[0].rsplit(".", 1)[-1]
-    fv = flags.FlagValues()
-    holder = config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True)
-    cfg, _ = config_lib.parse_flags(["prog", *TINY, f"--config.data.data_dir={base / 'tfds'}", *extra], fv, holder)
+    cfg = _config(base, *extra)
     with pytest.raises(ValueError, match=re.escape(message)):
       pipeline.run_pipeline(cfg, workdir, mesh=pipeline.train_lib.make_mesh(jax.devices()[:1]))
     assert not (workdir / "dense").exists()
+
+
+def _config(base: Path, *extra: str):
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True)
+  cfg, _ = config_lib.parse_flags(["prog", *TINY, f"--config.data.data_dir={base / 'tfds'}", *extra], fv, holder)
+  return cfg
+
+
+def test_a_pruned_factory_model_is_pruned_again_in_a_second_round(env, finished, tmp_path):
+  """Pruning in rounds: the finished run's pruned model as the dense model of a second run (uniform L1 to 70% of its
+  MACs). The second pruned checkpoint records one plan of the factory's model (the rounds composed), and loads
+  back as the once-pruned model cut again by the second selection."""
+  _, base = env
+  once = models.load_pruned(finished[0] / "pruned")
+  cfg = _config(base, "--config.dense.source=checkpoint", f"--config.dense.path={finished[0] / 'pruned'}",
+                "--config.select.method=uniform", "--config.select.criterion=l1", "--config.select.ratio=0.7",
+                "--config.select.tolerance=0.05")
+  mesh = pipeline.train_lib.make_mesh(jax.devices()[:1])
+  for stage in ("dense", "calibrate", "select", "surgery"):
+    pipeline.run_pipeline(cfg, tmp_path, only=stage, mesh=mesh)
+  twice = models.load_pruned(tmp_path / "pruned")
+  sel = json.loads((tmp_path / "selection.json").read_text())
+  x = _images()
+  direct = hj.thin_model(once, hj.derive_model_groups(once, x), sel["keep"], x)
+  np.testing.assert_allclose(np.asarray(twice(x)), np.asarray(direct(x)), rtol=1e-5, atol=1e-5)
+  plan = checkpoint.read_meta(tmp_path / "pruned")["plan"]
+  first = checkpoint.read_meta(finished[0] / "pruned")["plan"]
+  assert {g["name"]: g["size"] for g in plan["groups"]} == {g["name"]: g["size"] for g in first["groups"]}
+  assert hj.count_macs(twice, x).macs <= hj.count_macs(once, x).macs * 0.7 * 1.05

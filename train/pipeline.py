@@ -146,6 +146,7 @@ def stage_dense(run: Run) -> dict[str, Any]:
   num_classes = data.num_classes(cfg.data)
   source = cfg.dense.source
   where = cfg.dense.path
+  extra: dict[str, Any] = {"stage": "dense", "source": source}
   if source == "npz":
     if net.factory is not None:
       raise ValueError(f"dense.source 'npz' reads the zoo's PyTorch weights; the factory model {net.name!r} takes "
@@ -157,11 +158,11 @@ def stage_dense(run: Run) -> dict[str, Any]:
     if net.factory is not None and (meta["model"], meta.get("kwargs") or {}) != (net.name, dict(net.kwargs)):
       raise ValueError(f"the dense model at {path} is {meta['model']} with kwargs {meta.get('kwargs') or {}}, but "
                        f"the config asks for {net.name} with kwargs {dict(net.kwargs)}")
-    if net.factory is not None and meta.get("plan"):
-      # Its loader cuts the factory's model to one plan: a second pruning would record a plan of a plan.
-      raise ValueError(f"the factory model at {path} is already pruned (its meta holds a plan); pruning a factory "
-                       "model again is not supported: start from its dense checkpoint")
     model = checkpoint.load(path)
+    if net.factory is not None and meta.get("plan"):
+      # An already pruned factory model (pruning in rounds): its checkpoint is rebuilt by cutting the factory's
+      # model to its plan, so the dense checkpoint keeps that plan and surgery composes the next one with it.
+      extra["plan"] = meta["plan"]
   elif source == "pretrain":
     model = models.set_compute_dtype(net.build(num_classes=num_classes, seed=int(cfg.seed)), run.compute_dtype)
     model, _ = train_lib.train_and_evaluate(model, cfg.pretrain, _loop(run, cfg.pretrain, run.path("pretrain"),
@@ -176,7 +177,7 @@ def stage_dense(run: Run) -> dict[str, Any]:
     raise ValueError(f"dense.source must be 'npz', 'checkpoint', 'pretrain' or 'factory', got {source!r}")
   net.check(model, num_classes, where)
   model.eval()
-  run.save_model(model, "dense", {"stage": "dense", "source": source})
+  run.save_model(model, "dense", extra)
   return {}
 
 
@@ -438,6 +439,9 @@ def stage_surgery(run: Run) -> dict[str, Any]:
   pruned, plan = run.network.thin(dense_model, sel["keep"])
   if sel["widths"] is not None and list(pruned.widths) != list(sel["widths"]):
     raise ValueError(f"surgery gave widths {pruned.widths} but the selection recorded {sel['widths']}")
+  base = checkpoint.read_meta(run.path("dense")).get("plan")
+  if run.network.factory is not None and base:  # a factory model pruned before: one plan of the factory's model
+    plan = hj.PrunePlan.from_json(json.dumps(base)).then(plan)
   run.save_model(pruned, "pruned", {"stage": "surgery", "plan": json.loads(plan.to_json())})
   return {"seconds": time.perf_counter() - t0}
 
