@@ -1154,14 +1154,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table, end="\n\n")
   if payload["resnet50"]:
     print(resnet50_table(payload))
-  if out is None:
-    path = _common.write_results(NAME, payload)
-    out_dir = _common.RESULTS
-  else:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{NAME}.json"
-    path.write_text(json.dumps({"benchmark": NAME, "machine": _common.machine(), **payload}, indent=2))
-    out_dir = out
+  path = _common.write_results(NAME, payload, out)
+  out_dir = _common.RESULTS if out is None else out
   print(f"wrote {path}")
   for p in plot(json.loads(path.read_text()), out_dir):
     print(f"wrote {p}")

@@ -516,11 +516,10 @@ def _per_image(value: jax.Array, batch: int) -> jax.Array:
 def _channels_last(value: jax.Array, tap: _Tap) -> jax.Array:
   """A tap's activation ``(n, h, w, size)``: a conv's input keeps its two spatial axes, anything else gives
   ``(n, 1, values per channel, size)``."""
-  a = _float32(jnp.moveaxis(value, (tap.x_batch, tap.x_feature), (0, -1)))
-  if tap.spatial == 1 and a.ndim == 4:
+  if tap.spatial == 1 and value.ndim == 4:
+    a = _float32(jnp.moveaxis(value, (tap.x_batch, tap.x_feature), (0, -1)))
     return a[..., tap.offset:tap.offset + tap.size]
-  x = _cut(value, tap)
-  return jnp.swapaxes(x, 1, 2)[:, None]
+  return jnp.swapaxes(_cut(value, tap), 1, 2)[:, None]
 
 
 class _Tapper:

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import hsic_jax as hj
+from tests._models import masked_copy
 
 
 def _bn(c, rngs):
@@ -155,16 +156,6 @@ def _inputs(model, n=16, seed=0):
   return (x,)
 
 
-def _masked_dense_output(model, groups, keep, args):
-  dense = nnx.clone(model)
-  state = nnx.state(dense)
-  masked = hj.surgery.mask(nnx.to_pure_dict(state), groups, keep)
-  nnx.replace_by_pure_dict(state, masked)
-  nnx.update(dense, state)
-  dense.eval()
-  return dense(*args)
-
-
 def _check(model_cls, method):
   model = model_cls(nnx.Rngs(0))
   args = _inputs(model)
@@ -177,7 +168,7 @@ def _check(model_cls, method):
   thin = res.model
   thin.eval()
   out = thin(*args)
-  ref = _masked_dense_output(model, res.groups, res.report["keep"], args)
+  ref = masked_copy(model, res.groups, res.report["keep"])(*args)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
   counted = hj.count_macs(thin, *args)
   assert counted.macs == res.pruned.macs and counted.params == res.pruned.params

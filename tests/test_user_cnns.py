@@ -11,6 +11,7 @@ from flax import nnx
 import hsic_jax as hj
 from examples import user_cnns
 from hsic_jax.groups import path_str
+from tests._models import masked_copy
 
 WIDTH = 8
 
@@ -97,15 +98,6 @@ def test_groups_and_decisions_are_the_hand_derived_ones(name):
     assert [d.name for d in decs] == ["blocks/0/pw", "blocks/1/pw", "blocks/2/pw", "blocks/3/pw", "head"]
 
 
-def _masked_dense(model, groups, keep, x):
-  dense = nnx.clone(model)
-  state = nnx.state(dense)
-  nnx.replace_by_pure_dict(state, hj.surgery.mask(nnx.to_pure_dict(state), groups, keep))
-  nnx.update(dense, state)
-  dense.eval()
-  return dense(x)
-
-
 def _pure(model):
   return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
 
@@ -127,7 +119,7 @@ def test_pruned_in_one_call(name, method):
   thin = res.model
   assert type(thin) is type(model)
   assert any(w.pruned < w.dense for w in res.widths.values()), res.widths
-  np.testing.assert_allclose(np.asarray(thin(x)), np.asarray(_masked_dense(model, res.groups, res.report["keep"], x)),
+  np.testing.assert_allclose(np.asarray(thin(x)), np.asarray(masked_copy(model, res.groups, res.report["keep"])(x)),
                              rtol=1e-4, atol=1e-4)
   counted = hj.count_macs(thin, x)
   assert (counted.macs, counted.params) == (res.pruned.macs, res.pruned.params)

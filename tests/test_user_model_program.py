@@ -24,6 +24,7 @@ import models
 from examples import user_cnns
 from models import checkpoint
 from tests import _program
+from tests._models import masked_copy
 from train import config_lib, pipeline, workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,10 +84,7 @@ def test_the_pruned_checkpoint_is_the_dense_model_masked_at_the_kept_channels(fi
   for a, b in zip(jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(pruned))), jax.tree_util.tree_leaves(rebuilt),
                   strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  masked = nnx.clone(dense)
-  state = nnx.state(masked)
-  nnx.replace_by_pure_dict(state, hj.surgery.mask(nnx.to_pure_dict(state), groups, plan.keep))
-  nnx.update(masked, state)
+  masked = masked_copy(dense, groups, plan.keep)
   np.testing.assert_allclose(np.asarray(pruned(x)), np.asarray(masked(x)), rtol=1e-4, atol=1e-4)
 
 
