@@ -5,17 +5,18 @@
 
 For each workload, hsic_jax runs the program's own code paths with the program's settings (``train.configs``):
 
-1. **forward pass with taps**: :func:`train.calibrate.make_capture` (BatchNorm in batch-statistics mode, as
-   ``stage_calibrate``), every decision's input and output at once;
+1. **forward pass with taps**: :func:`train.calibrate.make_capture` (the taps read from the model's jaxpr,
+   :func:`hsic_jax.taps.feature_fn`; BatchNorm in batch-statistics mode, as ``stage_calibrate``), every decision's
+   input and output at once;
 2. **problem builds**: :func:`train.calibrate.problems_from_taps` (:func:`hsic_jax.problem_from_features` per
    decision), which :func:`train.calibrate.build_problems` runs on every calibration batch;
 3. **lambda search**: :func:`train.pipeline.select_channels` (the ``apib`` method of :mod:`hsic_jax.methods`:
    :func:`hsic_jax.global_lambda_search`) with the cost and target of :func:`train.pipeline.selection_budget`
-   (``models.flops.count``), as ``train.pipeline.stage_select`` calls them.
+   (:func:`hsic_jax.cost_fn`, exact MACs from the jaxpr), as ``train.pipeline.stage_select`` calls them.
 
 Each stage runs once cold (its first call in the process: compilation + run), then warm (median of ``--repeats``);
 "compile" is cold minus warm. The total is the sum of the stages. As in ``stage_select``, the cost function's set-up
-(the first ``flops.count`` traces the model once) is outside the search's time; it is recorded apart.
+(:func:`hsic_jax.cost_fn` traces the model once) is outside the search's time; it is recorded apart.
 
 **The peer** is the procedure of APIB's reference code (``prune.py`` / ``pruners/HSIClasso.py``), run on the same
 captured features: for every alpha it evaluates, every layer rebuilds its centered Gaussian Grams in NumPy
@@ -24,7 +25,7 @@ captured features: for every alpha it evaluates, every layer rebuilds its center
 (signed, ``fit_intercept=True``, ``max_iter=1000``, ``tol=1e-4``), with the per-layer omega bisection; the outer
 bisection on alpha starts from ``lo = 0, hi = alpha0`` (the APIB README's value), doubles ``hi`` while
 ``FLOPs(hi) >= target`` and bisects until the MACs are within the tolerance of the target. MACs come from
-``models.flops.count`` (the reference builds and profiles a thin model with thop at every step; that is not
+the same exact cost function (the reference builds and profiles a thin model with thop at every step; that is not
 charged here). alpha is on scikit-learn's scale, ``alpha = lam / n^2`` of hsic_jax's ``lam``. Two choices favour the
 reference: squared distances by the expansion ``|a|^2 + |b|^2 - 2 a.b`` in batched matmuls (its code broadcasts
 ``(C, n, n, P)`` differences), and a cap of ``MAX_BISECTION`` outer steps (its loop has none).
@@ -645,9 +646,10 @@ def _git_state() -> dict[str, Any]:
 
 README_PARAGRAPH = (
     "The whole APIB selection as the program runs it, stage by stage: the forward pass that captures every decision's "
-    "input and output (`train.calibrate.make_capture`, BatchNorm with batch statistics), the HSIC Lasso problem "
+    "input and output (`train.calibrate.make_capture`, taps read from the jaxpr, BatchNorm with batch statistics), "
+    "the HSIC Lasso problem "
     "builds (`hsic_jax.problem_from_features` per decision) and the global lambda search "
-    "(`hsic_jax.global_lambda_search` with the `models.flops.count` cost, as `stage_select`), each timed cold "
+    "(`hsic_jax.global_lambda_search` with the `hsic_jax.cost_fn` cost, as `stage_select`), each timed cold "
     "(first call in the process, compilation included) and warm, on ResNet-56 (pretrained, 128 CIFAR-10 images, "
     "57M MACs) and ResNet-50 (randomly initialised, 64 CIFAR-10 images at 224x224, 37.9% of the dense MACs). The peer, "
     "on the same features in the same run, is the procedure of APIB's reference code: per layer and per alpha, "
